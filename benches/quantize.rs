@@ -1,0 +1,45 @@
+//! Block-wise quantize / dequantize throughput: 16,777,216 `f32` at block 256.
+//!
+//! ```text
+//! cargo bench --bench quantize                    # Flex
+//! cargo bench --bench quantize --features wgpu    # also the CubeCL kernels through wgpu
+//! ```
+//! criterion prints time per iteration and elements/s; ns/element = 1e9 / (elements/s).
+
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_8bit::{BlockQuantized, BlockSize, MapKind};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const LEN: usize = 16_777_216;
+
+fn devices() -> Vec<(&'static str, Device)> {
+    let mut devices = vec![("flex", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    devices.push(("wgpu", Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)));
+    devices
+}
+
+fn bench(c: &mut Criterion) {
+    let block = BlockSize::new(256).expect("valid block size");
+    for (name, device) in devices() {
+        let x = Tensor::<1>::random([LEN], Distribution::Normal(0.0, 1.0), &device);
+        let quantized = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block);
+        let mut group = c.benchmark_group(format!("blockwise_{name}"));
+        group.throughput(Throughput::Elements(LEN as u64));
+        group.sample_size(20);
+        group.bench_function("quantize_16M_block256", |b| {
+            b.iter(|| {
+                let q = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block);
+                // Waits for lazy backends; a no-op on the eager CPU backends.
+                q.absmax().clone().slice([0..1]).into_data()
+            })
+        });
+        group.bench_function("dequantize_16M_block256", |b| {
+            b.iter(|| quantized.dequantize_flat().slice([0..1]).into_data())
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

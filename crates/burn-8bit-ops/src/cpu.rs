@@ -1,0 +1,316 @@
+//! The CPU twin of the block-wise kernels: the same rules as `cube.rs`, on plain slices, parallel
+//! over groups of blocks. Flex and NdArray hand their own buffers to these functions.
+//!
+//! Every function here computes exactly what the CubeCL kernels compute: absmax from the bits of
+//! `|x|`, codes by the scaled-midpoint rule, decoding by one `f32` product.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::block::CODES_PER_WORD;
+use crate::map::{MAP_LEN, MapKind};
+use crate::rule;
+
+/// Blocks handled by one rayon task: enough work (≥ 16 Ki elements) to amortise scheduling.
+fn blocks_per_task(block_size: usize) -> usize {
+    (16 * 1024 / block_size).max(1)
+}
+
+/// Block-wise quantization of `input` (any length): packed codes (`ceil(len / 4)` words, unused
+/// bytes of the last word zero) and one absmax per block.
+pub fn quantize(input: &[f32], map: MapKind, block_size: usize) -> (Vec<u32>, Vec<f32>) {
+    let encoder = Encoder::get(map);
+    let num_blocks = input.len().div_ceil(block_size);
+    let mut words = vec![0u32; input.len().div_ceil(CODES_PER_WORD)];
+    let mut absmax = vec![0f32; num_blocks];
+    let group = blocks_per_task(block_size);
+    input
+        .par_chunks(group * block_size)
+        .zip(words.par_chunks_mut(group * block_size / CODES_PER_WORD))
+        .zip(absmax.par_chunks_mut(group))
+        .for_each(|((input, words), absmax)| {
+            let mut codes = vec![0u8; block_size];
+            for ((block, words), absmax) in input
+                .chunks(block_size)
+                .zip(words.chunks_mut(block_size / CODES_PER_WORD))
+                .zip(absmax.iter_mut())
+            {
+                *absmax = block_absmax(block);
+                let codes = &mut codes[..block.len()];
+                encoder.encode_block(block, *absmax, codes);
+                pack(codes, words);
+            }
+        });
+    (words, absmax)
+}
+
+/// Decodes `len` elements from packed codes and per-block absmax.
+pub fn dequantize(
+    words: &[u32],
+    absmax: &[f32],
+    map: MapKind,
+    block_size: usize,
+    len: usize,
+) -> Vec<f32> {
+    let values = Encoder::get(map).values;
+    let mut output = vec![0f32; len];
+    let group = blocks_per_task(block_size);
+    output
+        .par_chunks_mut(group * block_size)
+        .zip(words.par_chunks(group * block_size / CODES_PER_WORD))
+        .zip(absmax.par_chunks(group))
+        .for_each(|((output, words), absmax)| {
+            for ((block, words), &absmax) in output
+                .chunks_mut(block_size)
+                .zip(words.chunks(block_size / CODES_PER_WORD))
+                .zip(absmax)
+            {
+                decode_block(words, absmax, &values, block);
+            }
+        });
+    output
+}
+
+/// `max |x|` over a block computed on the bits of `|x|`, as the kernels do: for non-negative
+/// floats the integer order is the float order, so a NaN (any payload) wins over +∞, which wins
+/// over every finite value. The result is canonical: NaN is always [`f32::NAN`].
+pub fn block_absmax(block: &[f32]) -> f32 {
+    let bits = block
+        .iter()
+        .fold(0u32, |max, x| max.max(x.to_bits() & rule::ABS_MASK));
+    rule::absmax_from_bits(bits)
+}
+
+/// Writes `codes` into words, four per word, little-endian; a partial last word is zero-padded.
+fn pack(codes: &[u8], words: &mut [u32]) {
+    for (word, chunk) in words.iter_mut().zip(codes.chunks(CODES_PER_WORD)) {
+        let mut bytes = [0u8; CODES_PER_WORD];
+        bytes[..chunk.len()].copy_from_slice(chunk);
+        *word = u32::from_le_bytes(bytes);
+    }
+}
+
+/// Decodes one block: `map[code] * absmax`, the product taken per element as on the GPU; a block
+/// with a non-finite absmax decodes to the canonical NaN everywhere.
+fn decode_block(words: &[u32], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
+    if !absmax.is_finite() {
+        output.fill(f32::from_bits(rule::CANONICAL_NAN_BITS));
+        return;
+    }
+    let scaled: [f32; MAP_LEN] = std::array::from_fn(|k| values[k] * absmax);
+    for (chunk, word) in output.chunks_mut(CODES_PER_WORD).zip(words) {
+        for (out, code) in chunk.iter_mut().zip(word.to_le_bytes()) {
+            *out = scaled[code as usize];
+        }
+    }
+}
+
+/// Mantissa bits of `x / absmax` that select a guess bucket.
+const GUESS_MANTISSA_BITS: u32 = 7;
+/// Lowest biased exponent with buckets of its own; smaller magnitudes share the first bucket.
+const GUESS_MIN_EXPONENT: u32 = 96;
+/// Exponents `96..=127` (magnitudes up to 2): everything `x / absmax` can be.
+const GUESS_EXPONENTS: u32 = 32;
+const GUESS_SIGN_SHIFT: u32 = 5 + GUESS_MANTISSA_BITS;
+const GUESS_LEN: usize = 2 << GUESS_SIGN_SHIFT;
+/// Most single-step corrections after a guess; buckets that would need more fall back to search.
+const MAX_STEPS: usize = 4;
+
+/// Encodes blocks by the scaled-midpoint rule, fast: a guess from the bits of `x / absmax`, a few
+/// branch-free corrections against the exact thresholds `midpoint * absmax`, a check that the
+/// result satisfies the rule, and a binary search in the rare case it does not. The guess only
+/// decides speed: every code returned satisfies `threshold[c - 1] < x <= threshold[c]`.
+struct Encoder {
+    values: [f32; MAP_LEN],
+    midpoints: [f32; MAP_LEN - 1],
+    zero_code: u8,
+    guess: Box<[u8; GUESS_LEN]>,
+    steps: usize,
+}
+
+impl Encoder {
+    fn get(map: MapKind) -> &'static Encoder {
+        static ENCODERS: [OnceLock<Encoder>; 4] = [const { OnceLock::new() }; 4];
+        let slot = MapKind::ALL.iter().position(|&kind| kind == map).expect("listed");
+        ENCODERS[slot].get_or_init(|| Encoder::new(map))
+    }
+
+    fn new(kind: MapKind) -> Self {
+        let map = kind.map();
+        let midpoints = map.midpoints();
+        let unit: [f32; MAP_LEN] = thresholds(&midpoints, 1.0);
+        let mut guess = Box::new([0u8; GUESS_LEN]);
+        let mut steps = 1;
+        for (key, slot) in guess.iter_mut().enumerate() {
+            let (low, high) = bucket_range(key);
+            let first = search(&unit, low).saturating_sub(1);
+            let last = (search(&unit, high) + 1).min(MAP_LEN - 1);
+            *slot = first as u8;
+            steps = steps.max(last - first);
+        }
+        Self {
+            values: *map.values(),
+            midpoints,
+            zero_code: map.zero_code(),
+            guess,
+            steps: steps.min(MAX_STEPS),
+        }
+    }
+
+    fn encode_block(&self, block: &[f32], absmax: f32, codes: &mut [u8]) {
+        if !(absmax > 0.0 && absmax.is_finite()) {
+            codes.fill(self.zero_code);
+            return;
+        }
+        let thresholds = thresholds(&self.midpoints, absmax);
+        match self.steps {
+            1 => self.encode_with::<1>(block, absmax, &thresholds, codes),
+            2 => self.encode_with::<2>(block, absmax, &thresholds, codes),
+            3 => self.encode_with::<3>(block, absmax, &thresholds, codes),
+            _ => self.encode_with::<MAX_STEPS>(block, absmax, &thresholds, codes),
+        }
+    }
+
+    fn encode_with<const STEPS: usize>(
+        &self,
+        block: &[f32],
+        absmax: f32,
+        thresholds: &[f32; MAP_LEN],
+        codes: &mut [u8],
+    ) {
+        let inverse = 1.0 / absmax;
+        for (code, &x) in codes.iter_mut().zip(block) {
+            let mut c = self.guess[guess_key(x * inverse)] as usize;
+            for _ in 0..STEPS {
+                c += usize::from(x > thresholds[c & 0xff]);
+            }
+            let c = c & 0xff;
+            let satisfied = x <= thresholds[c] && (c == 0 || x > thresholds[c - 1]);
+            *code = if satisfied { c } else { search(thresholds, x) } as u8;
+        }
+    }
+}
+
+/// `midpoint[k] * absmax` for k < 255, and +∞ at 255 so that every count stays within a code.
+fn thresholds(midpoints: &[f32; MAP_LEN - 1], absmax: f32) -> [f32; MAP_LEN] {
+    std::array::from_fn(|k| {
+        if k < MAP_LEN - 1 {
+            midpoints[k] * absmax
+        } else {
+            f32::INFINITY
+        }
+    })
+}
+
+/// The code of `x`: the number of thresholds below it, by branch-free binary search.
+fn search(thresholds: &[f32; MAP_LEN], x: f32) -> usize {
+    let mut code = 0;
+    let mut step = MAP_LEN / 2;
+    while step > 0 {
+        code += step * usize::from(x > thresholds[code + step - 1]);
+        step /= 2;
+    }
+    code
+}
+
+/// The guess bucket of a ratio `x / absmax` in `[-2, 2]`: sign, exponent and top mantissa bits.
+fn guess_key(ratio: f32) -> usize {
+    let bits = ratio.to_bits();
+    let sign = bits >> 31;
+    let exponent = (bits >> 23) & 0xff;
+    let mantissa = (bits >> (23 - GUESS_MANTISSA_BITS)) & ((1 << GUESS_MANTISSA_BITS) - 1);
+    let (exponent, mantissa) = if exponent < GUESS_MIN_EXPONENT {
+        (0, 0)
+    } else {
+        ((exponent - GUESS_MIN_EXPONENT).min(GUESS_EXPONENTS - 1), mantissa)
+    };
+    ((sign << GUESS_SIGN_SHIFT) | (exponent << GUESS_MANTISSA_BITS) | mantissa) as usize
+}
+
+/// The smallest and largest ratio (signed) whose [`guess_key`] is `key`.
+fn bucket_range(key: usize) -> (f32, f32) {
+    let key = key as u32;
+    let negative = key >> GUESS_SIGN_SHIFT == 1;
+    let exponent = (key >> GUESS_MANTISSA_BITS) & (GUESS_EXPONENTS - 1);
+    let mantissa = key & ((1 << GUESS_MANTISSA_BITS) - 1);
+    let edge = |mantissa: u32| {
+        let bits = ((exponent + GUESS_MIN_EXPONENT) << 23) + (mantissa << (23 - GUESS_MANTISSA_BITS));
+        f32::from_bits(bits)
+    };
+    let smallest = if exponent == 0 && mantissa == 0 { 0.0 } else { edge(mantissa) };
+    let largest = f32::from_bits(edge(mantissa + 1).to_bits() - 1);
+    if negative {
+        (-largest, -smallest)
+    } else {
+        (smallest, largest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference_code(x: f32, absmax: f32, midpoints: &[f32; MAP_LEN - 1]) -> u8 {
+        midpoints.iter().filter(|&&mid| x > mid * absmax).count() as u8
+    }
+
+    #[test]
+    fn fast_encoder_equals_the_rule_on_every_map() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for kind in MapKind::ALL {
+            let encoder = Encoder::get(kind);
+            let map = kind.map();
+            let midpoints = map.midpoints();
+            for absmax in [1.0f32, 3.7e-7, 1.0e30, 0.013, 65504.0] {
+                let block: Vec<f32> = (0..4096)
+                    .map(|i| {
+                        let unit = (next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                        match i % 4 {
+                            0 => unit * absmax,
+                            1 => unit.powi(7) * absmax,
+                            2 => map.values()[i % MAP_LEN] * absmax,
+                            _ => midpoints[i % (MAP_LEN - 1)] * absmax,
+                        }
+                    })
+                    .collect();
+                let mut codes = vec![0u8; block.len()];
+                encoder.encode_block(&block, absmax, &mut codes);
+                for (&x, &code) in block.iter().zip(&codes) {
+                    assert_eq!(code, reference_code(x, absmax, &midpoints), "{kind:?} x={x:e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn absmax_orders_nan_over_infinity_over_finite() {
+        assert_eq!(block_absmax(&[1.0, -3.0, 2.0]), 3.0);
+        assert_eq!(block_absmax(&[1.0, f32::NEG_INFINITY]), f32::INFINITY);
+        let nan = block_absmax(&[f32::INFINITY, f32::from_bits(0xffc0_0001)]);
+        assert_eq!(nan.to_bits(), f32::NAN.to_bits());
+        assert_eq!(block_absmax(&[0.0, -0.0]).to_bits(), 0);
+    }
+
+    #[test]
+    fn guess_buckets_cover_their_keys() {
+        for key in [0usize, 1, 200, 4095, 4096, 8191] {
+            let (low, high) = bucket_range(key);
+            assert_eq!(guess_key(low), key);
+            assert_eq!(guess_key(high), key);
+        }
+    }
+
+    #[test]
+    fn pack_is_little_endian_and_zero_padded() {
+        let mut words = [0u32; 2];
+        pack(&[1, 2, 3, 4, 5], &mut words);
+        assert_eq!(words, [0x0403_0201, 0x0000_0005]);
+    }
+}

@@ -1,0 +1,34 @@
+//! Code maps and block-wise 8-bit quantization for [Burn](https://burn.dev), the layer under
+//! burn-8bit's optimizers (Dettmers et al., *8-bit Optimizers via Block-wise Quantization*, 2022).
+//!
+//! - [`CodeMap`] / [`MapKind`]: the dynamic and linear maps of bitsandbytes, bit for bit.
+//! - [`BlockQuantized`]: quantize any tensor into packed codes plus per-block absmax, and back.
+//! - [`BlockwiseOps`]: the backend-extension trait, implemented by CubeCL kernels (`wgpu`, `cuda`,
+//!   `cpu` features) and by a native CPU twin (`flex`, `ndarray`) with bit-identical results.
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use burn_8bit_ops::{BlockQuantized, BlockSize, MapKind};
+//!
+//! let x = Tensor::<1>::from_floats([0.1, -0.7, 0.0, 3.0], &Device::default());
+//! let q = BlockQuantized::quantize(x, MapKind::DynamicSigned, BlockSize::DEFAULT);
+//! assert_eq!(q.unpacked_codes()[2], 127); // 0.0 gets the zero code
+//! assert_eq!(q.absmax_values(), [3.0]);
+//! ```
+#![warn(missing_docs)]
+
+mod block;
+pub mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
+mod error;
+mod ext;
+mod map;
+mod quantized;
+mod rule;
+
+pub use block::{BlockSize, CODES_PER_WORD, num_words};
+pub use error::QuantError;
+pub use ext::{BlockwiseOps, PackedBlocks};
+pub use map::{CodeMap, MAP_LEN, MapKind};
+pub use quantized::BlockQuantized;

@@ -1,0 +1,238 @@
+//! Code maps: the 256 sorted `f32` values an 8-bit code stands for (ALGORITHM.md §1).
+//!
+//! The maps are computed, not embedded, with the same `f32` arithmetic as bitsandbytes'
+//! `create_dynamic_map` / `create_linear_map` (which build on `torch.linspace`), so that they equal
+//! bitsandbytes' tables bit for bit; the conformance tests check this against its outputs.
+
+use crate::error::QuantError;
+
+/// Number of entries in every code map (8-bit codes).
+pub const MAP_LEN: usize = 256;
+
+/// Which family of values a [`CodeMap`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum MapKind {
+    /// The dynamic (tree) map with a sign: first moments and every 1-state optimizer.
+    DynamicSigned,
+    /// The dynamic map without a sign: non-negative states such as Adam's second moment.
+    DynamicUnsigned,
+    /// 255 evenly spaced values in `[-1, 1]` plus an extra zero (ablations only).
+    LinearSigned,
+    /// 256 evenly spaced values in `[0, 1]` (ablations only).
+    LinearUnsigned,
+}
+
+impl MapKind {
+    /// Every kind, in the order bitsandbytes' `maps` vectors list them.
+    pub const ALL: [MapKind; 4] = [
+        MapKind::DynamicSigned,
+        MapKind::DynamicUnsigned,
+        MapKind::LinearSigned,
+        MapKind::LinearUnsigned,
+    ];
+
+    /// The snake-case name bitsandbytes' vectors use (`dynamic_signed`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            MapKind::DynamicSigned => "dynamic_signed",
+            MapKind::DynamicUnsigned => "dynamic_unsigned",
+            MapKind::LinearSigned => "linear_signed",
+            MapKind::LinearUnsigned => "linear_unsigned",
+        }
+    }
+
+    /// Parses the name returned by [`MapKind::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
+    /// The map of this kind with 8-bit codes.
+    pub fn map(self) -> CodeMap {
+        match self {
+            MapKind::DynamicSigned => CodeMap::dynamic(true),
+            MapKind::DynamicUnsigned => CodeMap::dynamic(false),
+            MapKind::LinearSigned => CodeMap::linear(true),
+            MapKind::LinearUnsigned => CodeMap::linear(false),
+        }
+    }
+}
+
+/// A sorted table of 256 `f32` values; code `c` decodes to `values()[c] * absmax`.
+///
+/// ```
+/// use burn_8bit_ops::CodeMap;
+/// let map = CodeMap::dynamic(true);
+/// assert_eq!(map.values()[127], 0.0);
+/// assert_eq!(map.values()[255], 1.0);
+/// assert_eq!(map.zero_code(), 127);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodeMap {
+    values: [f32; MAP_LEN],
+}
+
+impl CodeMap {
+    /// The dynamic (tree) map of bitsandbytes with 8-bit codes and 7 exponent bits.
+    pub fn dynamic(signed: bool) -> Self {
+        Self::dynamic_general(signed, 7, 8).expect("7 exponent bits fit in 8 bits")
+    }
+
+    /// The general dynamic map: `total_bits` bits per code of which up to `max_exponent_bits`
+    /// select a decade. Maps with fewer than 8 bits are padded with zeros to 256 entries, as
+    /// bitsandbytes does (the extra zeros are never the nearest code of anything but zero).
+    pub fn dynamic_general(
+        signed: bool,
+        max_exponent_bits: u32,
+        total_bits: u32,
+    ) -> Result<Self, QuantError> {
+        let valid = (2..=8).contains(&total_bits)
+            && max_exponent_bits >= 1
+            && max_exponent_bits < total_bits;
+        if !valid {
+            return Err(QuantError::InvalidMap {
+                reason: format!(
+                    "dynamic map needs 1 <= max_exponent_bits < total_bits <= 8, got \
+                     max_exponent_bits = {max_exponent_bits}, total_bits = {total_bits}"
+                ),
+            });
+        }
+        let non_sign_bits = total_bits - 1;
+        let mut values = Vec::with_capacity(MAP_LEN);
+        let mut push_decade = |fraction_items: usize, decade: u32| {
+            let boundaries = torch_linspace(0.1, 1.0, fraction_items);
+            // bitsandbytes multiplies an f32 tensor by a Python float: torch rounds the scalar to
+            // f32 first, then multiplies in f32.
+            let scale = 10f64.powi(decade as i32 - (max_exponent_bits as i32 - 1)) as f32;
+            for pair in boundaries.windows(2) {
+                let mean = (pair[0] + pair[1]) / 2.0;
+                values.push(scale * mean);
+                if signed {
+                    values.push(-scale * mean);
+                }
+            }
+        };
+        for decade in 0..max_exponent_bits {
+            let shift = decade + non_sign_bits - max_exponent_bits + u32::from(!signed);
+            push_decade((1usize << shift) + 1, decade);
+        }
+        let additional_items = (1usize << (non_sign_bits - max_exponent_bits)) - 1;
+        if additional_items > 0 {
+            push_decade(additional_items + 1, max_exponent_bits - 1);
+        }
+        values.push(0.0);
+        values.push(1.0);
+        values.resize(MAP_LEN, 0.0);
+        Ok(Self::from_unsorted(values))
+    }
+
+    /// The linear map: signed gives `linspace(-1, 1, 255)` with an extra zero in the middle,
+    /// unsigned gives `linspace(0, 1, 256)`.
+    pub fn linear(signed: bool) -> Self {
+        let values = if signed {
+            let mut points = torch_linspace(-1.0, 1.0, MAP_LEN - 1);
+            points.insert((MAP_LEN - 1) / 2, 0.0);
+            points
+        } else {
+            torch_linspace(0.0, 1.0, MAP_LEN)
+        };
+        Self::from_unsorted(values)
+    }
+
+    fn from_unsorted(mut values: Vec<f32>) -> Self {
+        values.sort_by(f32::total_cmp);
+        let values = values.try_into().expect("code maps have 256 entries");
+        Self { values }
+    }
+
+    /// The 256 values, ascending.
+    pub fn values(&self) -> &[f32; MAP_LEN] {
+        &self.values
+    }
+
+    /// Midpoints of consecutive values, `(v[k] + v[k + 1]) * 0.5` in `f32`: the encode thresholds
+    /// (ALGORITHM.md §2). Code of `x` in a block with `absmax` is the number of `k` with
+    /// `x > midpoints[k] * absmax`.
+    pub fn midpoints(&self) -> [f32; MAP_LEN - 1] {
+        std::array::from_fn(|k| (self.values[k] + self.values[k + 1]) * 0.5)
+    }
+
+    /// The code that encodes 0.0 under the encode rule: what an all-zero block gets.
+    pub fn zero_code(&self) -> u8 {
+        let midpoints = self.midpoints();
+        midpoints.iter().filter(|&&mid| 0.0 > mid).count() as u8
+    }
+}
+
+/// `torch.linspace(start, end, steps)` in `f32` as the PyTorch build behind bitsandbytes' tables
+/// computes it: the first half forwards from `start`, the second half backwards from `end`, each
+/// point one fused multiply-add (the compiler contracts PyTorch's `start + step * i`). Plain
+/// multiply-then-add differs from bitsandbytes' tables in about 40 entries by one ulp.
+fn torch_linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                step.mul_add(i as f32, start)
+            } else {
+                (-step).mul_add((steps - i - 1) as f32, end)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_signed_shape() {
+        let map = CodeMap::dynamic(true);
+        let v = map.values();
+        assert_eq!(v[127], 0.0);
+        assert_eq!(v[255], 1.0);
+        assert_eq!(v[0], -0.99296875);
+        assert!(v[..127].iter().all(|&x| x < 0.0));
+        assert!(v[128..].iter().all(|&x| x > 0.0));
+        assert_eq!(map.zero_code(), 127);
+    }
+
+    #[test]
+    fn dynamic_unsigned_shape() {
+        let map = CodeMap::dynamic(false);
+        assert_eq!(map.values()[0], 0.0);
+        assert_eq!(map.values()[255], 1.0);
+        assert!(map.values()[1..].iter().all(|&x| x > 0.0));
+        assert_eq!(map.zero_code(), 0);
+    }
+
+    #[test]
+    fn four_bit_dynamic_map_has_sixteen_values() {
+        let map = CodeMap::dynamic_general(true, 3, 4).unwrap();
+        let mut distinct: Vec<f32> = map.values().to_vec();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 16);
+    }
+
+    #[test]
+    fn invalid_dynamic_parameters_are_errors() {
+        assert!(CodeMap::dynamic_general(true, 8, 8).is_err());
+        assert!(CodeMap::dynamic_general(true, 0, 8).is_err());
+        assert!(CodeMap::dynamic_general(true, 3, 9).is_err());
+    }
+
+    #[test]
+    fn linear_maps() {
+        let signed = CodeMap::linear(true);
+        assert_eq!(signed.values()[0], -1.0);
+        assert_eq!(signed.values()[127], 0.0);
+        assert_eq!(signed.values()[128], 0.0);
+        assert_eq!(signed.values()[255], 1.0);
+        let unsigned = CodeMap::linear(false);
+        assert_eq!(unsigned.values()[0], 0.0);
+        assert_eq!(unsigned.values()[255], 1.0);
+    }
+}

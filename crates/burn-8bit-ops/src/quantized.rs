@@ -1,0 +1,224 @@
+//! Block-wise quantization of Burn tensors: the typed API over [`crate::BlockwiseOps`].
+
+use burn::backend::Dispatch;
+use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
+
+use crate::block::{BlockSize, num_words};
+use crate::error::QuantError;
+use crate::ext::BlockwiseOps;
+use crate::map::MapKind;
+
+/// A tensor quantized block-wise to 8-bit codes: packed `u32` codes (four per word), one `f32`
+/// absmax per block, and what is needed to decode them (shape, block size, map).
+///
+/// The tensor is flattened in row-major order and cut into blocks of `block_size` elements; the
+/// last block may be partial, and any length works, including 0.
+///
+/// # Non-finite input
+/// A block that holds a NaN stores absmax NaN; one that holds ±∞ (and no NaN) stores +∞. Such a
+/// block gets the zero code everywhere and **dequantizes to NaN in every element**: a non-finite
+/// input never turns into finite codes silently. [`BlockQuantized::check_finite`] reports such
+/// blocks as an error when the caller wants one (it reads absmax back to the host).
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use burn_8bit_ops::{BlockQuantized, BlockSize, MapKind};
+///
+/// let device = Device::default();
+/// let x = Tensor::<2>::from_floats([[0.5, -1.0, 0.25], [2.0, 0.0, -0.125]], &device);
+/// let q = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, BlockSize::new(64)?);
+/// assert_eq!(q.num_blocks(), 1);
+/// let y = q.dequantize::<2>()?;
+/// let error = (x - y).abs().max().into_scalar::<f32>();
+/// assert!(error < 0.02);
+/// # Ok::<(), burn_8bit_ops::QuantError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct BlockQuantized {
+    codes: Tensor<1, Int>,
+    absmax: Tensor<1>,
+    shape: Shape,
+    block_size: BlockSize,
+    map: MapKind,
+}
+
+impl BlockQuantized {
+    /// Quantizes `tensor` (any float dtype; the arithmetic is `f32`) on its own device.
+    pub fn quantize<const D: usize>(tensor: Tensor<D>, map: MapKind, block_size: BlockSize) -> Self {
+        let shape = tensor.shape();
+        let device = tensor.device();
+        let len = shape.num_elements();
+        let (codes, absmax) = if len == 0 {
+            (empty_codes(&device), Tensor::<1>::empty([0], (&device, DType::F32)))
+        } else {
+            let flat = tensor.cast(FloatDType::F32).reshape([len]);
+            let packed = Dispatch::blockwise_quantize(flat.into_dispatch(), map, block_size.get());
+            (
+                Tensor::from_dispatch(packed.codes),
+                Tensor::from_dispatch(packed.absmax),
+            )
+        };
+        Self {
+            codes,
+            absmax,
+            shape,
+            block_size,
+            map,
+        }
+    }
+
+    /// Reassembles a quantized tensor from its parts, checking that they describe one tensor:
+    /// `codes` is `u32` with `ceil(n / 4)` words and `absmax` is `f32` with `ceil(n / block)`
+    /// entries, `n` being the number of elements of `shape`.
+    pub fn from_parts(
+        codes: Tensor<1, Int>,
+        absmax: Tensor<1>,
+        shape: Shape,
+        block_size: BlockSize,
+        map: MapKind,
+    ) -> Result<Self, QuantError> {
+        let len = shape.num_elements();
+        let problems = [
+            (codes.dtype() != DType::U32).then(|| format!("codes are {:?}, not U32", codes.dtype())),
+            (absmax.dtype() != DType::F32)
+                .then(|| format!("absmax is {:?}, not F32", absmax.dtype())),
+            (codes.dims()[0] != num_words(len)).then(|| {
+                format!("{} code words for {len} elements, expected {}", codes.dims()[0], num_words(len))
+            }),
+            (absmax.dims()[0] != block_size.num_blocks(len)).then(|| {
+                format!(
+                    "{} absmax values for {len} elements in blocks of {}, expected {}",
+                    absmax.dims()[0],
+                    block_size.get(),
+                    block_size.num_blocks(len)
+                )
+            }),
+        ];
+        if let Some(reason) = problems.into_iter().flatten().next() {
+            return Err(QuantError::Inconsistent { reason });
+        }
+        Ok(Self {
+            codes,
+            absmax,
+            shape,
+            block_size,
+            map,
+        })
+    }
+
+    /// Decodes into a tensor of the original shape; [`QuantError::Inconsistent`] when `D` is not
+    /// the original rank.
+    pub fn dequantize<const D: usize>(&self) -> Result<Tensor<D>, QuantError> {
+        if self.shape.num_dims() != D {
+            return Err(QuantError::Inconsistent {
+                reason: format!("asked for rank {D}, the tensor has rank {}", self.shape.num_dims()),
+            });
+        }
+        Ok(self.dequantize_flat().reshape(self.shape.clone()))
+    }
+
+    /// Decodes into a flat tensor of [`BlockQuantized::len`] elements.
+    pub fn dequantize_flat(&self) -> Tensor<1> {
+        let len = self.len();
+        if len == 0 {
+            return Tensor::empty([0], (&self.device(), DType::F32));
+        }
+        Tensor::from_dispatch(Dispatch::blockwise_dequantize(
+            self.codes.clone().into_dispatch(),
+            self.absmax.clone().into_dispatch(),
+            self.map,
+            self.block_size.get(),
+            len,
+        ))
+    }
+
+    /// [`QuantError::NonFinite`] when any block held NaN or ±∞. Reads absmax back to the host.
+    pub fn check_finite(&self) -> Result<(), QuantError> {
+        let absmax = self.absmax_values();
+        let mut bad = absmax.iter().enumerate().filter(|(_, a)| !a.is_finite());
+        match bad.next() {
+            None => Ok(()),
+            Some((first, _)) => Err(QuantError::NonFinite {
+                blocks: 1 + bad.count(),
+                first,
+            }),
+        }
+    }
+
+    /// The codes, one byte per element (reads them back to the host).
+    pub fn unpacked_codes(&self) -> Vec<u8> {
+        let words = self.codes.clone().into_data();
+        let words = words.as_slice::<u32>().expect("codes are u32");
+        let mut codes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        codes.truncate(self.len());
+        codes
+    }
+
+    /// The absmax of every block (reads them back to the host).
+    pub fn absmax_values(&self) -> Vec<f32> {
+        self.absmax.clone().into_data().try_to_vec::<f32>().expect("absmax is f32")
+    }
+
+    /// Moves the quantized tensor to another device.
+    pub fn to_device(self, device: &Device) -> Self {
+        Self {
+            codes: self.codes.to_device(device),
+            absmax: self.absmax.to_device(device),
+            ..self
+        }
+    }
+
+    /// The packed codes: `u32`, four codes per word, little-endian.
+    pub fn codes(&self) -> &Tensor<1, Int> {
+        &self.codes
+    }
+
+    /// One `f32` absmax per block.
+    pub fn absmax(&self) -> &Tensor<1> {
+        &self.absmax
+    }
+
+    /// The shape of the tensor that was quantized.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.num_elements()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The block size.
+    pub fn block_size(&self) -> BlockSize {
+        self.block_size
+    }
+
+    /// Number of blocks (the last may be partial).
+    pub fn num_blocks(&self) -> usize {
+        self.block_size.num_blocks(self.len())
+    }
+
+    /// The code map.
+    pub fn map(&self) -> MapKind {
+        self.map
+    }
+
+    /// The device the codes live on.
+    pub fn device(&self) -> Device {
+        self.codes.device()
+    }
+
+    /// Bytes of device memory held: 4 per code word plus 4 per block.
+    pub fn size_bytes(&self) -> usize {
+        4 * num_words(self.len()) + 4 * self.num_blocks()
+    }
+}
+
+fn empty_codes(device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(Vec::<u32>::new(), [0]), (device, DType::U32))
+}

@@ -1,0 +1,393 @@
+//! Conformance with bitsandbytes: replays reference vectors (safetensors files whose metadata
+//! describes the case, as in `shared/vectors/README.md`) on any device and judges the result.
+//!
+//! The `conformance` example is a command-line front end to [`run_case`]; the test suite calls
+//! the same function, so the runner and `cargo test` apply one set of criteria.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use burn_8bit::conformance::{VectorFile, run_case};
+//!
+//! let file = VectorFile::open("../shared/vectors/maps.safetensors")?;
+//! let report = run_case(&file, &Device::default());
+//! println!("{}", report.line());
+//! # Ok::<(), burn_8bit::conformance::VectorError>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor};
+use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
+use safetensors::{Dtype, SafeTensors};
+
+/// A reference vector file could not be read or lacks what its kind needs.
+#[derive(Debug, thiserror::Error)]
+pub enum VectorError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid safetensors.
+    #[error("{0}")]
+    Format(#[from] safetensors::SafeTensorError),
+    /// A metadata entry or tensor is missing or has the wrong type.
+    #[error("{0}")]
+    Content(String),
+}
+
+/// One reference case: a safetensors file and its string metadata.
+pub struct VectorFile {
+    stem: String,
+    bytes: Vec<u8>,
+    metadata: HashMap<String, String>,
+}
+
+impl VectorFile {
+    /// Reads a file; its stem names the case.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, VectorError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| VectorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        Ok(Self {
+            stem,
+            bytes,
+            metadata,
+        })
+    }
+
+    /// Every `.safetensors` file of a directory, in file-name order.
+    pub fn list(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>, VectorError> {
+        let dir = dir.as_ref();
+        let entries = std::fs::read_dir(dir).map_err(|source| VectorError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// The file's stem (the case name).
+    pub fn stem(&self) -> &str {
+        &self.stem
+    }
+
+    /// The `kind` metadata entry.
+    pub fn kind(&self) -> &str {
+        self.metadata.get("kind").map_or("unknown", String::as_str)
+    }
+
+    /// A metadata entry parsed from its string form.
+    pub fn meta<T: std::str::FromStr>(&self, key: &str) -> Result<T, VectorError> {
+        let value = self
+            .metadata
+            .get(key)
+            .ok_or_else(|| VectorError::Content(format!("metadata `{key}` missing")))?;
+        value
+            .parse()
+            .map_err(|_| VectorError::Content(format!("metadata `{key}` = {value:?} unreadable")))
+    }
+
+    fn tensors(&self) -> Result<SafeTensors<'_>, VectorError> {
+        Ok(SafeTensors::deserialize(&self.bytes)?)
+    }
+
+    /// Tensor names in the order their data lies in the file.
+    pub fn tensor_names(&self) -> Result<Vec<String>, VectorError> {
+        let (_, header) = SafeTensors::read_metadata(&self.bytes)?;
+        Ok(header.offset_keys())
+    }
+
+    /// An `f32` tensor, flattened.
+    pub fn f32s(&self, name: &str) -> Result<Vec<f32>, VectorError> {
+        let tensors = self.tensors()?;
+        let view = tensors.tensor(name)?;
+        if view.dtype() != Dtype::F32 {
+            return Err(VectorError::Content(format!("`{name}` is {:?}, not F32", view.dtype())));
+        }
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// A `u8` tensor, flattened.
+    pub fn u8s(&self, name: &str) -> Result<Vec<u8>, VectorError> {
+        let tensors = self.tensors()?;
+        let view = tensors.tensor(name)?;
+        if view.dtype() != Dtype::U8 {
+            return Err(VectorError::Content(format!("`{name}` is {:?}, not U8", view.dtype())));
+        }
+        Ok(view.data().to_vec())
+    }
+}
+
+/// The verdict on one case.
+pub struct CaseReport {
+    /// The case name (file stem).
+    pub case: String,
+    /// The case kind from the metadata.
+    pub kind: String,
+    /// Whether every criterion held.
+    pub passed: bool,
+    /// The measured figures, in print order.
+    pub figures: Vec<(String, String)>,
+    /// FNV-1a 64 of what we produced (see [`fnv1a64`] and the runner's contract).
+    pub hash: u64,
+}
+
+impl CaseReport {
+    /// `<case> <kind> PASS|FAIL <key>=<value> … hash=<16 hex digits>`.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} {} {}",
+            self.case,
+            self.kind,
+            if self.passed { "PASS" } else { "FAIL" }
+        );
+        for (key, value) in &self.figures {
+            let _ = write!(line, " {key}={value}");
+        }
+        let _ = write!(line, " hash={:016x}", self.hash);
+        line
+    }
+
+    /// A figure by name.
+    pub fn figure(&self, key: &str) -> Option<&str> {
+        self.figures.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// FNV-1a, 64-bit, over `bytes`.
+pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Runs one case on `device`. Cases of an unknown kind, or of a kind this build cannot run yet,
+/// fail (never pass) with a `reason` figure.
+pub fn run_case(file: &VectorFile, device: &Device) -> CaseReport {
+    let result = match file.kind() {
+        "maps" => maps_case(file),
+        "quantize" => quantize_case(file, device),
+        "optimizer" => Err(VectorError::Content("optimizer cases are not implemented yet".into())),
+        other => Err(VectorError::Content(format!("unknown kind `{other}`"))),
+    };
+    let (passed, figures, hash) = result.unwrap_or_else(|error| {
+        let reason = error.to_string().replace(char::is_whitespace, "_");
+        (false, vec![("reason".to_string(), reason)], fnv1a64([]))
+    });
+    CaseReport {
+        case: file.stem().to_string(),
+        kind: file.kind().to_string(),
+        passed,
+        figures,
+        hash,
+    }
+}
+
+type Verdict = Result<(bool, Vec<(String, String)>, u64), VectorError>;
+
+fn maps_case(file: &VectorFile) -> Verdict {
+    let mut produced = Vec::new();
+    let mut mismatched = 0usize;
+    let mut unknown = 0usize;
+    let names = file.tensor_names()?;
+    for name in &names {
+        let Some(kind) = MapKind::from_name(name) else {
+            unknown += 1;
+            continue;
+        };
+        let ours = kind.map();
+        let reference = file.f32s(name)?;
+        mismatched += ours
+            .values()
+            .iter()
+            .zip(&reference)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count()
+            + MAP_LEN.abs_diff(reference.len());
+        produced.extend(ours.values().iter().flat_map(|v| v.to_le_bytes()));
+    }
+    let passed = mismatched == 0 && unknown == 0 && !names.is_empty();
+    let figures = vec![
+        ("maps".into(), names.len().to_string()),
+        ("unknown".into(), unknown.to_string()),
+        ("mismatched_entries".into(), mismatched.to_string()),
+    ];
+    Ok((passed, figures, fnv1a64(produced)))
+}
+
+/// Measurements of one quantize case (see [`quantize_figures`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeFigures {
+    /// Blocks whose absmax differs in bits from bitsandbytes'.
+    pub absmax_mismatches: usize,
+    /// Elements where decoding bitsandbytes' codes differs in bits from its `dequantized`.
+    pub decode_mismatches: usize,
+    /// Elements whose code is not a nearest code.
+    pub not_nearest: usize,
+    /// Our mean |input − dequantized|.
+    pub mean_abs_error: f64,
+    /// bitsandbytes' mean |input − dequantized|.
+    pub reference_mean_abs_error: f64,
+    /// Share of elements where our code equals bitsandbytes'.
+    pub identical: f64,
+    /// The same share among elements where bitsandbytes' code is itself a nearest code (its CPU
+    /// encoder misses the nearest code below ~1.5e-5 · absmax, see the vectors' README).
+    pub identical_where_reference_nearest: f64,
+}
+
+impl QuantizeFigures {
+    /// The criteria of the conformance contract.
+    pub fn passed(&self) -> bool {
+        self.absmax_mismatches == 0
+            && self.decode_mismatches == 0
+            && self.not_nearest == 0
+            && self.mean_abs_error <= self.reference_mean_abs_error
+            && self.identical_where_reference_nearest >= 0.99
+    }
+}
+
+fn quantize_case(file: &VectorFile, device: &Device) -> Verdict {
+    let map_name: String = file.meta("map")?;
+    let map = MapKind::from_name(&map_name)
+        .ok_or_else(|| VectorError::Content(format!("unknown map `{map_name}`")))?;
+    let block_size = BlockSize::new(file.meta("blocksize")?)
+        .map_err(|error| VectorError::Content(error.to_string()))?;
+    let input = file.f32s("input")?;
+    let reference = Reference {
+        codes: file.u8s("codes")?,
+        absmax: file.f32s("absmax")?,
+        dequantized: file.f32s("dequantized")?,
+    };
+    let n: usize = file.meta("n")?;
+    if input.len() != n || reference.codes.len() != n || reference.dequantized.len() != n {
+        return Err(VectorError::Content(format!("tensors disagree with n = {n}")));
+    }
+    let file_map = file.f32s("code")?;
+    if file_map.iter().zip(map.map().values()).any(|(a, b)| a.to_bits() != b.to_bits()) {
+        return Err(VectorError::Content(format!("`code` is not our {map_name} map")));
+    }
+    let tensor = Tensor::<1>::from_floats(input.as_slice(), device);
+    let quantized = BlockQuantized::quantize(tensor, map, block_size);
+    let ours = Produced {
+        codes: quantized.unpacked_codes(),
+        absmax: quantized.absmax_values(),
+        dequantized: quantized.dequantize_flat().into_data().try_to_vec::<f32>().expect("f32"),
+    };
+    let figures = quantize_figures(&input, map, block_size, &ours, &reference);
+    let hash = fnv1a64(
+        ours.codes
+            .iter()
+            .copied()
+            .chain(ours.absmax.iter().flat_map(|a| a.to_le_bytes())),
+    );
+    let printed = vec![
+        ("absmax_mismatches".into(), figures.absmax_mismatches.to_string()),
+        ("decode_mismatches".into(), figures.decode_mismatches.to_string()),
+        ("not_nearest".into(), figures.not_nearest.to_string()),
+        ("mean_abs_err".into(), format!("{:.6e}", figures.mean_abs_error)),
+        ("bnb_mean_abs_err".into(), format!("{:.6e}", figures.reference_mean_abs_error)),
+        ("identical".into(), format!("{:.5}", figures.identical)),
+        (
+            "identical_where_bnb_nearest".into(),
+            format!("{:.5}", figures.identical_where_reference_nearest),
+        ),
+    ];
+    Ok((figures.passed(), printed, hash))
+}
+
+/// What bitsandbytes produced for a quantize case.
+pub struct Reference {
+    /// One code per element.
+    pub codes: Vec<u8>,
+    /// One absmax per block.
+    pub absmax: Vec<f32>,
+    /// `code[codes] * absmax[block]`.
+    pub dequantized: Vec<f32>,
+}
+
+/// What we produced for a quantize case.
+pub struct Produced {
+    /// One code per element.
+    pub codes: Vec<u8>,
+    /// One absmax per block.
+    pub absmax: Vec<f32>,
+    /// Our decoded values.
+    pub dequantized: Vec<f32>,
+}
+
+/// Compares our quantization of `input` with bitsandbytes'.
+pub fn quantize_figures(
+    input: &[f32],
+    map: MapKind,
+    block_size: BlockSize,
+    ours: &Produced,
+    reference: &Reference,
+) -> QuantizeFigures {
+    let values = map.map();
+    let block = block_size.get();
+    let absmax_mismatches = ours
+        .absmax
+        .iter()
+        .zip(&reference.absmax)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count()
+        + ours.absmax.len().abs_diff(reference.absmax.len());
+    let mut decode_mismatches = 0;
+    let mut not_nearest = 0;
+    let mut identical = 0;
+    let mut reference_nearest = 0;
+    let mut identical_where_reference_nearest = 0;
+    let (mut error, mut reference_error) = (0f64, 0f64);
+    for (i, &x) in input.iter().enumerate() {
+        let absmax = reference.absmax[i / block];
+        let bnb_code = reference.codes[i];
+        let decoded = values.values()[bnb_code as usize] * absmax;
+        decode_mismatches += usize::from(decoded.to_bits() != reference.dequantized[i].to_bits());
+        not_nearest += usize::from(!is_nearest(&values, x, ours.codes[i], ours.absmax[i / block]));
+        let bnb_nearest = is_nearest(&values, x, bnb_code, absmax);
+        let same = ours.codes[i] == bnb_code;
+        identical += usize::from(same);
+        reference_nearest += usize::from(bnb_nearest);
+        identical_where_reference_nearest += usize::from(same && bnb_nearest);
+        error += (f64::from(x) - f64::from(ours.dequantized[i])).abs();
+        reference_error += (f64::from(x) - f64::from(reference.dequantized[i])).abs();
+    }
+    let n = input.len().max(1) as f64;
+    QuantizeFigures {
+        absmax_mismatches,
+        decode_mismatches,
+        not_nearest,
+        mean_abs_error: error / n,
+        reference_mean_abs_error: reference_error / n,
+        identical: identical as f64 / n,
+        identical_where_reference_nearest: identical_where_reference_nearest as f64
+            / reference_nearest.max(1) as f64,
+    }
+}
+
+/// Whether `code` decodes to a value at least as close to `x` as any other code does, up to the
+/// rounding of the `f32` thresholds (a few ulps of `x`).
+pub fn is_nearest(map: &CodeMap, x: f32, code: u8, absmax: f32) -> bool {
+    let distance = |k: usize| (f64::from(x) - f64::from(map.values()[k] * absmax)).abs();
+    let best = (0..MAP_LEN).map(distance).fold(f64::INFINITY, f64::min);
+    distance(code as usize) <= best + 4.0 * f64::from(f32::EPSILON) * f64::from(x.abs())
+}

@@ -1,0 +1,31 @@
+//! # burn-8bit
+//!
+//! 8-bit optimizer states for the [Burn](https://burn.dev) deep-learning framework, after
+//! *8-bit Optimizers via Block-wise Quantization* (Dettmers et al., ICLR 2022) and its reference
+//! implementation, bitsandbytes.
+//!
+//! This facade re-exports the layers of the project:
+//! - [`ops`]: code maps and block-wise quantization ([`BlockQuantized`]), with CubeCL kernels and
+//!   a CPU twin that produce identical codes;
+//! - [`conformance`]: replays bitsandbytes' reference vectors and judges the results.
+//!
+//! Backends are compiled in by Cargo feature (`flex` by default, `ndarray`, `wgpu`, `vulkan`,
+//! `cuda`, `cpu`) and picked at run time by the [`burn::tensor::Device`] a tensor lives on.
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use burn_8bit::{BlockQuantized, BlockSize, MapKind};
+//!
+//! let device = Device::default();
+//! let x = Tensor::<2>::from_floats([[1.0, -0.5], [0.25, 0.0]], &device);
+//! let q = BlockQuantized::quantize(x, MapKind::DynamicSigned, BlockSize::DEFAULT);
+//! let y = q.dequantize::<2>()?;
+//! assert_eq!(y.dims(), [2, 2]);
+//! # Ok::<(), burn_8bit::QuantError>(())
+//! ```
+#![warn(missing_docs)]
+
+pub use burn_8bit_ops as ops;
+pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapKind, QuantError};
+
+pub mod conformance;

@@ -1,0 +1,99 @@
+//! Helpers shared by the integration tests: the devices to run on and the reference vectors.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+
+/// Where the bitsandbytes reference vectors are: `$BURN8BIT_VECTORS`, else `../shared/vectors`
+/// beside the workspace.
+pub fn vectors_dir() -> PathBuf {
+    match std::env::var_os("BURN8BIT_VECTORS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors"),
+    }
+}
+
+/// Every `.safetensors` vector file, in name order; fails loudly when there are none.
+pub fn vector_files() -> Vec<PathBuf> {
+    let dir = vectors_dir();
+    let files = burn_8bit::conformance::VectorFile::list(&dir)
+        .unwrap_or_else(|error| panic!("reference vectors not found ({error}); set BURN8BIT_VECTORS"));
+    assert!(!files.is_empty(), "no vectors in {}", dir.display());
+    files
+}
+
+/// The devices of every backend compiled in, by name. A wgpu device is listed only when an
+/// adapter exists; without one the test prints a visible skip, or fails when
+/// `BURN8BIT_REQUIRE_WGPU=1` (as CI sets).
+pub fn devices() -> Vec<(&'static str, Device)> {
+    let mut devices = Vec::new();
+    #[cfg(feature = "flex")]
+    devices.push(("flex", Device::flex()));
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)]
+    devices.push(("ndarray", Device::ndarray()));
+    #[cfg(feature = "wgpu")]
+    if let Some(device) = wgpu_device() {
+        devices.push(("wgpu", device));
+    }
+    devices
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> Option<Device> {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    let available = *AVAILABLE.get_or_init(|| {
+        let probe = device.clone();
+        std::panic::catch_unwind(move || {
+            burn::tensor::Tensor::<1>::from_floats([1.0], &probe).into_data();
+        })
+        .is_ok()
+    });
+    if available {
+        return Some(device);
+    }
+    if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+        panic!("BURN8BIT_REQUIRE_WGPU=1 but no wgpu adapter is available");
+    }
+    eprintln!("SKIPPED wgpu: no adapter available (install mesa-vulkan-drivers for lavapipe)");
+    None
+}
+
+/// Deterministic pseudo-random numbers (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = (self.uniform() as f64).max(1e-12);
+        let u2 = self.uniform() as f64;
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+
+    pub fn uniforms(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
