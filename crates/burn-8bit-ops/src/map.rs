@@ -229,7 +229,8 @@ mod tests {
         let signed = CodeMap::linear(true);
         assert_eq!(signed.values()[0], -1.0);
         assert_eq!(signed.values()[127], 0.0);
-        assert_eq!(signed.values()[128], 0.0);
+        // linspace's middle point is 1 − 127·step, not exactly 0, in bitsandbytes' table too.
+        assert!(signed.values()[128] > 0.0 && signed.values()[128] < 1e-8);
         assert_eq!(signed.values()[255], 1.0);
         let unsigned = CodeMap::linear(false);
         assert_eq!(unsigned.values()[0], 0.0);
