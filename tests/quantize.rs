@@ -256,3 +256,14 @@ fn quantization_is_deterministic() {
         assert_eq!(run(), run(), "[{name}]");
     }
 }
+
+#[test]
+fn autodiff_tensors_quantize_as_constants() {
+    for (name, device) in devices() {
+        let x = Tensor::<1>::from_floats([0.5, -1.0, 0.25], &device.clone().autodiff()).require_grad();
+        let q = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, BlockSize::DEFAULT);
+        let plain = BlockQuantized::quantize(x.inner(), MapKind::DynamicSigned, BlockSize::DEFAULT);
+        assert_eq!(q.unpacked_codes(), plain.unpacked_codes(), "[{name}]");
+        assert!(!q.dequantize_flat().is_autodiff());
+    }
+}

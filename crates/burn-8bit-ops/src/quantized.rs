@@ -44,7 +44,11 @@ pub struct BlockQuantized {
 
 impl BlockQuantized {
     /// Quantizes `tensor` (any float dtype; the arithmetic is `f32`) on its own device.
+    ///
+    /// Quantization is not differentiable: a tensor on an autodiff device is quantized as a
+    /// constant, and the codes live on the inner (non-autodiff) device.
     pub fn quantize<const D: usize>(tensor: Tensor<D>, map: MapKind, block_size: BlockSize) -> Self {
+        let tensor = tensor.without_autodiff();
         let shape = tensor.shape();
         let device = tensor.device();
         let len = shape.num_elements();
