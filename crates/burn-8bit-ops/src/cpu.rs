@@ -106,21 +106,17 @@ fn decode_block(words: &[u32], absmax: f32, values: &[f32; MAP_LEN], output: &mu
     }
 }
 
-/// Mantissa bits of `x / absmax` that select a guess bucket.
-const GUESS_MANTISSA_BITS: u32 = 7;
-/// Lowest biased exponent with buckets of its own; smaller magnitudes share the first bucket.
-const GUESS_MIN_EXPONENT: u32 = 96;
-/// Exponents `96..=127` (magnitudes up to 2): everything `x / absmax` can be.
-const GUESS_EXPONENTS: u32 = 32;
-const GUESS_SIGN_SHIFT: u32 = 5 + GUESS_MANTISSA_BITS;
-const GUESS_LEN: usize = 2 << GUESS_SIGN_SHIFT;
+/// A guess bucket is the top 16 bits of `x / absmax` (sign, exponent, 7 mantissa bits): the key
+/// needs no clamping, and the buckets a finite block can hit (|ratio| ≤ 1) span 8 KiB of the table.
+const GUESS_SHIFT: u32 = 16;
+const GUESS_LEN: usize = 1 << (32 - GUESS_SHIFT);
 /// Most single-step corrections after a guess; buckets that would need more fall back to search.
 const MAX_STEPS: usize = 4;
 
 /// Encodes blocks by the scaled-midpoint rule, fast: a guess from the bits of `x / absmax`, a few
-/// branch-free corrections against the exact thresholds `midpoint * absmax`, a check that the
-/// result satisfies the rule, and a binary search in the rare case it does not. The guess only
-/// decides speed: every code returned satisfies `threshold[c - 1] < x <= threshold[c]`.
+/// branch-free steps up against the exact thresholds `midpoint * absmax`, a check that the result
+/// satisfies the rule, and a binary search in the rare case it does not. The guess only decides
+/// speed: every code returned satisfies `threshold[c - 1] < x <= threshold[c]`.
 struct Encoder {
     values: [f32; MAP_LEN],
     midpoints: [f32; MAP_LEN - 1],
@@ -139,15 +135,18 @@ impl Encoder {
     fn new(kind: MapKind) -> Self {
         let map = kind.map();
         let midpoints = map.midpoints();
-        let unit: [f32; MAP_LEN] = thresholds(&midpoints, 1.0);
+        let unit = Thresholds::new(&midpoints, 1.0);
         let mut guess = Box::new([0u8; GUESS_LEN]);
         let mut steps = 1;
         for (key, slot) in guess.iter_mut().enumerate() {
             let (low, high) = bucket_range(key);
-            let first = search(&unit, low).saturating_sub(1);
-            let last = (search(&unit, high) + 1).min(MAP_LEN - 1);
+            if !(low.is_finite() && high.is_finite()) {
+                // Ratios of finite values to a finite absmax never land here.
+                continue;
+            }
+            let first = unit.search(low);
             *slot = first as u8;
-            steps = steps.max(last - first);
+            steps = steps.max(unit.search(high) - first);
         }
         Self {
             values: *map.values(),
@@ -163,7 +162,7 @@ impl Encoder {
             codes.fill(self.zero_code);
             return;
         }
-        let thresholds = thresholds(&self.midpoints, absmax);
+        let thresholds = Thresholds::new(&self.midpoints, absmax);
         match self.steps {
             1 => self.encode_with::<1>(block, absmax, &thresholds, codes),
             2 => self.encode_with::<2>(block, absmax, &thresholds, codes),
@@ -176,74 +175,57 @@ impl Encoder {
         &self,
         block: &[f32],
         absmax: f32,
-        thresholds: &[f32; MAP_LEN],
+        thresholds: &Thresholds,
         codes: &mut [u8],
     ) {
         let inverse = 1.0 / absmax;
+        let bounds = &thresholds.0;
         for (code, &x) in codes.iter_mut().zip(block) {
-            let mut c = self.guess[guess_key(x * inverse)] as usize;
+            let key = ((x * inverse).to_bits() >> GUESS_SHIFT) as usize;
+            let mut c = self.guess[key] as usize;
             for _ in 0..STEPS {
-                c += usize::from(x > thresholds[c & 0xff]);
+                c += usize::from(x > bounds[(c + 1).min(MAP_LEN)]);
             }
-            let c = c & 0xff;
-            let satisfied = x <= thresholds[c] && (c == 0 || x > thresholds[c - 1]);
-            *code = if satisfied { c } else { search(thresholds, x) } as u8;
+            let c = c.min(MAP_LEN - 1);
+            let satisfied = bounds[c] < x && x <= bounds[c + 1];
+            *code = if satisfied { c } else { thresholds.search(x) } as u8;
         }
     }
 }
 
-/// `midpoint[k] * absmax` for k < 255, and +∞ at 255 so that every count stays within a code.
-fn thresholds(midpoints: &[f32; MAP_LEN - 1], absmax: f32) -> [f32; MAP_LEN] {
-    std::array::from_fn(|k| {
-        if k < MAP_LEN - 1 {
-            midpoints[k] * absmax
-        } else {
-            f32::INFINITY
-        }
-    })
-}
+/// The encode thresholds of one block with a sentinel at each end: `[-∞, midpoint[0] * absmax,
+/// …, midpoint[254] * absmax, +∞]`, so code `c` is right exactly when `t[c] < x <= t[c + 1]`.
+struct Thresholds([f32; MAP_LEN + 1]);
 
-/// The code of `x`: the number of thresholds below it, by branch-free binary search.
-fn search(thresholds: &[f32; MAP_LEN], x: f32) -> usize {
-    let mut code = 0;
-    let mut step = MAP_LEN / 2;
-    while step > 0 {
-        code += step * usize::from(x > thresholds[code + step - 1]);
-        step /= 2;
+impl Thresholds {
+    fn new(midpoints: &[f32; MAP_LEN - 1], absmax: f32) -> Self {
+        Self(std::array::from_fn(|k| match k {
+            0 => f32::NEG_INFINITY,
+            MAP_LEN => f32::INFINITY,
+            _ => midpoints[k - 1] * absmax,
+        }))
     }
-    code
+
+    /// The code of `x`: the number of thresholds below it, by branch-free binary search.
+    fn search(&self, x: f32) -> usize {
+        let mut code = 0;
+        let mut step = MAP_LEN / 2;
+        while step > 0 {
+            code += step * usize::from(x > self.0[code + step]);
+            step /= 2;
+        }
+        code
+    }
 }
 
-/// The guess bucket of a ratio `x / absmax` in `[-2, 2]`: sign, exponent and top mantissa bits.
-fn guess_key(ratio: f32) -> usize {
-    let bits = ratio.to_bits();
-    let sign = bits >> 31;
-    let exponent = (bits >> 23) & 0xff;
-    let mantissa = (bits >> (23 - GUESS_MANTISSA_BITS)) & ((1 << GUESS_MANTISSA_BITS) - 1);
-    let (exponent, mantissa) = if exponent < GUESS_MIN_EXPONENT {
-        (0, 0)
-    } else {
-        ((exponent - GUESS_MIN_EXPONENT).min(GUESS_EXPONENTS - 1), mantissa)
-    };
-    ((sign << GUESS_SIGN_SHIFT) | (exponent << GUESS_MANTISSA_BITS) | mantissa) as usize
-}
-
-/// The smallest and largest ratio (signed) whose [`guess_key`] is `key`.
+/// The smallest and largest ratio (signed) whose guess key is `key`.
 fn bucket_range(key: usize) -> (f32, f32) {
-    let key = key as u32;
-    let negative = key >> GUESS_SIGN_SHIFT == 1;
-    let exponent = (key >> GUESS_MANTISSA_BITS) & (GUESS_EXPONENTS - 1);
-    let mantissa = key & ((1 << GUESS_MANTISSA_BITS) - 1);
-    let edge = |mantissa: u32| {
-        let bits = ((exponent + GUESS_MIN_EXPONENT) << 23) + (mantissa << (23 - GUESS_MANTISSA_BITS));
-        f32::from_bits(bits)
-    };
-    let smallest = if exponent == 0 && mantissa == 0 { 0.0 } else { edge(mantissa) };
-    let largest = f32::from_bits(edge(mantissa + 1).to_bits() - 1);
-    if negative {
-        (-largest, -smallest)
+    let first = f32::from_bits((key as u32) << GUESS_SHIFT);
+    let last = f32::from_bits(((key as u32) << GUESS_SHIFT) | ((1 << GUESS_SHIFT) - 1));
+    if first.is_sign_negative() {
+        (last, first)
     } else {
-        (smallest, largest)
+        (first, last)
     }
 }
 
@@ -300,10 +282,11 @@ mod tests {
 
     #[test]
     fn guess_buckets_cover_their_keys() {
-        for key in [0usize, 1, 200, 4095, 4096, 8191] {
+        for key in [0usize, 1, 0x3f80, 0x3f7f, 0x8000, 0xbf80, 0xffff] {
             let (low, high) = bucket_range(key);
-            assert_eq!(guess_key(low), key);
-            assert_eq!(guess_key(high), key);
+            assert!(low <= high || low.is_nan());
+            assert_eq!((low.to_bits() >> GUESS_SHIFT) as usize, key);
+            assert_eq!((high.to_bits() >> GUESS_SHIFT) as usize, key);
         }
     }
 
