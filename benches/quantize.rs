@@ -24,18 +24,25 @@ fn bench(c: &mut Criterion) {
     for (name, device) in devices() {
         let x = Tensor::<1>::random([LEN], Distribution::Normal(0.0, 1.0), &device);
         let quantized = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block);
+        device.sync().expect("device sync");
         let mut group = c.benchmark_group(format!("blockwise_{name}"));
         group.throughput(Throughput::Elements(LEN as u64));
         group.sample_size(20);
+        // Each iteration waits for the device (a no-op on the eager CPU backends), so lazy
+        // backends are timed to completion.
         group.bench_function("quantize_16M_block256", |b| {
             b.iter(|| {
                 let q = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block);
-                // Waits for lazy backends; a no-op on the eager CPU backends.
-                q.absmax().clone().slice([0..1]).into_data()
+                device.sync().expect("device sync");
+                q
             })
         });
         group.bench_function("dequantize_16M_block256", |b| {
-            b.iter(|| quantized.dequantize_flat().slice([0..1]).into_data())
+            b.iter(|| {
+                let y = quantized.dequantize_flat();
+                device.sync().expect("device sync");
+                y
+            })
         });
         group.finish();
     }
