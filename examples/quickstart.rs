@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shape = [1024, 1024];
     let x = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
     println!("device {device_name}: quantizing a {}x{} f32 tensor (standard normal)", shape[0], shape[1]);
-    println!("{:>10} {:>8} {:>14} {:>14} {:>12} {:>8}", "map", "block", "mean |error|", "max |error|", "bytes", "vs f32");
+    println!("{:>16} {:>6} {:>14} {:>14} {:>12} {:>8}", "map", "block", "mean |error|", "max |error|", "bytes", "vs f32");
     for map in [MapKind::DynamicSigned, MapKind::LinearSigned] {
         for block in [64, 256, 2048] {
             let block_size = BlockSize::new(block)?;
@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let bytes = quantized.size_bytes();
             let f32_bytes = 4 * quantized.len();
             println!(
-                "{:>10} {:>8} {:>14.3e} {:>14.3e} {:>12} {:>7.1}%",
+                "{:>16} {:>6} {:>14.3e} {:>14.3e} {:>12} {:>7.1}%",
                 map.name(),
                 block,
                 mean,
