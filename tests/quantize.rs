@@ -187,7 +187,7 @@ fn half_precision_inputs_quantize_as_their_f32_values() {
     for (name, device) in devices() {
         for dtype in [FloatDType::F16, FloatDType::BF16] {
             if !device.supports_dtype(dtype) {
-                println!("[{name}] has no {dtype:?}: skipped");
+                common::skip(&format!("{dtype:?} on {name}: the backend has no such dtype"));
                 continue;
             }
             let x = Tensor::<1>::from_floats([0.5, -0.25, 1.5, 0.0, 3.0], &device).cast(dtype);

@@ -58,8 +58,21 @@ fn wgpu_device() -> Option<Device> {
     if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
         panic!("BURN8BIT_REQUIRE_WGPU=1 but no wgpu adapter is available");
     }
-    eprintln!("SKIPPED wgpu: no adapter available (install mesa-vulkan-drivers for lavapipe)");
+    skip("wgpu: no adapter available (install mesa-vulkan-drivers for lavapipe)");
     None
+}
+
+/// Prints `SKIPPED <what>` once per process, straight to stderr so that the test harness's output
+/// capture does not hide it.
+pub fn skip(what: &str) {
+    use std::io::Write as _;
+    use std::sync::Mutex;
+    static PRINTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut printed = PRINTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !printed.iter().any(|p| p == what) {
+        let _ = writeln!(std::io::stderr(), "SKIPPED {what}");
+        printed.push(what.to_string());
+    }
 }
 
 /// Deterministic pseudo-random numbers (xorshift64*), so failures reproduce.
