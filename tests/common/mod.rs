@@ -23,7 +23,8 @@ pub fn vector_files() -> Vec<PathBuf> {
     files
 }
 
-/// The devices of every backend compiled in, by name. A wgpu device is listed only when an
+/// The devices of every backend compiled in, by name (`cpu` is cubecl-cpu: the CubeCL kernels
+/// JIT-compiled for the CPU). A wgpu device is listed only when an
 /// adapter exists; without one the test prints a visible skip, or fails when
 /// `BURN8BIT_REQUIRE_WGPU=1` (as CI sets).
 pub fn devices() -> Vec<(&'static str, Device)> {
@@ -37,6 +38,8 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     if let Some(device) = wgpu_device() {
         devices.push(("wgpu", device));
     }
+    #[cfg(feature = "cpu")]
+    devices.push(("cpu", Device::cpu()));
     devices
 }
 
