@@ -18,8 +18,14 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use burn::optim::Optimizer;
+use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
+use burn_8bit_optim::{
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
+    Optim8bitState, RmsProp8bitConfig, Sgd8bitConfig, StateSlot,
+};
 use safetensors::{Dtype, SafeTensors};
 
 /// A reference vector file could not be read or lacks what its kind needs.
@@ -186,7 +192,7 @@ pub fn run_case(file: &VectorFile, device: &Device) -> CaseReport {
     let result = match file.kind() {
         "maps" => maps_case(file),
         "quantize" => quantize_case(file, device),
-        "optimizer" => Err(VectorError::Content("optimizer cases are not implemented yet".into())),
+        "optimizer" => optimizer_case(file, device),
         other => Err(VectorError::Content(format!("unknown kind `{other}`"))),
     };
     let (passed, figures, hash) = result.unwrap_or_else(|error| {
@@ -390,4 +396,187 @@ pub fn is_nearest(map: &CodeMap, x: f32, code: u8, absmax: f32) -> bool {
     let distance = |k: usize| (f64::from(x) - f64::from(map.values()[k] * absmax)).abs();
     let best = (0..MAP_LEN).map(distance).fold(f64::INFINITY, f64::min);
     distance(code as usize) <= best + 4.0 * f64::from(f32::EPSILON) * f64::from(x.abs())
+}
+
+/// A JSON array of numbers in a metadata string, e.g. `[0.9, 0.999]`.
+fn meta_list(file: &VectorFile, key: &str) -> Result<Vec<f32>, VectorError> {
+    let text: String = file.meta(key)?;
+    text.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|item| {
+            item.trim()
+                .parse()
+                .map_err(|_| VectorError::Content(format!("metadata `{key}` = {text:?} unreadable")))
+        })
+        .collect()
+}
+
+/// The trajectory of one optimizer over a case's gradients: the parameter after every step and
+/// the final state.
+struct Trajectory {
+    params: Vec<Vec<f32>>,
+    state: Optim8bitState<1>,
+}
+
+fn replay<O: Optimizer<State<1> = Optim8bitState<1>>>(
+    optimizer: O,
+    file: &VectorFile,
+    lr: f64,
+    steps: usize,
+    device: &Device,
+) -> Result<Trajectory, VectorError> {
+    let mut param = Tensor::<1>::from_floats(file.f32s("param0")?.as_slice(), device);
+    let mut state = None;
+    let mut params = Vec::with_capacity(steps);
+    for t in 1..=steps {
+        let grad = Tensor::<1>::from_floats(file.f32s(&format!("grad.{t}"))?.as_slice(), device);
+        let (next, next_state) = optimizer.step(lr, param, grad, state);
+        params.push(next.clone().into_data().try_to_vec::<f32>().expect("f32 parameter"));
+        param = next;
+        state = next_state;
+    }
+    let state = state.ok_or_else(|| VectorError::Content("no steps".into()))?;
+    Ok(Trajectory { params, state })
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The hash of a final state: every slot's codes and absmax (8-bit) or values (`f32`).
+fn state_hash(state: &Optim8bitState<1>) -> u64 {
+    let mut bytes = Vec::new();
+    for slot in state.slots() {
+        match slot {
+            StateSlot::Quantized(q) => {
+                bytes.extend(q.unpacked_codes());
+                bytes.extend(q.absmax_values().iter().flat_map(|a| a.to_le_bytes()));
+            }
+            StateSlot::Full(values) => bytes.extend(
+                values
+                    .clone()
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .expect("f32 state")
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes()),
+            ),
+        }
+    }
+    fnv1a64(bytes)
+}
+
+/// Replays an optimizer case and judges it against bitsandbytes' own 8-bit run, both measured
+/// against its 32-bit twin: `e(t) = ‖p_t − p32_t‖ / ‖p32_t − p0‖`. An 8-bit case passes when our
+/// `max_t e` ≤ 1.1 · bitsandbytes' + 1e-6; an `f32`-state case when our `max_t e` ≤ 1e-4.
+fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
+    let name: String = file.meta("optimizer")?;
+    let lr: f64 = file.meta("lr")?;
+    let steps: usize = file.meta("steps")?;
+    let block_size: usize = file.meta("blocksize")?;
+    let min_8bit_size: usize = file.meta("min_8bit_size")?;
+    let state_bits: u32 = file.meta("state_bits")?;
+    let weight_decay: f32 = file.meta("weight_decay")?;
+    let config_error = |error: burn_8bit_optim::ConfigError| VectorError::Content(error.to_string());
+    let trajectory = match name.as_str() {
+        "adam" | "adamw" => {
+            let betas = meta_list(file, "betas")?;
+            let eps: f32 = file.meta("eps")?;
+            if name == "adam" {
+                let config = Adam8bitConfig::new()
+                    .with_beta_1(betas[0])
+                    .with_beta_2(betas[1])
+                    .with_epsilon(eps)
+                    .with_block_size(block_size)
+                    .with_min_8bit_size(min_8bit_size);
+                replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+            } else {
+                let config = AdamW8bitConfig::new()
+                    .with_beta_1(betas[0])
+                    .with_beta_2(betas[1])
+                    .with_epsilon(eps)
+                    .with_weight_decay(weight_decay)
+                    .with_block_size(block_size)
+                    .with_min_8bit_size(min_8bit_size);
+                replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+            }
+        }
+        "momentum" => {
+            let momentum: f64 = file.meta("momentum")?;
+            let config = Sgd8bitConfig::new()
+                .with_momentum(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0))
+                .with_block_size(block_size)
+                .with_min_8bit_size(min_8bit_size);
+            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+        }
+        "rmsprop" => {
+            let config = RmsProp8bitConfig::new()
+                .with_alpha(file.meta("alpha")?)
+                .with_epsilon(file.meta("eps")?)
+                .with_momentum(0.0)
+                .with_block_size(block_size)
+                .with_min_8bit_size(min_8bit_size);
+            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+        }
+        "adagrad" => {
+            let config = AdaGrad8bitConfig::new()
+                .with_epsilon(file.meta("eps")?)
+                .with_block_size(block_size)
+                .with_min_8bit_size(min_8bit_size);
+            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+        }
+        "lion" => {
+            let betas = meta_list(file, "betas")?;
+            let config = Lion8bitConfig::new()
+                .with_beta_1(betas[0])
+                .with_beta_2(betas[1])
+                .with_weight_decay(weight_decay)
+                .with_block_size(block_size)
+                .with_min_8bit_size(min_8bit_size);
+            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+        }
+        "ademamix" => {
+            let betas = meta_list(file, "betas")?;
+            let config = AdEMAMix8bitConfig::new()
+                .with_beta_1(betas[0])
+                .with_beta_2(betas[1])
+                .with_beta_3(betas[2])
+                .with_alpha(file.meta("alpha")?)
+                .with_epsilon(file.meta("eps")?)
+                .with_weight_decay(weight_decay)
+                .with_block_size(block_size)
+                .with_min_8bit_size(min_8bit_size);
+            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+        }
+        other => return Err(VectorError::Content(format!("unknown optimizer `{other}`"))),
+    };
+    let param0 = file.f32s("param0")?;
+    let (mut ours_max, mut bnb_max) = (0f64, 0f64);
+    for (t, ours) in (1..=steps).zip(&trajectory.params) {
+        let reference32 = file.f32s(&format!("param32.{t}"))?;
+        let reference8 = file.f32s(&format!("param.{t}"))?;
+        let scale = distance(&reference32, &param0);
+        ours_max = ours_max.max(distance(ours, &reference32) / scale);
+        bnb_max = bnb_max.max(distance(&reference8, &reference32) / scale);
+    }
+    let quantized = trajectory.state.is_quantized();
+    let expected_quantized = state_bits == 8;
+    let passed = quantized == expected_quantized
+        && if quantized {
+            ours_max <= 1.1 * bnb_max + 1e-6
+        } else {
+            ours_max <= 1e-4
+        };
+    let figures = vec![
+        ("state".into(), if quantized { "8bit" } else { "f32" }.to_string()),
+        ("steps".into(), steps.to_string()),
+        ("max_err".into(), format!("{ours_max:.4e}")),
+        ("bnb_max_err".into(), format!("{bnb_max:.4e}")),
+        ("skipped".into(), trajectory.state.skipped().to_string()),
+    ];
+    Ok((passed, figures, state_hash(&trajectory.state)))
 }

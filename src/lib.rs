@@ -7,6 +7,9 @@
 //! This facade re-exports the layers of the project:
 //! - [`ops`]: code maps and block-wise quantization ([`BlockQuantized`]), with CubeCL kernels and
 //!   a CPU twin that produce identical codes;
+//! - [`optim`]: the 8-bit optimizers ([`AdamW8bitConfig`], [`Adam8bitConfig`], [`Sgd8bitConfig`],
+//!   [`RmsProp8bitConfig`], [`AdaGrad8bitConfig`], [`Lion8bitConfig`], [`AdEMAMix8bitConfig`]),
+//!   each the twin of Burn's 32-bit config of the same name;
 //! - [`conformance`]: replays bitsandbytes' reference vectors and judges the results.
 //!
 //! Backends are compiled in by Cargo feature (`flex` by default, `ndarray`, `wgpu`, `vulkan`,
@@ -27,5 +30,12 @@
 
 pub use burn_8bit_ops as ops;
 pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapKind, QuantError};
+pub use burn_8bit_optim as optim;
+pub use burn_8bit_optim::{
+    AdEMAMix8bit, AdEMAMix8bitConfig, AdaGrad8bit, AdaGrad8bitConfig, Adam8bit, Adam8bitConfig,
+    AdamW8bit, AdamW8bitConfig, ConfigError, LoadError, Lion8bit, Lion8bitConfig, Optim8bitState,
+    OptimizerKind, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig, StateReport,
+    load_record_checked,
+};
 
 pub mod conformance;

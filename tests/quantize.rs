@@ -1,4 +1,4 @@
-//! Block-wise quantization: bitsandbytes conformance, error thresholds, edge cases, on every
+//! Block-wise quantization: bitsandbytes conformance (every vector, optimizers included), error thresholds, edge cases, on every
 //! backend compiled in.
 
 mod common;
@@ -9,13 +9,10 @@ use burn_8bit::{BlockQuantized, BlockSize, MapKind, QuantError};
 use common::{Rng, devices, vector_files};
 
 #[test]
-fn every_reference_vector_of_a_known_kind_passes() {
+fn every_reference_vector_passes() {
     for (name, device) in devices() {
         for path in vector_files() {
             let file = VectorFile::open(&path).unwrap();
-            if !matches!(file.kind(), "maps" | "quantize") {
-                continue;
-            }
             let report = run_case(&file, &device);
             println!("[{name}] {}", report.line());
             assert!(report.passed, "[{name}] {}", report.line());
@@ -37,17 +34,6 @@ fn codes_match_bitsandbytes_on_the_plain_cases() {
         let identical: f64 = report.figure("identical").unwrap().parse().unwrap();
         assert!(identical >= 0.99, "{stem}: identical codes {identical}");
     }
-}
-
-#[test]
-fn optimizer_cases_fail_until_optimizers_exist() {
-    let path = vector_files()
-        .into_iter()
-        .find(|p| VectorFile::open(p).unwrap().kind() == "optimizer")
-        .expect("an optimizer vector");
-    let report = run_case(&VectorFile::open(&path).unwrap(), &Device::flex());
-    assert!(!report.passed);
-    assert!(report.line().contains(" FAIL reason="));
 }
 
 fn mean_errors(device: &Device, input: &[f32], map: MapKind, block: BlockSize) -> (f64, f64) {

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use crate::block::CODES_PER_WORD;
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
+use crate::step::{StepRule, StepScalars, update_element};
 
 /// Blocks handled by one rayon task: enough work (≥ 16 Ki elements) to amortise scheduling.
 fn blocks_per_task(block_size: usize) -> usize {
@@ -70,6 +71,104 @@ pub fn dequantize(
             }
         });
     output
+}
+
+/// One quantized optimizer state of a tensor: packed codes, per-block absmax and their map.
+pub struct StateBuffers<'a> {
+    /// Packed codes, `ceil(len / 4)` words.
+    pub words: &'a mut [u32],
+    /// One absmax per block.
+    pub absmax: &'a mut [f32],
+    /// The map the codes index.
+    pub map: MapKind,
+}
+
+/// The fused optimizer step, in place: per block, decode every state, apply `rule` element by
+/// element (parameter included), take each state's new absmax from its updated values, encode.
+/// Returns the number of elements skipped because their gradient or update was not finite
+/// (their parameter and states keep their values).
+///
+/// Memory beyond the buffers is one block of `f32` per state per rayon task.
+pub fn fused_step(
+    rule: StepRule,
+    scalars: &StepScalars,
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [StateBuffers<'_>],
+    block_size: usize,
+) -> u32 {
+    assert_eq!(param.len(), grad.len(), "parameter and gradient lengths differ");
+    assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
+    let group = blocks_per_task(block_size);
+    let encoders: Vec<&Encoder> = states.iter().map(|state| Encoder::get(state.map)).collect();
+    let mut state_chunks: Vec<_> = states
+        .iter_mut()
+        .map(|state| {
+            state
+                .words
+                .chunks_mut(group * block_size / CODES_PER_WORD)
+                .zip(state.absmax.chunks_mut(group))
+        })
+        .collect();
+    let tasks: Vec<_> = param
+        .chunks_mut(group * block_size)
+        .zip(grad.chunks(group * block_size))
+        .map(|(param, grad)| {
+            let states: Vec<_> = state_chunks
+                .iter_mut()
+                .map(|chunks| chunks.next().expect("one chunk of each state per task"))
+                .collect();
+            (param, grad, states)
+        })
+        .collect();
+    tasks
+        .into_par_iter()
+        .map(|(param, grad, mut states)| {
+            step_blocks(rule, scalars, param, grad, &mut states, &encoders, block_size)
+        })
+        .sum()
+}
+
+fn step_blocks(
+    rule: StepRule,
+    scalars: &StepScalars,
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [(&mut [u32], &mut [f32])],
+    encoders: &[&Encoder],
+    block_size: usize,
+) -> u32 {
+    let mut decoded = vec![[0f32; 3]; block_size];
+    let mut values = vec![0f32; block_size];
+    let mut codes = vec![0u8; block_size];
+    let mut skipped = 0;
+    let words_per_block = block_size / CODES_PER_WORD;
+    for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
+        let len = param.len();
+        let words = block * words_per_block..block * words_per_block + len.div_ceil(CODES_PER_WORD);
+        let decoded = &mut decoded[..len];
+        for (slot, ((state_words, absmax), encoder)) in states.iter().zip(encoders).enumerate() {
+            decode_block(&state_words[words.clone()], absmax[block], &encoder.values, &mut values[..len]);
+            for (element, &value) in decoded.iter_mut().zip(&values[..len]) {
+                element[slot] = value;
+            }
+        }
+        for ((p, &g), s) in param.iter_mut().zip(grad).zip(decoded.iter_mut()) {
+            match update_element(rule, scalars, *p, g, s) {
+                Some(updated) => *p = updated,
+                None => skipped += 1,
+            }
+        }
+        for (slot, ((state_words, absmax), encoder)) in states.iter_mut().zip(encoders).enumerate() {
+            for (value, element) in values[..len].iter_mut().zip(decoded.iter()) {
+                *value = element[slot];
+            }
+            absmax[block] = block_absmax(&values[..len]);
+            encoder.encode_block(&values[..len], absmax[block], &mut codes[..len]);
+            pack(&codes[..len], &mut state_words[words.clone()]);
+        }
+    }
+    skipped
 }
 
 /// `max |x|` over a block computed on the bits of `|x|`, as the kernels do: for non-negative

@@ -11,14 +11,16 @@
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::DType;
 use burn_cubecl::CubeBackend;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use cubecl::prelude::*;
 
 use crate::block::{CODES_PER_WORD, num_words};
-use crate::ext::{BlockwiseOps, PackedBlocks};
+use crate::ext::{BlockwiseOps, PackedBlocks, StepBuffers, fused_step_families};
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule::{ABS_MASK, CANONICAL_NAN_BITS, INFINITY_BITS};
+use crate::step::{StepRule, StepScalars};
 
 /// Most units per cube: within every device's limit (WebGPU guarantees 256).
 const MAX_UNITS: usize = 256;
@@ -192,8 +194,488 @@ fn dequantize_kernel(
     }
 }
 
+
+/// The runtime scalars of a step inside a kernel (see [`StepScalars`]).
+#[derive(CubeType, Clone, Copy)]
+struct Hyper {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    beta3: f32,
+    alpha: f32,
+    eps: f32,
+    correction1: f32,
+    correction2: f32,
+    decay: f32,
+    penalty: f32,
+    first_step: u32,
+}
+
+/// One element after the update: parameter, three state slots, and whether it was applied.
+#[derive(CubeType, Clone, Copy)]
+struct Updated {
+    p: f32,
+    s1: f32,
+    s2: f32,
+    s3: f32,
+    applied: bool,
+}
+
+#[cube]
+fn is_finite(x: f32) -> bool {
+    (u32::reinterpret(x) & ABS_MASK) < INFINITY_BITS
+}
+
+/// `step::update_element`, operation for operation.
+// `p_new` starts as `p` for the macro's benefit: every rule's arm assigns it.
+#[allow(unused_assignments)]
+#[cube]
+fn update_element(h: &Hyper, p: f32, g_raw: f32, s1: f32, s2: f32, s3: f32, #[comptime] rule: StepRule) -> Updated {
+    let g = g_raw + h.penalty * p;
+    let mut n1 = s1;
+    let mut n2 = s2;
+    let mut n3 = s3;
+    let mut p_new = p;
+    match comptime!(rule) {
+        StepRule::Adam { amsgrad, cautious } => {
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            n2 = h.beta2 * n2 + (1.0 - h.beta2) * (g * g);
+            let mut v = n2;
+            if comptime!(amsgrad) {
+                n3 = select(n2 > n3, n2, n3);
+                v = n3;
+            }
+            let direction = n1 / (f32::sqrt(v) + h.eps);
+            let mut decayed = p * h.decay;
+            if comptime!(cautious) {
+                let same_sign = (p >= 0.0) == (n1 >= 0.0);
+                decayed = select(same_sign, decayed, p);
+            }
+            p_new = decayed - h.lr * direction;
+        }
+        StepRule::Momentum { nesterov } => {
+            n1 = select(h.first_step != 0, g, h.beta1 * n1 + h.beta3 * g);
+            let mut direction = n1;
+            if comptime!(nesterov) {
+                direction = g + h.beta1 * n1;
+            }
+            p_new = p - h.lr * direction;
+        }
+        StepRule::RmsProp { centered, momentum } => {
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * (g * g);
+            let mut avg = n1;
+            if comptime!(centered) {
+                if comptime!(momentum) {
+                    n3 = h.beta1 * n3 + (1.0 - h.beta1) * g;
+                    let difference = n1 - n3 * n3;
+                    avg = select(difference > 0.0, difference, 0.0);
+                } else {
+                    n2 = h.beta1 * n2 + (1.0 - h.beta1) * g;
+                    let difference = n1 - n2 * n2;
+                    avg = select(difference > 0.0, difference, 0.0);
+                }
+            }
+            let mut direction = g / (f32::sqrt(avg) + h.eps);
+            if comptime!(momentum) {
+                n2 = h.beta3 * n2 + direction;
+                direction = n2;
+            }
+            p_new = p - h.lr * direction;
+        }
+        StepRule::AdaGrad => {
+            n1 = n1 + g * g;
+            p_new = p - h.lr * (g / (f32::sqrt(n1) + h.eps));
+        }
+        StepRule::Lion => {
+            let c = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            let sign = select(c > 0.0, 1.0f32, select(c < 0.0, -1.0f32, 0.0f32));
+            n1 = h.beta2 * n1 + (1.0 - h.beta2) * g;
+            p_new = p * h.decay - h.lr * sign;
+        }
+        StepRule::AdEMAMix => {
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            n2 = h.beta3 * n2 + (1.0 - h.beta3) * g;
+            n3 = h.beta2 * n3 + (1.0 - h.beta2) * (g * g);
+            let direction =
+                (n1 / h.correction1 + h.alpha * n2) / (f32::sqrt(n3) / h.correction2 + h.eps);
+            p_new = p * h.decay - h.lr * direction;
+        }
+    }
+    let applied = is_finite(g_raw)
+        && is_finite(p_new)
+        && is_finite(n1)
+        && is_finite(n2)
+        && is_finite(n3);
+    Updated {
+        p: select(applied, p_new, p),
+        s1: select(applied, n1, s1),
+        s2: select(applied, n2, s2),
+        s3: select(applied, n3, s3),
+        applied,
+    }
+}
+
+/// Table offsets in the step's lookup buffer: per state slot, 256 map values then 255 midpoints.
+const TABLE_STRIDE: usize = 2 * MAP_LEN - 1;
+
+#[cube]
+fn decode_code(tables: &[f32], #[comptime] slot: usize, word: u32, #[comptime] e: usize, scale: f32) -> f32 {
+    let code = (word >> comptime![8 * e as u32]) & 0xff;
+    tables[comptime![slot * TABLE_STRIDE] + code as usize] * scale
+}
+
+#[cube]
+fn encode_code(thresholds: &[f32], #[comptime] slot: usize, x: f32, degenerate: bool, zero_code: u32) -> u32 {
+    let mut code = 0u32;
+    if degenerate {
+        code = zero_code;
+    } else {
+        #[unroll]
+        for s in 0..8u32 {
+            let step = comptime![128u32 >> s];
+            let threshold = thresholds[comptime![slot * 255] + (code + step - 1) as usize];
+            code += select(x > threshold, step, 0u32);
+        }
+    }
+    code
+}
+
+#[cube]
+fn reduce_max(shared: &mut [u32], #[comptime] slot: usize, #[comptime] units: usize) -> u32 {
+    let levels = comptime![units.trailing_zeros() as usize];
+    let base = comptime![slot * units];
+    #[unroll]
+    for level in 0..levels {
+        let stride = comptime![units >> (level + 1)];
+        if (UNIT_POS as usize) < stride {
+            let other = shared[base + UNIT_POS as usize + stride];
+            let mine = shared[base + UNIT_POS as usize];
+            shared[base + UNIT_POS as usize] = select(other > mine, other, mine);
+        }
+        sync_cube();
+    }
+    shared[base]
+}
+
+/// The fused step: one cube per block. Pass 1 updates every owned element in registers to find
+/// each state's new absmax (reduced in shared memory); pass 2 recomputes the same update (the
+/// same operations on the same inputs, hence the same bits), writes the parameter and encodes
+/// the states against thresholds scaled by the new absmax. Nothing of O(n) is written but the
+/// parameter, codes and absmax; state slots past `num_states` are not touched.
+#[cube(launch_unchecked, address_type = "dynamic")]
+fn fused_step_kernel(
+    param: &mut [f32],
+    grad: &[f32],
+    codes1: &mut [u32],
+    absmax1: &mut [f32],
+    codes2: &mut [u32],
+    absmax2: &mut [f32],
+    codes3: &mut [u32],
+    absmax3: &mut [f32],
+    tables: &[f32],
+    skipped: &mut [Atomic<u32>],
+    len: usize,
+    num_blocks: usize,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    beta3: f32,
+    alpha: f32,
+    eps: f32,
+    correction1: f32,
+    correction2: f32,
+    decay: f32,
+    penalty: f32,
+    first_step: u32,
+    zero_code1: u32,
+    zero_code2: u32,
+    zero_code3: u32,
+    #[comptime] rule: StepRule,
+    #[comptime] num_states: usize,
+    #[comptime] block_size: usize,
+    #[comptime] units: usize,
+) {
+    let block = CUBE_POS;
+    if block >= num_blocks {
+        terminate!();
+    }
+    let h = Hyper {
+        lr,
+        beta1,
+        beta2,
+        beta3,
+        alpha,
+        eps,
+        correction1,
+        correction2,
+        decay,
+        penalty,
+        first_step,
+    };
+    let words_per_block = comptime![block_size / 4];
+    let words_per_unit = comptime![block_size / 4 / units];
+    let first_word = block * words_per_block + UNIT_POS as usize;
+    let total_words = len.div_ceil(4);
+
+    let old1 = absmax1[block];
+    let mut old2 = 0.0f32;
+    let mut old3 = 0.0f32;
+    if comptime![num_states > 1] {
+        old2 = absmax2[block];
+    }
+    if comptime![num_states > 2] {
+        old3 = absmax3[block];
+    }
+
+    let mut max1 = 0u32;
+    let mut max2 = 0u32;
+    let mut max3 = 0u32;
+    let mut local_skipped = 0u32;
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        if word < total_words {
+            let w1 = codes1[word];
+            let mut w2 = 0u32;
+            let mut w3 = 0u32;
+            if comptime![num_states > 1] {
+                w2 = codes2[word];
+            }
+            if comptime![num_states > 2] {
+                w3 = codes3[word];
+            }
+            #[unroll]
+            for e in 0..4usize {
+                let i = word * 4 + e;
+                if i < len {
+                    let s1 = decode_code(tables, 0usize, w1, e, old1);
+                    let mut s2 = 0.0f32;
+                    let mut s3 = 0.0f32;
+                    if comptime![num_states > 1] {
+                        s2 = decode_code(tables, 1usize, w2, e, old2);
+                    }
+                    if comptime![num_states > 2] {
+                        s3 = decode_code(tables, 2usize, w3, e, old3);
+                    }
+                    let u = update_element(&h, param[i], grad[i], s1, s2, s3, rule);
+                    local_skipped += select(u.applied, 0u32, 1u32);
+                    let b1 = u32::reinterpret(u.s1) & ABS_MASK;
+                    let b2 = u32::reinterpret(u.s2) & ABS_MASK;
+                    let b3 = u32::reinterpret(u.s3) & ABS_MASK;
+                    max1 = select(b1 > max1, b1, max1);
+                    max2 = select(b2 > max2, b2, max2);
+                    max3 = select(b3 > max3, b3, max3);
+                }
+            }
+        }
+    }
+    if local_skipped > 0 {
+        skipped[0].fetch_add(local_skipped);
+    }
+
+    let mut shared_max = Shared::<[u32]>::new_slice(comptime![3 * units]);
+    shared_max[UNIT_POS as usize] = max1;
+    shared_max[comptime![units] + UNIT_POS as usize] = max2;
+    shared_max[comptime![2 * units] + UNIT_POS as usize] = max3;
+    sync_cube();
+    let new1 = reduce_max(&mut shared_max, 0usize, units);
+    let new2 = reduce_max(&mut shared_max, 1usize, units);
+    let new3 = reduce_max(&mut shared_max, 2usize, units);
+    let scale1 = f32::reinterpret(new1);
+    let scale2 = f32::reinterpret(new2);
+    let scale3 = f32::reinterpret(new3);
+    if UNIT_POS == 0 {
+        absmax1[block] = scale1;
+        if comptime![num_states > 1] {
+            absmax2[block] = scale2;
+        }
+        if comptime![num_states > 2] {
+            absmax3[block] = scale3;
+        }
+    }
+
+    let mut thresholds = Shared::<[f32]>::new_slice(comptime![3usize * 255]);
+    let mut k = UNIT_POS as usize;
+    while k < 255 {
+        thresholds[k] = tables[MAP_LEN + k] * scale1;
+        if comptime![num_states > 1] {
+            thresholds[255 + k] = tables[comptime![TABLE_STRIDE + MAP_LEN] + k] * scale2;
+        }
+        if comptime![num_states > 2] {
+            thresholds[510 + k] = tables[comptime![2 * TABLE_STRIDE + MAP_LEN] + k] * scale3;
+        }
+        k += units;
+    }
+    sync_cube();
+
+    let degenerate1 = new1 == 0;
+    let degenerate2 = new2 == 0;
+    let degenerate3 = new3 == 0;
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        if word < total_words {
+            let w1 = codes1[word];
+            let mut w2 = 0u32;
+            let mut w3 = 0u32;
+            if comptime![num_states > 1] {
+                w2 = codes2[word];
+            }
+            if comptime![num_states > 2] {
+                w3 = codes3[word];
+            }
+            let mut packed1 = 0u32;
+            let mut packed2 = 0u32;
+            let mut packed3 = 0u32;
+            #[unroll]
+            for e in 0..4usize {
+                let i = word * 4 + e;
+                if i < len {
+                    let s1 = decode_code(tables, 0usize, w1, e, old1);
+                    let mut s2 = 0.0f32;
+                    let mut s3 = 0.0f32;
+                    if comptime![num_states > 1] {
+                        s2 = decode_code(tables, 1usize, w2, e, old2);
+                    }
+                    if comptime![num_states > 2] {
+                        s3 = decode_code(tables, 2usize, w3, e, old3);
+                    }
+                    let u = update_element(&h, param[i], grad[i], s1, s2, s3, rule);
+                    param[i] = u.p;
+                    let shift = comptime![8 * e as u32];
+                    packed1 |= encode_code(&thresholds, 0usize, u.s1, degenerate1, zero_code1) << shift;
+                    if comptime![num_states > 1] {
+                        packed2 |= encode_code(&thresholds, 1usize, u.s2, degenerate2, zero_code2) << shift;
+                    }
+                    if comptime![num_states > 2] {
+                        packed3 |= encode_code(&thresholds, 2usize, u.s3, degenerate3, zero_code3) << shift;
+                    }
+                }
+            }
+            codes1[word] = packed1;
+            if comptime![num_states > 1] {
+                codes2[word] = packed2;
+            }
+            if comptime![num_states > 2] {
+                codes3[word] = packed3;
+            }
+        }
+    }
+}
+
 fn upload(client: &Client, values: &[f32]) -> cubecl::server::Handle {
     client.create_from_slice(f32::as_bytes(values))
+}
+
+/// A contiguous tensor whose buffer this op may write: the input itself when unshared, else a copy.
+fn writable(tensor: CubeTensor) -> CubeTensor {
+    let tensor = into_contiguous(tensor);
+    if tensor.can_mut() && tensor.is_contiguous_buffer() {
+        tensor
+    } else {
+        tensor.copy()
+    }
+}
+
+/// The 511-entry lookup table of each state's map (values, then midpoints), slot after slot.
+fn step_tables(maps: &[MapKind]) -> Vec<f32> {
+    let mut tables = Vec::with_capacity(3 * TABLE_STRIDE);
+    for slot in 0..3 {
+        let map = maps.get(slot).copied().unwrap_or(MapKind::DynamicSigned).map();
+        tables.extend_from_slice(map.values());
+        tables.extend_from_slice(&map.midpoints());
+    }
+    tables
+}
+
+fn fused_step(
+    buffers: StepBuffers<CubeBackend>,
+    grad: CubeTensor,
+    rule: StepRule,
+    scalars: StepScalars,
+    block_size: usize,
+) -> StepBuffers<CubeBackend> {
+    let param = writable(buffers.param);
+    assert_eq!(param.dtype, DType::F32, "the fused step takes f32 parameters");
+    let grad = into_contiguous(grad);
+    let skipped = writable(buffers.skipped);
+    let states: Vec<PackedBlocks<CubeBackend>> = buffers
+        .states
+        .into_iter()
+        .map(|state| PackedBlocks {
+            codes: writable(state.codes),
+            absmax: writable(state.absmax),
+        })
+        .collect();
+    let maps = rule.state_maps();
+    assert_eq!(states.len(), maps.len(), "{rule:?} takes {} states", maps.len());
+    let len = param.meta.num_elements();
+    let num_blocks = len.div_ceil(block_size);
+    let client = param.client.clone();
+    let words = num_words(len);
+    let unused = || client.create_from_slice(u32::as_bytes(&[0]));
+    // SAFETY (for the raw buffer arguments below): every handle is a live buffer of at least the
+    // stated length in elements, of the element type the kernel declares.
+    let slot = |k: usize| -> (BufferArg, BufferArg, u32) {
+        unsafe { match states.get(k) {
+            Some(state) => (
+                BufferArg::from_raw_parts(state.codes.handle.clone(), words),
+                BufferArg::from_raw_parts(state.absmax.handle.clone(), num_blocks),
+                u32::from(maps[k].map().zero_code()),
+            ),
+            None => (
+                BufferArg::from_raw_parts(unused(), 1),
+                BufferArg::from_raw_parts(unused(), 1),
+                0,
+            ),
+        } }
+    };
+    let (codes1, absmax1, zero_code1) = slot(0);
+    let (codes2, absmax2, zero_code2) = slot(1);
+    let (codes3, absmax3, zero_code3) = slot(2);
+    let tables = upload(&client, &step_tables(&maps));
+    let units = units_per_block(block_size);
+    if len > 0 {
+        unsafe {
+            fused_step_kernel::launch_unchecked(
+                &client,
+                grid(&client, num_blocks),
+                CubeDim::new_1d(units as u32),
+                address_type(len),
+                BufferArg::from_raw_parts(param.handle.clone(), len),
+                BufferArg::from_raw_parts(grad.handle.clone(), len),
+                codes1,
+                absmax1,
+                codes2,
+                absmax2,
+                codes3,
+                absmax3,
+                BufferArg::from_raw_parts(tables, 3 * TABLE_STRIDE),
+                BufferArg::from_raw_parts(skipped.handle.clone(), 1),
+                len,
+                num_blocks,
+                scalars.lr,
+                scalars.beta1,
+                scalars.beta2,
+                scalars.beta3,
+                scalars.alpha,
+                scalars.eps,
+                scalars.correction1,
+                scalars.correction2,
+                scalars.decay,
+                scalars.penalty,
+                scalars.first_step,
+                zero_code1,
+                zero_code2,
+                zero_code3,
+                rule,
+                maps.len(),
+                block_size,
+                units,
+            );
+        }
+    }
+    StepBuffers { param, skipped, states }
 }
 
 impl BlockwiseOps for CubeBackend {
@@ -275,6 +757,8 @@ impl BlockwiseOps for CubeBackend {
         }
         output
     }
+
+    fused_step_families!(fused_step);
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, ExtensionType, backend_extension};
 
 use crate::map::MapKind;
+use crate::step::{StepRule, StepScalars};
 
 /// The packed form of a block-quantized flat tensor, as a backend holds it.
 #[derive(ExtensionType)]
@@ -21,6 +22,139 @@ pub struct PackedBlocks<B: Backend> {
     /// `f32`, one per block.
     pub absmax: FloatTensor<B>,
 }
+
+/// What a one-state fused step reads and rewrites: the flat `f32` parameter, the running count
+/// of skipped (non-finite) elements (`u32`, one element) and the quantized state.
+#[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "cube"))]
+pub struct OneState<B: Backend> {
+    /// Flat `f32` parameter.
+    pub param: FloatTensor<B>,
+    /// `u32[1]`: elements skipped so far.
+    pub skipped: IntTensor<B>,
+    /// State slot 0.
+    #[extension_type]
+    pub state1: PackedBlocks<B>,
+}
+
+/// What a two-state fused step reads and rewrites (see [`OneState`]).
+#[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "cube"))]
+pub struct TwoStates<B: Backend> {
+    /// Flat `f32` parameter.
+    pub param: FloatTensor<B>,
+    /// `u32[1]`: elements skipped so far.
+    pub skipped: IntTensor<B>,
+    /// State slot 0.
+    #[extension_type]
+    pub state1: PackedBlocks<B>,
+    /// State slot 1.
+    #[extension_type]
+    pub state2: PackedBlocks<B>,
+}
+
+/// What a three-state fused step reads and rewrites (see [`OneState`]).
+#[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "cube"))]
+pub struct ThreeStates<B: Backend> {
+    /// Flat `f32` parameter.
+    pub param: FloatTensor<B>,
+    /// `u32[1]`: elements skipped so far.
+    pub skipped: IntTensor<B>,
+    /// State slot 0.
+    #[extension_type]
+    pub state1: PackedBlocks<B>,
+    /// State slot 1.
+    #[extension_type]
+    pub state2: PackedBlocks<B>,
+    /// State slot 2.
+    #[extension_type]
+    pub state3: PackedBlocks<B>,
+}
+
+/// The fused step's buffers in one backend-independent shape, so that each backend writes one
+/// implementation for all three families.
+pub(crate) struct StepBuffers<B: Backend> {
+    pub param: FloatTensor<B>,
+    pub skipped: IntTensor<B>,
+    pub states: Vec<PackedBlocks<B>>,
+}
+
+impl<B: Backend> From<OneState<B>> for StepBuffers<B> {
+    fn from(t: OneState<B>) -> Self {
+        Self { param: t.param, skipped: t.skipped, states: vec![t.state1] }
+    }
+}
+
+impl<B: Backend> From<TwoStates<B>> for StepBuffers<B> {
+    fn from(t: TwoStates<B>) -> Self {
+        Self { param: t.param, skipped: t.skipped, states: vec![t.state1, t.state2] }
+    }
+}
+
+impl<B: Backend> From<ThreeStates<B>> for StepBuffers<B> {
+    fn from(t: ThreeStates<B>) -> Self {
+        Self { param: t.param, skipped: t.skipped, states: vec![t.state1, t.state2, t.state3] }
+    }
+}
+
+impl<B: Backend> From<StepBuffers<B>> for OneState<B> {
+    fn from(t: StepBuffers<B>) -> Self {
+        let [state1] = <[_; 1]>::try_from(t.states).ok().expect("one state");
+        Self { param: t.param, skipped: t.skipped, state1 }
+    }
+}
+
+impl<B: Backend> From<StepBuffers<B>> for TwoStates<B> {
+    fn from(t: StepBuffers<B>) -> Self {
+        let [state1, state2] = <[_; 2]>::try_from(t.states).ok().expect("two states");
+        Self { param: t.param, skipped: t.skipped, state1, state2 }
+    }
+}
+
+impl<B: Backend> From<StepBuffers<B>> for ThreeStates<B> {
+    fn from(t: StepBuffers<B>) -> Self {
+        let [state1, state2, state3] = <[_; 3]>::try_from(t.states).ok().expect("three states");
+        Self { param: t.param, skipped: t.skipped, state1, state2, state3 }
+    }
+}
+
+/// Implements the three fused-step methods of [`BlockwiseOps`] for a backend through its one
+/// `fused_step(StepBuffers, grad, rule, scalars, block_size) -> StepBuffers` function.
+macro_rules! fused_step_families {
+    ($step:path) => {
+        fn fused_step_one_state(
+            tensors: $crate::ext::OneState<Self>,
+            grad: burn::backend::tensor::FloatTensor<Self>,
+            rule: $crate::step::StepRule,
+            scalars: $crate::step::StepScalars,
+            block_size: usize,
+        ) -> $crate::ext::OneState<Self> {
+            $step(tensors.into(), grad, rule, scalars, block_size).into()
+        }
+
+        fn fused_step_two_states(
+            tensors: $crate::ext::TwoStates<Self>,
+            grad: burn::backend::tensor::FloatTensor<Self>,
+            rule: $crate::step::StepRule,
+            scalars: $crate::step::StepScalars,
+            block_size: usize,
+        ) -> $crate::ext::TwoStates<Self> {
+            $step(tensors.into(), grad, rule, scalars, block_size).into()
+        }
+
+        fn fused_step_three_states(
+            tensors: $crate::ext::ThreeStates<Self>,
+            grad: burn::backend::tensor::FloatTensor<Self>,
+            rule: $crate::step::StepRule,
+            scalars: $crate::step::StepScalars,
+            block_size: usize,
+        ) -> $crate::ext::ThreeStates<Self> {
+            $step(tensors.into(), grad, rule, scalars, block_size).into()
+        }
+    };
+}
+pub(crate) use fused_step_families;
 
 /// Block-wise 8-bit quantization on a backend's own buffers.
 ///
@@ -49,6 +183,38 @@ pub trait BlockwiseOps: Backend {
         block_size: usize,
         len: usize,
     ) -> FloatTensor<Self>;
+
+    /// The fused optimizer step of a one-state rule, in place where the buffers are unshared:
+    /// per block, decode → update (parameter included) → new absmax → encode
+    /// (ALGORITHM.md §3). `grad` is flat `f32` of the parameter's length.
+    #[fusion(meta = fusion_meta::one_state)]
+    fn fused_step_one_state(
+        #[extension_type] tensors: OneState<Self>,
+        grad: FloatTensor<Self>,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> OneState<Self>;
+
+    /// The fused step of a two-state rule (see [`BlockwiseOps::fused_step_one_state`]).
+    #[fusion(meta = fusion_meta::two_states)]
+    fn fused_step_two_states(
+        #[extension_type] tensors: TwoStates<Self>,
+        grad: FloatTensor<Self>,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> TwoStates<Self>;
+
+    /// The fused step of a three-state rule (see [`BlockwiseOps::fused_step_one_state`]).
+    #[fusion(meta = fusion_meta::three_states)]
+    fn fused_step_three_states(
+        #[extension_type] tensors: ThreeStates<Self>,
+        grad: FloatTensor<Self>,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> ThreeStates<Self>;
 }
 
 #[cfg(feature = "cube")]
@@ -56,9 +222,42 @@ mod fusion_meta {
     use burn::backend::fusion::custom::TensorSpec;
     use burn::tensor::DType;
 
-    use super::PackedBlocksMetadata;
+    use super::{
+        OneStateMetadata, PackedBlocksMetadata, ThreeStatesMetadata, TwoStatesMetadata,
+    };
     use crate::block::num_words;
     use crate::map::MapKind;
+    use crate::step::{StepRule, StepScalars};
+
+    pub fn one_state(
+        tensors: &OneStateMetadata,
+        _grad: &TensorSpec,
+        _rule: &StepRule,
+        _scalars: &StepScalars,
+        _block_size: &usize,
+    ) -> OneStateMetadata {
+        tensors.clone()
+    }
+
+    pub fn two_states(
+        tensors: &TwoStatesMetadata,
+        _grad: &TensorSpec,
+        _rule: &StepRule,
+        _scalars: &StepScalars,
+        _block_size: &usize,
+    ) -> TwoStatesMetadata {
+        tensors.clone()
+    }
+
+    pub fn three_states(
+        tensors: &ThreeStatesMetadata,
+        _grad: &TensorSpec,
+        _rule: &StepRule,
+        _scalars: &StepScalars,
+        _block_size: &usize,
+    ) -> ThreeStatesMetadata {
+        tensors.clone()
+    }
 
     pub fn quantize(input: &TensorSpec, _map: &MapKind, block_size: &usize) -> PackedBlocksMetadata {
         let len = input.shape.num_elements();
@@ -86,16 +285,71 @@ mod flex {
     use burn::backend::tensor::{FloatTensor, IntTensor};
     use burn::tensor::TensorData;
 
-    use super::{BlockwiseOps, PackedBlocks};
-    use crate::cpu;
+    use super::{BlockwiseOps, PackedBlocks, StepBuffers};
+    use crate::cpu::{self, StateBuffers};
     use crate::map::MapKind;
+    use crate::step::{StepRule, StepScalars};
 
-    /// A contiguous `f32` view of a Flex tensor (copied only when strided).
+    /// A contiguous Flex tensor (copied only when strided).
     fn contiguous(tensor: FlexTensor) -> FlexTensor {
-        if tensor.as_slice::<f32>().is_some() {
+        if tensor.is_contiguous() && tensor.layout().contiguous_offsets().is_some() {
             tensor
         } else {
             tensor.to_contiguous()
+        }
+    }
+
+    /// The elements of a contiguous tensor, mutably: in place when the buffer is unshared,
+    /// copied first otherwise.
+    fn elements_mut<E: burn::tensor::Element + bytemuck::Pod>(tensor: &mut FlexTensor) -> &mut [E] {
+        let (start, end) = tensor.layout().contiguous_offsets().expect("contiguous");
+        &mut tensor.storage_mut::<E>()[start..end]
+    }
+
+    fn fused_step(
+        buffers: StepBuffers<Flex>,
+        grad: FlexTensor,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> StepBuffers<Flex> {
+        let mut param = contiguous(buffers.param);
+        let grad = contiguous(grad);
+        let mut skipped = contiguous(buffers.skipped);
+        let mut states: Vec<(FlexTensor, FlexTensor)> = buffers
+            .states
+            .into_iter()
+            .map(|state| (contiguous(state.codes), contiguous(state.absmax)))
+            .collect();
+        let maps = rule.state_maps();
+        let mut views: Vec<StateBuffers<'_>> = states
+            .iter_mut()
+            .zip(maps)
+            .map(|((codes, absmax), map)| StateBuffers {
+                words: elements_mut(codes),
+                absmax: elements_mut(absmax),
+                map,
+            })
+            .collect();
+        let grad_values = grad.as_slice::<f32>().expect("contiguous f32 gradient");
+        let newly_skipped = cpu::fused_step(
+            rule,
+            &scalars,
+            elements_mut(&mut param),
+            grad_values,
+            &mut views,
+            block_size,
+        );
+        drop(views);
+        let count = &mut elements_mut::<u32>(&mut skipped)[0];
+        *count = count.wrapping_add(newly_skipped);
+        StepBuffers {
+            param,
+            skipped,
+            states: states
+                .into_iter()
+                .map(|(codes, absmax)| PackedBlocks { codes, absmax })
+                .collect(),
         }
     }
 
@@ -132,6 +386,8 @@ mod flex {
             let absmax = absmax.as_slice::<f32>().expect("contiguous f32 absmax");
             flat(cpu::dequantize(words, absmax, map, block_size, len))
         }
+
+        fused_step_families!(fused_step);
     }
 }
 
@@ -142,9 +398,10 @@ mod ndarray {
     use burn::backend::tensor::{FloatTensor, IntTensor};
     use burn::tensor::TensorData;
 
-    use super::{BlockwiseOps, PackedBlocks};
-    use crate::cpu;
+    use super::{BlockwiseOps, PackedBlocks, StepBuffers};
+    use crate::cpu::{self, StateBuffers};
     use crate::map::MapKind;
+    use crate::step::{StepRule, StepScalars};
 
     fn flat<E: burn::tensor::Element>(values: Vec<E>) -> NdArrayTensor {
         let len = values.len();
@@ -163,6 +420,48 @@ mod ndarray {
                 }
             }
             other => panic!("blockwise ops take f32 tensors, got {:?}", other.dtype()),
+        }
+    }
+
+    fn u32_values(tensor: &NdArrayTensor) -> Vec<u32> {
+        let NdArrayTensor::U32(storage) = tensor else {
+            panic!("expected a u32 tensor, got {:?}", tensor.dtype());
+        };
+        storage.view().iter().copied().collect()
+    }
+
+    /// NdArray shares buffers behind views it does not expose mutably: the step works on copies
+    /// and returns fresh tensors.
+    fn fused_step(
+        buffers: StepBuffers<NdArray>,
+        grad: NdArrayTensor,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> StepBuffers<NdArray> {
+        let mut param = with_f32(&buffers.param, <[f32]>::to_vec);
+        let mut states: Vec<(Vec<u32>, Vec<f32>)> = buffers
+            .states
+            .iter()
+            .map(|state| (u32_values(&state.codes), with_f32(&state.absmax, <[f32]>::to_vec)))
+            .collect();
+        let mut views: Vec<StateBuffers<'_>> = states
+            .iter_mut()
+            .zip(rule.state_maps())
+            .map(|((words, absmax), map)| StateBuffers { words, absmax, map })
+            .collect();
+        let newly_skipped = with_f32(&grad, |grad| {
+            cpu::fused_step(rule, &scalars, &mut param, grad, &mut views, block_size)
+        });
+        drop(views);
+        let skipped = u32_values(&buffers.skipped)[0].wrapping_add(newly_skipped);
+        StepBuffers {
+            param: flat(param),
+            skipped: flat(vec![skipped]),
+            states: states
+                .into_iter()
+                .map(|(codes, absmax)| PackedBlocks { codes: flat(codes), absmax: flat(absmax) })
+                .collect(),
         }
     }
 
@@ -198,5 +497,7 @@ mod ndarray {
                 flat(cpu::dequantize(&words, absmax, map, block_size, len))
             })
         }
+
+        fused_step_families!(fused_step);
     }
 }

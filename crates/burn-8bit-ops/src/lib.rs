@@ -26,9 +26,11 @@ mod ext;
 mod map;
 mod quantized;
 mod rule;
+mod step;
 
 pub use block::{BlockSize, CODES_PER_WORD, num_words};
 pub use error::QuantError;
-pub use ext::{BlockwiseOps, PackedBlocks};
+pub use ext::{BlockwiseOps, OneState, PackedBlocks, ThreeStates, TwoStates};
 pub use map::{CodeMap, MAP_LEN, MapKind};
 pub use quantized::BlockQuantized;
+pub use step::{StepRule, StepScalars};

@@ -71,6 +71,32 @@ impl BlockQuantized {
         }
     }
 
+    /// The quantized form of a tensor of zeros: every code is the map's zero code, every absmax 0,
+    /// so it decodes to exact zeros. Optimizer states start here.
+    pub fn zeros(shape: Shape, map: MapKind, block_size: BlockSize, device: &Device) -> Self {
+        let len = shape.num_elements();
+        let zero = u32::from(map.map().zero_code());
+        let mut words = vec![zero * 0x0101_0101; num_words(len)];
+        if let Some(last) = words.last_mut() {
+            let used = len - (num_words(len) - 1) * crate::CODES_PER_WORD;
+            *last &= u32::MAX >> (8 * (crate::CODES_PER_WORD - used));
+        }
+        let codes = Tensor::from_data(TensorData::new(words, [num_words(len)]), (device, DType::U32));
+        let absmax = Tensor::zeros([block_size.num_blocks(len)], (device, DType::F32));
+        Self {
+            codes,
+            absmax,
+            shape,
+            block_size,
+            map,
+        }
+    }
+
+    /// The packed codes and absmax, consumed (see [`BlockQuantized::codes`]).
+    pub fn into_parts(self) -> (Tensor<1, Int>, Tensor<1>) {
+        (self.codes, self.absmax)
+    }
+
     /// Reassembles a quantized tensor from its parts, checking that they describe one tensor:
     /// `codes` is `u32` with `ceil(n / 4)` words and `absmax` is `f32` with `ceil(n / block)`
     /// entries, `n` being the number of elements of `shape`.

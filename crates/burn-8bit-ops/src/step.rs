@@ -1,0 +1,266 @@
+//! The update rules of the fused optimizer step (ALGORITHM.md §3.2), stated once for the CPU twin;
+//! `cube.rs` spells the same arithmetic, in the same order, for the kernels.
+//!
+//! A rule is chosen at compile time of the kernel ([`StepRule`], a few variants), while every
+//! hyper-parameter, learning rate and bias correction is a runtime scalar ([`StepScalars`]): no
+//! kernel is compiled per step or per learning rate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::map::MapKind;
+
+/// Which update a fused step applies. States are listed in slot order by [`StepRule::state_maps`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StepRule {
+    /// Adam and AdamW: `m` (signed), `v` (unsigned), and `v_max` (unsigned) with AMSGrad.
+    Adam {
+        /// Keep the running maximum of `v` and divide by it (AMSGrad).
+        amsgrad: bool,
+        /// Apply the decoupled decay only where `sign(p) == sign(m)` (cautious weight decay).
+        cautious: bool,
+    },
+    /// SGD with momentum: `m` (signed).
+    Momentum {
+        /// Nesterov's look-ahead: the update is `g + μ·m`.
+        nesterov: bool,
+    },
+    /// RMSprop: the square average (unsigned), then the momentum buffer (signed) when momentum is
+    /// on, then the gradient average (signed) when centred.
+    RmsProp {
+        /// Subtract the square of the running gradient mean from the square average.
+        centered: bool,
+        /// Keep a momentum buffer of the normalised gradient.
+        momentum: bool,
+    },
+    /// Adagrad: the sum of squares (unsigned).
+    AdaGrad,
+    /// Lion: `m` (signed).
+    Lion,
+    /// AdEMAMix: the fast EMA `m1` (signed), the slow EMA `m2` (signed), `ν` (unsigned).
+    AdEMAMix,
+}
+
+impl StepRule {
+    /// The map of each state slot, in order; its length is the number of states (1 to 3).
+    pub fn state_maps(self) -> Vec<MapKind> {
+        use MapKind::{DynamicSigned as Signed, DynamicUnsigned as Unsigned};
+        match self {
+            StepRule::Adam { amsgrad, .. } => {
+                let mut maps = vec![Signed, Unsigned];
+                if amsgrad {
+                    maps.push(Unsigned);
+                }
+                maps
+            }
+            StepRule::Momentum { .. } | StepRule::Lion => vec![Signed],
+            StepRule::RmsProp { centered, momentum } => {
+                let mut maps = vec![Unsigned];
+                if momentum {
+                    maps.push(Signed);
+                }
+                if centered {
+                    maps.push(Signed);
+                }
+                maps
+            }
+            StepRule::AdaGrad => vec![Unsigned],
+            StepRule::AdEMAMix => vec![Signed, Signed, Unsigned],
+        }
+    }
+
+    /// The number of state slots.
+    pub fn num_states(self) -> usize {
+        self.state_maps().len()
+    }
+
+    /// A short name for each state slot, in slot order (for inspection and records).
+    pub fn state_names(self) -> Vec<&'static str> {
+        match self {
+            StepRule::Adam { amsgrad, .. } => {
+                let mut names = vec!["moment_1", "moment_2"];
+                if amsgrad {
+                    names.push("max_moment_2");
+                }
+                names
+            }
+            StepRule::Momentum { .. } => vec!["velocity"],
+            StepRule::Lion => vec!["momentum"],
+            StepRule::RmsProp { centered, momentum } => {
+                let mut names = vec!["square_avg"];
+                if momentum {
+                    names.push("momentum_buffer");
+                }
+                if centered {
+                    names.push("grad_avg");
+                }
+                names
+            }
+            StepRule::AdaGrad => vec!["sum"],
+            StepRule::AdEMAMix => vec!["moment_fast", "moment_slow", "moment_2"],
+        }
+    }
+
+    /// A stable integer for records: the variant in the high bits, its flags in the low two.
+    pub fn code(self) -> u64 {
+        let (variant, a, b) = match self {
+            StepRule::Adam { amsgrad, cautious } => (0, amsgrad, cautious),
+            StepRule::Momentum { nesterov } => (1, nesterov, false),
+            StepRule::RmsProp { centered, momentum } => (2, centered, momentum),
+            StepRule::AdaGrad => (3, false, false),
+            StepRule::Lion => (4, false, false),
+            StepRule::AdEMAMix => (5, false, false),
+        };
+        (variant << 2) | u64::from(a) | (u64::from(b) << 1)
+    }
+
+    /// The rule of [`StepRule::code`]; `None` for an unknown code.
+    pub fn from_code(code: u64) -> Option<Self> {
+        let (a, b) = (code & 1 == 1, code & 2 == 2);
+        let rule = match code >> 2 {
+            0 => StepRule::Adam { amsgrad: a, cautious: b },
+            1 if !b => StepRule::Momentum { nesterov: a },
+            2 => StepRule::RmsProp { centered: a, momentum: b },
+            3 if !a && !b => StepRule::AdaGrad,
+            4 if !a && !b => StepRule::Lion,
+            5 if !a && !b => StepRule::AdEMAMix,
+            _ => return None,
+        };
+        Some(rule)
+    }
+}
+
+/// The runtime scalars of one step, computed on the host each step. Each rule reads the fields
+/// its documentation names; the others are ignored:
+///
+/// | rule | fields read |
+/// |---|---|
+/// | Adam | `lr` = lr·sqrt(1−β2^t)/(1−β1^t), `beta1`, `beta2`, `eps` = ε·sqrt(1−β2^t), `decay`, `penalty` |
+/// | Momentum | `lr`, `beta1` = μ, `beta3` = 1 − dampening, `first_step`, `penalty` |
+/// | RMSprop | `lr`, `beta1` = α (smoothing), `beta3` = momentum μ, `eps`, `penalty` |
+/// | Adagrad | `lr` = lr / (1 + (t−1)·lr_decay), `eps`, `penalty` |
+/// | Lion | `lr`, `beta1`, `beta2`, `decay` |
+/// | AdEMAMix | `lr`, `beta1`, `beta2`, `beta3`, `alpha`, `eps`, `correction1`, `correction2`, `decay` |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepScalars {
+    /// The step size applied to the update direction: Adam `lr·sqrt(1−β2^t)/(1−β1^t)`, Adagrad the
+    /// decayed rate, every other rule the learning rate.
+    pub lr: f32,
+    /// First decay rate (see the table).
+    pub beta1: f32,
+    /// Second decay rate (see the table).
+    pub beta2: f32,
+    /// Third rate (see the table).
+    pub beta3: f32,
+    /// AdEMAMix's α (after its schedule).
+    pub alpha: f32,
+    /// ε added to the root of the second moment (Adam: `ε·sqrt(1−β2^t)`).
+    pub eps: f32,
+    /// AdEMAMix's `1 − β1^t`.
+    pub correction1: f32,
+    /// AdEMAMix's `sqrt(1 − β2^t)`.
+    pub correction2: f32,
+    /// Decoupled weight decay as a multiplier of the parameter, `1 − lr·wd` (1 when off).
+    pub decay: f32,
+    /// Coupled (L2) weight decay: `g += penalty·p` (0 when off).
+    pub penalty: f32,
+    /// 1 on the optimizer's first step for this tensor, else 0 (Momentum starts with `m = g`).
+    pub first_step: u32,
+}
+
+/// `true` for finite `x`, decided on the bits (as the kernels do: WGSL compilers may assume NaN
+/// never occurs).
+#[inline(always)]
+pub(crate) fn is_finite_bits(x: f32) -> bool {
+    x.to_bits() & crate::rule::ABS_MASK < crate::rule::INFINITY_BITS
+}
+
+/// One element of the fused step: updates the decoded states `s` in place and returns the new
+/// parameter, or `None` (states untouched) when the gradient, a new state or the new parameter is
+/// not finite. The order of operations is the kernels' order.
+#[inline(always)]
+pub(crate) fn update_element(
+    rule: StepRule,
+    h: &StepScalars,
+    p: f32,
+    g: f32,
+    s: &mut [f32; 3],
+) -> Option<f32> {
+    if !is_finite_bits(g) {
+        return None;
+    }
+    let g = g + h.penalty * p;
+    let mut n = *s;
+    let p_new = match rule {
+        StepRule::Adam { amsgrad, cautious } => {
+            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
+            n[1] = h.beta2 * n[1] + (1.0 - h.beta2) * (g * g);
+            let mut v = n[1];
+            if amsgrad {
+                n[2] = if n[1] > n[2] { n[1] } else { n[2] };
+                v = n[2];
+            }
+            let direction = n[0] / (v.sqrt() + h.eps);
+            let decayed = if cautious && (p >= 0.0) != (n[0] >= 0.0) {
+                p
+            } else {
+                p * h.decay
+            };
+            decayed - h.lr * direction
+        }
+        StepRule::Momentum { nesterov } => {
+            n[0] = if h.first_step != 0 {
+                g
+            } else {
+                h.beta1 * n[0] + h.beta3 * g
+            };
+            let direction = if nesterov { g + h.beta1 * n[0] } else { n[0] };
+            p - h.lr * direction
+        }
+        StepRule::RmsProp { centered, momentum } => {
+            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * (g * g);
+            let centered_slot = if momentum { 2 } else { 1 };
+            let mut avg = n[0];
+            if centered {
+                n[centered_slot] = h.beta1 * n[centered_slot] + (1.0 - h.beta1) * g;
+                // Quantization error can push the difference below zero, and sqrt of that is NaN.
+                let difference = n[0] - n[centered_slot] * n[centered_slot];
+                avg = if difference > 0.0 { difference } else { 0.0 };
+            }
+            let mut direction = g / (avg.sqrt() + h.eps);
+            if momentum {
+                n[1] = h.beta3 * n[1] + direction;
+                direction = n[1];
+            }
+            p - h.lr * direction
+        }
+        StepRule::AdaGrad => {
+            n[0] += g * g;
+            p - h.lr * (g / (n[0].sqrt() + h.eps))
+        }
+        StepRule::Lion => {
+            let c = h.beta1 * n[0] + (1.0 - h.beta1) * g;
+            let sign = if c > 0.0 {
+                1.0
+            } else if c < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            n[0] = h.beta2 * n[0] + (1.0 - h.beta2) * g;
+            p * h.decay - h.lr * sign
+        }
+        StepRule::AdEMAMix => {
+            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
+            n[1] = h.beta3 * n[1] + (1.0 - h.beta3) * g;
+            n[2] = h.beta2 * n[2] + (1.0 - h.beta2) * (g * g);
+            let direction =
+                (n[0] / h.correction1 + h.alpha * n[1]) / (n[2].sqrt() / h.correction2 + h.eps);
+            p * h.decay - h.lr * direction
+        }
+    };
+    let finite = is_finite_bits(p_new) && n.iter().all(|&x| is_finite_bits(x));
+    finite.then(|| {
+        *s = n;
+        p_new
+    })
+}

@@ -1,0 +1,90 @@
+//! `AdaGrad8bit`: Adagrad with an 8-bit sum of squares, the twin of Burn's `AdaGradConfig`.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::engine::{Quantization, UpdateRule};
+use crate::error::{ConfigError, check_non_negative, check_positive};
+use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
+/// the quantization settings. The step size at step `t` is `lr / (1 + (t − 1)·lr_decay)`.
+///
+/// ```
+/// use burn_8bit_optim::AdaGrad8bitConfig;
+///
+/// let optimizer = AdaGrad8bitConfig::new().with_lr_decay(1e-3).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct AdaGrad8bitConfig {
+    /// Learning-rate decay per step.
+    #[config(default = 0.)]
+    pub lr_decay: f64,
+    /// Added to the root of the sum of squares.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// L2 weight decay, added to the gradient.
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+}
+
+/// Adagrad with an 8-bit block-wise quantized sum of squared gradients.
+#[derive(Clone, Debug)]
+pub struct AdaGrad8bit {
+    lr_decay: f64,
+    epsilon: f32,
+    penalty: f32,
+    quantization: Quantization,
+}
+
+impl AdaGrad8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<AdaGrad8bit, ConfigError> {
+        check_non_negative("lr_decay", self.lr_decay)?;
+        check_positive("epsilon", self.epsilon.into())?;
+        let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
+        check_non_negative("weight_decay.penalty", penalty.into())?;
+        Ok(AdaGrad8bit {
+            lr_decay: self.lr_decay,
+            epsilon: self.epsilon,
+            penalty,
+            quantization: quantization(self.block_size, self.min_8bit_size)?,
+        })
+    }
+}
+
+impl_config_builders!(AdaGrad8bitConfig => AdaGrad8bit, grad_clipping);
+
+impl UpdateRule for AdaGrad8bit {
+    const KIND: OptimizerKind = OptimizerKind::AdaGrad;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::AdaGrad
+    }
+
+    fn scalars(&self, lr: f64, time: usize) -> StepScalars {
+        StepScalars {
+            lr: (lr / (1.0 + (time as f64 - 1.0) * self.lr_decay)) as f32,
+            eps: self.epsilon,
+            penalty: self.penalty,
+            ..StepScalars::default()
+        }
+    }
+
+    fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+}
+
+impl_optimizer!(AdaGrad8bit);

@@ -1,0 +1,116 @@
+//! `Adam8bit`: Adam with block-wise 8-bit states, the twin of Burn's `AdamConfig`.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::engine::{Quantization, UpdateRule};
+use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
+use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, quantization};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
+/// quantization settings.
+///
+/// ```
+/// use burn_8bit_optim::Adam8bitConfig;
+///
+/// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_block_size(128).init();
+/// # let _ = optimizer;
+/// assert!(Adam8bitConfig::new().with_beta_1(1.0).try_init().is_err());
+/// ```
+#[derive(Config, Debug)]
+pub struct Adam8bitConfig {
+    /// Decay rate of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the root of the second moment.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
+    #[config(default = false)]
+    pub amsgrad: bool,
+    /// L2 weight decay, added to the gradient (`g += penalty·p`).
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+}
+
+/// Adam with 8-bit block-wise quantized moments (Dettmers et al., 2022).
+#[derive(Clone, Debug)]
+pub struct Adam8bit {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    amsgrad: bool,
+    penalty: f32,
+    quantization: Quantization,
+}
+
+impl Adam8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<Adam8bit, ConfigError> {
+        check_beta("beta_1", self.beta_1.into())?;
+        check_beta("beta_2", self.beta_2.into())?;
+        check_positive("epsilon", self.epsilon.into())?;
+        let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
+        check_non_negative("weight_decay.penalty", penalty.into())?;
+        Ok(Adam8bit {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            amsgrad: self.amsgrad,
+            penalty,
+            quantization: quantization(self.block_size, self.min_8bit_size)?,
+        })
+    }
+}
+
+impl_config_builders!(Adam8bitConfig => Adam8bit, grad_clipping);
+
+/// Adam's scalars, shared with AdamW: the bias corrections folded into the step size and ε.
+pub(crate) fn adam_scalars(beta_1: f32, beta_2: f32, epsilon: f32, lr: f64, time: usize) -> StepScalars {
+    let (correction1, correction2) = bias_corrections(beta_1, beta_2, time);
+    StepScalars {
+        lr: (lr * correction2 / correction1) as f32,
+        beta1: beta_1,
+        beta2: beta_2,
+        eps: (f64::from(epsilon) * correction2) as f32,
+        decay: 1.0,
+        ..StepScalars::default()
+    }
+}
+
+impl UpdateRule for Adam8bit {
+    const KIND: OptimizerKind = OptimizerKind::Adam;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::Adam {
+            amsgrad: self.amsgrad,
+            cautious: false,
+        }
+    }
+
+    fn scalars(&self, lr: f64, time: usize) -> StepScalars {
+        StepScalars {
+            penalty: self.penalty,
+            ..adam_scalars(self.beta_1, self.beta_2, self.epsilon, lr, time)
+        }
+    }
+
+    fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+}
+
+impl_optimizer!(Adam8bit);

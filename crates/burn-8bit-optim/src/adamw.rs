@@ -1,0 +1,107 @@
+//! `AdamW8bit`: AdamW with block-wise 8-bit states, the twin of Burn's `AdamWConfig`.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::adam::adam_scalars;
+use crate::engine::{Quantization, UpdateRule};
+use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
+use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
+/// quantization settings.
+///
+/// ```
+/// use burn_8bit_optim::AdamW8bitConfig;
+///
+/// let optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct AdamW8bitConfig {
+    /// Decay rate of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the root of the second moment.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Decoupled weight decay: `p *= 1 − lr·weight_decay` before the update.
+    #[config(default = 1e-4)]
+    pub weight_decay: f32,
+    /// Decay only where the parameter and the first moment have the same sign.
+    #[config(default = false)]
+    pub cautious_weight_decay: bool,
+    /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
+    #[config(default = false)]
+    pub amsgrad: bool,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+}
+
+/// AdamW with 8-bit block-wise quantized moments.
+#[derive(Clone, Debug)]
+pub struct AdamW8bit {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+    cautious_weight_decay: bool,
+    amsgrad: bool,
+    quantization: Quantization,
+}
+
+impl AdamW8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<AdamW8bit, ConfigError> {
+        check_beta("beta_1", self.beta_1.into())?;
+        check_beta("beta_2", self.beta_2.into())?;
+        check_positive("epsilon", self.epsilon.into())?;
+        check_non_negative("weight_decay", self.weight_decay.into())?;
+        Ok(AdamW8bit {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            cautious_weight_decay: self.cautious_weight_decay,
+            amsgrad: self.amsgrad,
+            quantization: quantization(self.block_size, self.min_8bit_size)?,
+        })
+    }
+}
+
+impl_config_builders!(AdamW8bitConfig => AdamW8bit, grad_clipping);
+
+impl UpdateRule for AdamW8bit {
+    const KIND: OptimizerKind = OptimizerKind::AdamW;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::Adam {
+            amsgrad: self.amsgrad,
+            cautious: self.cautious_weight_decay,
+        }
+    }
+
+    fn scalars(&self, lr: f64, time: usize) -> StepScalars {
+        StepScalars {
+            decay: (1.0 - lr * f64::from(self.weight_decay)) as f32,
+            ..adam_scalars(self.beta_1, self.beta_2, self.epsilon, lr, time)
+        }
+    }
+
+    fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+}
+
+impl_optimizer!(AdamW8bit);

@@ -1,0 +1,179 @@
+//! The step every 8-bit optimizer shares: state bookkeeping around one fused op per tensor.
+
+use burn::backend::Dispatch;
+use burn::tensor::{DType, FloatDType, Tensor};
+use burn_8bit_ops::{
+    BlockQuantized, BlockSize, BlockwiseOps, OneState, PackedBlocks, StepRule, StepScalars,
+    ThreeStates, TwoStates,
+};
+
+use crate::full;
+use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
+
+/// What every 8-bit config shares: how states are quantized.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quantization {
+    /// Elements per quantization block.
+    pub block_size: BlockSize,
+    /// Tensors with fewer elements keep `f32` states.
+    pub min_8bit_size: usize,
+}
+
+/// What distinguishes one 8-bit optimizer from another; the rest is [`step`].
+pub(crate) trait UpdateRule: Clone + Send + Sync + 'static {
+    /// The optimizer, recorded with its states.
+    const KIND: OptimizerKind;
+
+    /// The fused update this optimizer applies.
+    fn step_rule(&self) -> StepRule;
+
+    /// The runtime scalars of step `time` (≥ 1) at learning rate `lr`.
+    fn scalars(&self, lr: f64, time: usize) -> StepScalars;
+
+    /// How states are quantized.
+    fn quantization(&self) -> Quantization;
+}
+
+/// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract).
+///
+/// A state written by another optimizer, for another shape, or with the other precision is
+/// replaced by fresh zero states; a state with another block size is re-quantized on the device;
+/// a state on another device is moved to the parameter's.
+pub(crate) fn step<R: UpdateRule, const D: usize>(
+    rule: &R,
+    lr: f64,
+    tensor: Tensor<D>,
+    grad: Tensor<D>,
+    state: Option<Optim8bitState<D>>,
+) -> (Tensor<D>, Option<Optim8bitState<D>>) {
+    let device = tensor.device();
+    let shape = tensor.shape();
+    let len = shape.num_elements();
+    let quantization = rule.quantization();
+    let block_size = (len >= quantization.min_8bit_size).then_some(quantization.block_size);
+    let step_rule = rule.step_rule();
+    let mut state = match state {
+        Some(state)
+            if state.kind == R::KIND
+                && state.rule == step_rule
+                && state.shape == shape
+                && state.is_quantized() == block_size.is_some() =>
+        {
+            let state = if state.slot_devices_match(&device) {
+                state
+            } else {
+                state.to_device(&device)
+            };
+            match block_size {
+                Some(block_size) => state.with_block_size(block_size),
+                None => state,
+            }
+        }
+        _ => Optim8bitState::new(R::KIND, step_rule, shape.clone(), block_size, &device),
+    };
+    state.time += 1;
+    if len == 0 {
+        return (tensor, Some(state));
+    }
+    let scalars = rule.scalars(lr, state.time);
+    let dtype = tensor.dtype();
+    let param = tensor.cast(FloatDType::F32).reshape([len]);
+    let grad = grad.cast(FloatDType::F32).reshape([len]);
+    let (param, state) = match block_size {
+        Some(block_size) => fused(state, param, grad, scalars, block_size),
+        None => full::step(state, param, grad, &scalars),
+    };
+    let param = param.reshape(shape);
+    let param = if dtype == DType::F32 {
+        param
+    } else {
+        param.cast(FloatDType::from(dtype))
+    };
+    (param, Some(state))
+}
+
+/// The 8-bit path: one fused op (by number of states) over the flat parameter.
+fn fused<const D: usize>(
+    mut state: Optim8bitState<D>,
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    scalars: StepScalars,
+    block_size: BlockSize,
+) -> (Tensor<1>, Optim8bitState<D>) {
+    let len = param.shape().num_elements();
+    let maps = state.rule.state_maps();
+    let mut packed: Vec<PackedBlocks<Dispatch>> = std::mem::take(&mut state.slots)
+        .into_iter()
+        .map(|slot| match slot {
+            StateSlot::Quantized(q) => {
+                let (codes, absmax) = q.into_parts();
+                PackedBlocks {
+                    codes: codes.into_dispatch(),
+                    absmax: absmax.into_dispatch(),
+                }
+            }
+            StateSlot::Full(_) => unreachable!("8-bit path with f32 states"),
+        })
+        .collect();
+    let param = param.into_dispatch();
+    let skipped = state.skipped.into_dispatch();
+    let grad = grad.into_dispatch();
+    let (rule, size) = (state.rule, block_size.get());
+    let (param, skipped) = match packed.len() {
+        1 => {
+            let out = Dispatch::fused_step_one_state(
+                OneState { param, skipped, state1: packed.remove(0) },
+                grad,
+                rule,
+                scalars,
+                size,
+            );
+            packed = vec![out.state1];
+            (out.param, out.skipped)
+        }
+        2 => {
+            let state2 = packed.remove(1);
+            let out = Dispatch::fused_step_two_states(
+                TwoStates { param, skipped, state1: packed.remove(0), state2 },
+                grad,
+                rule,
+                scalars,
+                size,
+            );
+            packed = vec![out.state1, out.state2];
+            (out.param, out.skipped)
+        }
+        3 => {
+            let state3 = packed.remove(2);
+            let state2 = packed.remove(1);
+            let out = Dispatch::fused_step_three_states(
+                ThreeStates { param, skipped, state1: packed.remove(0), state2, state3 },
+                grad,
+                rule,
+                scalars,
+                size,
+            );
+            packed = vec![out.state1, out.state2, out.state3];
+            (out.param, out.skipped)
+        }
+        n => unreachable!("rules have 1 to 3 states, not {n}"),
+    };
+    state.skipped = Tensor::from_dispatch(skipped);
+    state.slots = packed
+        .into_iter()
+        .zip(maps)
+        .map(|(blocks, map)| {
+            StateSlot::Quantized(
+                BlockQuantized::from_parts(
+                    Tensor::from_dispatch(blocks.codes),
+                    Tensor::from_dispatch(blocks.absmax),
+                    [len].into(),
+                    block_size,
+                    map,
+                )
+                .expect("the fused step keeps the state's layout"),
+            )
+        })
+        .collect();
+    (Tensor::from_dispatch(param), state)
+}

@@ -1,0 +1,112 @@
+//! The `f32`-state path for tensors under `min_8bit_size`: the rules of `burn_8bit_ops`'s fused
+//! step written with tensor operations (a few thousand elements: launch-bound, not memory-bound).
+
+use burn::tensor::{Bool, DType, Tensor};
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::state::{Optim8bitState, StateSlot};
+
+pub(crate) fn step<const D: usize>(
+    mut state: Optim8bitState<D>,
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    h: &StepScalars,
+) -> (Tensor<1>, Optim8bitState<D>) {
+    let old: Vec<Tensor<1>> = state
+        .slots
+        .iter()
+        .map(|slot| match slot {
+            StateSlot::Full(t) => t.clone(),
+            StateSlot::Quantized(_) => unreachable!("f32 path with 8-bit states"),
+        })
+        .collect();
+    let finite_grad = grad.clone().is_finite();
+    let g = grad.mask_fill(finite_grad.clone().bool_not(), 0.0);
+    let g = g + param.clone() * h.penalty;
+    let (updated, new) = update(state.rule, h, param.clone(), g, old.clone());
+    let mut applied: Tensor<1, Bool> = finite_grad.bool_and(updated.clone().is_finite());
+    for s in &new {
+        applied = applied.bool_and(s.clone().is_finite());
+    }
+    let rejected = applied.bool_not();
+    let param = updated.mask_where(rejected.clone(), param);
+    state.slots = new
+        .into_iter()
+        .zip(old)
+        .map(|(new, old)| StateSlot::Full(new.mask_where(rejected.clone(), old)))
+        .collect();
+    let newly_skipped = rejected.int().sum().cast(DType::U32);
+    state.skipped = state.skipped + newly_skipped;
+    (param, state)
+}
+
+fn update(
+    rule: StepRule,
+    h: &StepScalars,
+    p: Tensor<1>,
+    g: Tensor<1>,
+    mut s: Vec<Tensor<1>>,
+) -> (Tensor<1>, Vec<Tensor<1>>) {
+    let p_new = match rule {
+        StepRule::Adam { amsgrad, cautious } => {
+            s[0] = s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
+            s[1] = s[1].clone() * h.beta2 + g.clone().square() * (1.0 - h.beta2);
+            let mut v = s[1].clone();
+            if amsgrad {
+                s[2] = s[2].clone().max_pair(s[1].clone());
+                v = s[2].clone();
+            }
+            let direction = s[0].clone() / (v.sqrt() + h.eps);
+            let decayed = p.clone() * h.decay;
+            let decayed = if cautious {
+                let differ = p.clone().greater_equal_elem(0.0).not_equal(s[0].clone().greater_equal_elem(0.0));
+                decayed.mask_where(differ, p)
+            } else {
+                decayed
+            };
+            decayed - direction * h.lr
+        }
+        StepRule::Momentum { nesterov } => {
+            s[0] = if h.first_step != 0 {
+                g.clone()
+            } else {
+                s[0].clone() * h.beta1 + g.clone() * h.beta3
+            };
+            let direction = if nesterov { g + s[0].clone() * h.beta1 } else { s[0].clone() };
+            p - direction * h.lr
+        }
+        StepRule::RmsProp { centered, momentum } => {
+            s[0] = s[0].clone() * h.beta1 + g.clone().square() * (1.0 - h.beta1);
+            let mut avg = s[0].clone();
+            if centered {
+                let slot = if momentum { 2 } else { 1 };
+                s[slot] = s[slot].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
+                avg = (s[0].clone() - s[slot].clone().square()).clamp_min(0.0);
+            }
+            let mut direction = g / (avg.sqrt() + h.eps);
+            if momentum {
+                s[1] = s[1].clone() * h.beta3 + direction;
+                direction = s[1].clone();
+            }
+            p - direction * h.lr
+        }
+        StepRule::AdaGrad => {
+            s[0] = s[0].clone() + g.clone().square();
+            p - (g / (s[0].clone().sqrt() + h.eps)) * h.lr
+        }
+        StepRule::Lion => {
+            let sign = (s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1)).sign();
+            s[0] = s[0].clone() * h.beta2 + g * (1.0 - h.beta2);
+            p * h.decay - sign * h.lr
+        }
+        StepRule::AdEMAMix => {
+            s[0] = s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
+            s[1] = s[1].clone() * h.beta3 + g.clone() * (1.0 - h.beta3);
+            s[2] = s[2].clone() * h.beta2 + g.square() * (1.0 - h.beta2);
+            let numerator = s[0].clone() / h.correction1 + s[1].clone() * h.alpha;
+            let direction = numerator / (s[2].clone().sqrt() / h.correction2 + h.eps);
+            p * h.decay - direction * h.lr
+        }
+    };
+    (p_new, s)
+}

@@ -1,0 +1,90 @@
+//! `Lion8bit`: Lion with an 8-bit momentum, the twin of Burn's `LionConfig`.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::engine::{Quantization, UpdateRule};
+use crate::error::{ConfigError, check_beta, check_non_negative};
+use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`Lion8bit`]: every field and default of Burn's `LionConfig`, plus the
+/// quantization settings.
+///
+/// ```
+/// use burn_8bit_optim::Lion8bitConfig;
+///
+/// let optimizer = Lion8bitConfig::new().with_weight_decay(0.1).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Lion8bitConfig {
+    /// Interpolation between momentum and gradient for the update's sign.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the momentum.
+    #[config(default = 0.99)]
+    pub beta_2: f32,
+    /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+}
+
+/// Lion (sign of an interpolated momentum) with an 8-bit block-wise quantized momentum.
+#[derive(Clone, Debug)]
+pub struct Lion8bit {
+    beta_1: f32,
+    beta_2: f32,
+    weight_decay: f32,
+    quantization: Quantization,
+}
+
+impl Lion8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<Lion8bit, ConfigError> {
+        check_beta("beta_1", self.beta_1.into())?;
+        check_beta("beta_2", self.beta_2.into())?;
+        check_non_negative("weight_decay", self.weight_decay.into())?;
+        Ok(Lion8bit {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            weight_decay: self.weight_decay,
+            quantization: quantization(self.block_size, self.min_8bit_size)?,
+        })
+    }
+}
+
+impl_config_builders!(Lion8bitConfig => Lion8bit, grad_clipping);
+
+impl UpdateRule for Lion8bit {
+    const KIND: OptimizerKind = OptimizerKind::Lion;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::Lion
+    }
+
+    fn scalars(&self, lr: f64, _time: usize) -> StepScalars {
+        StepScalars {
+            lr: lr as f32,
+            beta1: self.beta_1,
+            beta2: self.beta_2,
+            decay: (1.0 - lr * f64::from(self.weight_decay)) as f32,
+            ..StepScalars::default()
+        }
+    }
+
+    fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+}
+
+impl_optimizer!(Lion8bit);

@@ -1,0 +1,84 @@
+//! What the seven optimizer files share: the Burn `Optimizer` impl over the common engine and
+//! the `build`/`init` family of every config.
+
+/// Implements `burn::optim::Optimizer` for an 8-bit optimizer through [`crate::engine::step`].
+macro_rules! impl_optimizer {
+    ($optimizer:ty) => {
+        impl burn::optim::Optimizer for $optimizer {
+            type State<const D: usize> = $crate::state::Optim8bitState<D>;
+
+            fn step<const D: usize>(
+                &self,
+                lr: burn::optim::LearningRate,
+                tensor: burn::tensor::Tensor<D>,
+                grad: burn::tensor::Tensor<D>,
+                state: Option<Self::State<D>>,
+            ) -> (burn::tensor::Tensor<D>, Option<Self::State<D>>) {
+                $crate::engine::step(self, lr, tensor, grad, state)
+            }
+
+            fn to_device<const D: usize>(
+                state: Self::State<D>,
+                device: &burn::tensor::Device,
+            ) -> Self::State<D> {
+                state.to_device(device)
+            }
+        }
+    };
+}
+
+/// `try_build`, `build`, `try_init` and `init` of a config whose `try_build` body is given, with
+/// its gradient-clipping field named.
+macro_rules! impl_config_builders {
+    ($config:ty => $optimizer:ty, $clipping:ident) => {
+        impl $config {
+            /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics
+            /// with the [`crate::ConfigError`] message on an invalid config.
+            pub fn build(&self) -> $optimizer {
+                self.try_build().unwrap_or_else(|error| panic!("{error}"))
+            }
+
+            /// The module optimizer (with this config's gradient clipping), or the first invalid
+            /// value as a typed error.
+            pub fn try_init(&self) -> Result<burn::optim::ModuleOptimizer, $crate::ConfigError> {
+                let mut optim = burn::optim::ModuleOptimizer::from(self.try_build()?);
+                if let Some(config) = &self.$clipping {
+                    optim = optim.with_grad_clipping(config.init());
+                }
+                Ok(optim)
+            }
+
+            /// The module optimizer; panics with the [`crate::ConfigError`] message on an
+            /// invalid config (see [`Self::try_init`]).
+            pub fn init(&self) -> burn::optim::ModuleOptimizer {
+                self.try_init().unwrap_or_else(|error| panic!("{error}"))
+            }
+
+            /// Checks every value of the config.
+            pub fn validate(&self) -> Result<(), $crate::ConfigError> {
+                self.try_build().map(|_| ())
+            }
+        }
+    };
+}
+
+pub(crate) use {impl_config_builders, impl_optimizer};
+
+use burn_8bit_ops::BlockSize;
+
+use crate::engine::Quantization;
+use crate::error::ConfigError;
+
+/// The shared `block_size` / `min_8bit_size` fields, validated.
+pub(crate) fn quantization(block_size: usize, min_8bit_size: usize) -> Result<Quantization, ConfigError> {
+    Ok(Quantization {
+        block_size: BlockSize::new(block_size)?,
+        min_8bit_size,
+    })
+}
+
+/// `(1 − β1^t, sqrt(1 − β2^t))` in `f64`.
+pub(crate) fn bias_corrections(beta_1: f32, beta_2: f32, time: usize) -> (f64, f64) {
+    let t = i32::try_from(time).unwrap_or(i32::MAX);
+    (1.0 - f64::from(beta_1).powi(t), (1.0 - f64::from(beta_2).powi(t)).sqrt())
+}

@@ -1,0 +1,107 @@
+//! `RmsProp8bit`: RMSprop with 8-bit states, the twin of Burn's `RmsPropConfig`.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::engine::{Quantization, UpdateRule};
+use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
+use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`RmsProp8bit`]: every field and default of Burn's `RmsPropConfig`, plus
+/// the quantization settings. The square average uses the unsigned map (all 256 codes for
+/// values ≥ 0), the momentum buffer and the centred mean the signed one.
+///
+/// ```
+/// use burn_8bit_optim::RmsProp8bitConfig;
+///
+/// let optimizer = RmsProp8bitConfig::new().with_momentum(0.0).with_centered(true).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct RmsProp8bitConfig {
+    /// Smoothing constant of the square average.
+    #[config(default = 0.99)]
+    pub alpha: f32,
+    /// Momentum of the normalised gradient (0 = no momentum buffer).
+    #[config(default = 0.9)]
+    pub momentum: f32,
+    /// Added to the root of the square average.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Normalise by the variance estimate `E[g²] − E[g]²` (clamped at 0) instead of `E[g²]`.
+    #[config(default = false)]
+    pub centered: bool,
+    /// L2 weight decay, added to the gradient.
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+}
+
+/// RMSprop with 8-bit block-wise quantized states.
+#[derive(Clone, Debug)]
+pub struct RmsProp8bit {
+    alpha: f32,
+    momentum: f32,
+    epsilon: f32,
+    centered: bool,
+    penalty: f32,
+    quantization: Quantization,
+}
+
+impl RmsProp8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<RmsProp8bit, ConfigError> {
+        check_beta("alpha", self.alpha.into())?;
+        check_beta("momentum", self.momentum.into())?;
+        check_positive("epsilon", self.epsilon.into())?;
+        let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
+        check_non_negative("weight_decay.penalty", penalty.into())?;
+        Ok(RmsProp8bit {
+            alpha: self.alpha,
+            momentum: self.momentum,
+            epsilon: self.epsilon,
+            centered: self.centered,
+            penalty,
+            quantization: quantization(self.block_size, self.min_8bit_size)?,
+        })
+    }
+}
+
+impl_config_builders!(RmsProp8bitConfig => RmsProp8bit, grad_clipping);
+
+impl UpdateRule for RmsProp8bit {
+    const KIND: OptimizerKind = OptimizerKind::RmsProp;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::RmsProp {
+            centered: self.centered,
+            momentum: self.momentum > 0.0,
+        }
+    }
+
+    fn scalars(&self, lr: f64, _time: usize) -> StepScalars {
+        StepScalars {
+            lr: lr as f32,
+            beta1: self.alpha,
+            beta3: self.momentum,
+            eps: self.epsilon,
+            penalty: self.penalty,
+            ..StepScalars::default()
+        }
+    }
+
+    fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+}
+
+impl_optimizer!(RmsProp8bit);

@@ -1,0 +1,343 @@
+//! The per-parameter state every 8-bit optimizer keeps, its record, and its decoded view.
+
+use burn::optim::{RecordState, StateSink, StateSource};
+use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn_8bit_ops::{BlockQuantized, BlockSize, StepRule};
+use burn_pack::Scalar;
+
+/// Which optimizer wrote a state; recorded so that a checkpoint of one optimizer is never read
+/// as another's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OptimizerKind {
+    /// [`crate::Adam8bit`].
+    Adam,
+    /// [`crate::AdamW8bit`].
+    AdamW,
+    /// [`crate::Sgd8bit`].
+    Sgd,
+    /// [`crate::RmsProp8bit`].
+    RmsProp,
+    /// [`crate::AdaGrad8bit`].
+    AdaGrad,
+    /// [`crate::Lion8bit`].
+    Lion,
+    /// [`crate::AdEMAMix8bit`].
+    AdEMAMix,
+}
+
+impl OptimizerKind {
+    const ALL: [OptimizerKind; 7] = [
+        OptimizerKind::Adam,
+        OptimizerKind::AdamW,
+        OptimizerKind::Sgd,
+        OptimizerKind::RmsProp,
+        OptimizerKind::AdaGrad,
+        OptimizerKind::Lion,
+        OptimizerKind::AdEMAMix,
+    ];
+
+    /// The optimizer's type name, e.g. `"AdamW8bit"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adam => "Adam8bit",
+            OptimizerKind::AdamW => "AdamW8bit",
+            OptimizerKind::Sgd => "Sgd8bit",
+            OptimizerKind::RmsProp => "RmsProp8bit",
+            OptimizerKind::AdaGrad => "AdaGrad8bit",
+            OptimizerKind::Lion => "Lion8bit",
+            OptimizerKind::AdEMAMix => "AdEMAMix8bit",
+        }
+    }
+
+    pub(crate) fn code(self) -> u64 {
+        Self::ALL.iter().position(|&k| k == self).expect("listed") as u64 + 1
+    }
+
+    pub(crate) fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.get(usize::try_from(code).ok()?.checked_sub(1)?).copied()
+    }
+}
+
+/// One state slot of one parameter: block-wise quantized, or `f32` for tensors smaller than
+/// `min_8bit_size`.
+#[derive(Clone, Debug)]
+pub enum StateSlot {
+    /// Packed 8-bit codes plus per-block absmax.
+    Quantized(BlockQuantized),
+    /// A flat `f32` tensor.
+    Full(Tensor<1>),
+}
+
+impl StateSlot {
+    fn decoded(&self) -> Tensor<1> {
+        match self {
+            StateSlot::Quantized(q) => q.dequantize_flat(),
+            StateSlot::Full(t) => t.clone(),
+        }
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            StateSlot::Quantized(q) => q.size_bytes(),
+            StateSlot::Full(t) => 4 * t.shape().num_elements(),
+        }
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        match self {
+            StateSlot::Quantized(q) => StateSlot::Quantized(q.to_device(device)),
+            StateSlot::Full(t) => StateSlot::Full(t.to_device(device)),
+        }
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            StateSlot::Quantized(q) => q.device(),
+            StateSlot::Full(t) => t.device(),
+        }
+    }
+}
+
+/// The optimizer state of one parameter tensor: step count, one [`StateSlot`] per state of the
+/// update rule, and the on-device count of elements skipped for non-finite gradients.
+///
+/// [`Optim8bitState::decoded`] gives the states as `f32` tensors of the parameter's shape, for
+/// inspection and tests; [`Optim8bitState::skipped`] reads the skip count (a device → host read,
+/// done only when asked).
+#[derive(Clone, Debug)]
+pub struct Optim8bitState<const D: usize> {
+    pub(crate) kind: OptimizerKind,
+    pub(crate) rule: StepRule,
+    pub(crate) time: usize,
+    pub(crate) shape: Shape,
+    pub(crate) slots: Vec<StateSlot>,
+    pub(crate) skipped: Tensor<1, Int>,
+}
+
+/// One decoded state: its name (e.g. `"moment_1"`) and values with the parameter's shape.
+#[derive(Clone, Debug)]
+pub struct DecodedState<const D: usize> {
+    /// The state's name, as [`StepRule::state_names`] gives it.
+    pub name: &'static str,
+    /// The decoded `f32` values.
+    pub values: Tensor<D>,
+}
+
+impl<const D: usize> Optim8bitState<D> {
+    /// Fresh zero states for a parameter of `shape`: quantized in blocks of `block_size`, or
+    /// `f32` when `block_size` is `None`.
+    pub(crate) fn new(
+        kind: OptimizerKind,
+        rule: StepRule,
+        shape: Shape,
+        block_size: Option<BlockSize>,
+        device: &Device,
+    ) -> Self {
+        let len = shape.num_elements();
+        let slots = rule
+            .state_maps()
+            .into_iter()
+            .map(|map| match block_size {
+                Some(block_size) => StateSlot::Quantized(BlockQuantized::zeros(
+                    [len].into(),
+                    map,
+                    block_size,
+                    device,
+                )),
+                None => StateSlot::Full(Tensor::zeros([len], (device, DType::F32))),
+            })
+            .collect();
+        Self {
+            kind,
+            rule,
+            time: 0,
+            shape,
+            slots,
+            skipped: Tensor::from_data(TensorData::new(vec![0u32], [1]), (device, DType::U32)),
+        }
+    }
+
+    /// The optimizer that owns this state.
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
+    /// The update rule (and so the meaning of each slot).
+    pub fn rule(&self) -> StepRule {
+        self.rule
+    }
+
+    /// Steps taken.
+    pub fn time(&self) -> usize {
+        self.time
+    }
+
+    /// The state slots, in the rule's order.
+    pub fn slots(&self) -> &[StateSlot] {
+        &self.slots
+    }
+
+    /// Whether the states are 8-bit (`false`: `f32`, the tensor being under `min_8bit_size`).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.slots.first(), Some(StateSlot::Quantized(_)))
+    }
+
+    /// The block size of quantized states.
+    pub fn block_size(&self) -> Option<BlockSize> {
+        match self.slots.first() {
+            Some(StateSlot::Quantized(q)) => Some(q.block_size()),
+            _ => None,
+        }
+    }
+
+    /// Every state decoded to `f32`, with the parameter's shape.
+    pub fn decoded(&self) -> Vec<DecodedState<D>> {
+        self.rule
+            .state_names()
+            .into_iter()
+            .zip(&self.slots)
+            .map(|(name, slot)| DecodedState {
+                name,
+                values: slot.decoded().reshape(self.shape.clone()),
+            })
+            .collect()
+    }
+
+    /// Elements whose update was skipped so far because their gradient (or the update) was not
+    /// finite. Reads one number back from the device.
+    pub fn skipped(&self) -> u64 {
+        let values = self.skipped.clone().into_data().convert::<u32>();
+        u64::from(values.as_slice::<u32>().map(|v| v[0]).unwrap_or(0))
+    }
+
+    /// Bytes of device memory the state holds (codes, absmax or `f32` values, skip counter).
+    pub fn size_bytes(&self) -> usize {
+        self.slots.iter().map(StateSlot::size_bytes).sum::<usize>() + 4
+    }
+
+    pub(crate) fn device(&self) -> Device {
+        self.skipped.device()
+    }
+
+    /// Moves every tensor of the state to `device`.
+    pub fn to_device(self, device: &Device) -> Self {
+        Self {
+            slots: self.slots.into_iter().map(|s| s.to_device(device)).collect(),
+            skipped: self.skipped.to_device(device),
+            ..self
+        }
+    }
+
+    /// Re-quantizes 8-bit states whose block size differs from `block_size` (after loading a
+    /// record written with another block size), on the device.
+    pub(crate) fn with_block_size(mut self, block_size: BlockSize) -> Self {
+        for slot in &mut self.slots {
+            if let StateSlot::Quantized(q) = slot
+                && q.block_size() != block_size
+            {
+                *q = BlockQuantized::quantize(q.dequantize_flat(), q.map(), block_size);
+            }
+        }
+        self
+    }
+
+    pub(crate) fn slot_devices_match(&self, device: &Device) -> bool {
+        self.device() == *device && self.slots.iter().all(|s| s.device() == *device)
+    }
+}
+
+pub(crate) const KIND: &str = "kind";
+const RULE: &str = "rule";
+const TIME: &str = "time";
+const BLOCK_SIZE: &str = "block_size";
+pub(crate) const RANK: &str = "rank";
+const SKIPPED: &str = "skipped";
+
+pub(crate) fn dim_key(axis: usize) -> String {
+    format!("dim{axis}")
+}
+
+fn slot_key(slot: usize, part: &str) -> String {
+    format!("state{slot}.{part}")
+}
+
+impl<const D: usize> RecordState for Optim8bitState<D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        out.push_scalar(prefix, KIND, Scalar::from(self.kind.code()));
+        out.push_scalar(prefix, RULE, Scalar::from(self.rule.code()));
+        out.push_scalar(prefix, TIME, Scalar::from(self.time));
+        out.push_scalar(prefix, RANK, Scalar::from(self.shape.num_dims()));
+        for (axis, &dim) in self.shape.iter().enumerate() {
+            out.push_scalar(prefix, &dim_key(axis), Scalar::from(dim));
+        }
+        out.push_scalar(
+            prefix,
+            BLOCK_SIZE,
+            Scalar::from(self.block_size().map_or(0, BlockSize::get)),
+        );
+        for (slot, state) in self.slots.iter().enumerate() {
+            match state {
+                StateSlot::Quantized(q) => {
+                    out.push_tensor(prefix, &slot_key(slot, "codes"), q.codes().to_data());
+                    out.push_tensor(prefix, &slot_key(slot, "absmax"), q.absmax().to_data());
+                }
+                StateSlot::Full(t) => out.push_tensor(prefix, &slot_key(slot, "values"), t.to_data()),
+            }
+        }
+        out.push_tensor(prefix, SKIPPED, self.skipped.to_data());
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
+        let scalar = |src: &mut StateSource, key: &str| -> Option<u64> {
+            u64::try_from(src.take_scalar(prefix, key)?).ok()
+        };
+        let kind = OptimizerKind::from_code(scalar(&mut *src, KIND)?)?;
+        let rule = StepRule::from_code(scalar(&mut *src, RULE)?)?;
+        let time = usize::try_from(scalar(&mut *src, TIME)?).ok()?;
+        let rank = usize::try_from(scalar(&mut *src, RANK)?).ok()?;
+        if rank != D {
+            return None;
+        }
+        let dims = (0..rank)
+            .map(|axis| scalar(&mut *src, &dim_key(axis)).and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<Vec<usize>>>()?;
+        let shape = Shape::from(dims);
+        let len = shape.num_elements();
+        let block_size = match scalar(&mut *src, BLOCK_SIZE)? {
+            0 => None,
+            size => Some(BlockSize::new(usize::try_from(size).ok()?).ok()?),
+        };
+        let mut slots = Vec::new();
+        for (slot, map) in rule.state_maps().into_iter().enumerate() {
+            let state = match block_size {
+                Some(block_size) => {
+                    let codes = src.take_tensor(prefix, &slot_key(slot, "codes"))?;
+                    let absmax = src.take_tensor(prefix, &slot_key(slot, "absmax"))?;
+                    let codes = Tensor::<1, Int>::from_data(codes, (device, DType::U32));
+                    let absmax = Tensor::<1>::from_data(absmax, (device, DType::F32));
+                    StateSlot::Quantized(
+                        BlockQuantized::from_parts(codes, absmax, [len].into(), block_size, map)
+                            .ok()?,
+                    )
+                }
+                None => {
+                    let values = src.take_tensor(prefix, &slot_key(slot, "values"))?;
+                    if values.num_elements() != len {
+                        return None;
+                    }
+                    StateSlot::Full(Tensor::from_data(values, (device, DType::F32)))
+                }
+            };
+            slots.push(state);
+        }
+        let skipped = src.take_tensor(prefix, SKIPPED)?;
+        Some(Self {
+            kind,
+            rule,
+            time,
+            shape,
+            slots,
+            skipped: Tensor::from_data(skipped, (device, DType::U32)),
+        })
+    }
+}

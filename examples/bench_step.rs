@@ -1,0 +1,155 @@
+//! Time per parameter of one optimizer step, every 8-bit optimizer next to Burn's own AdamW on
+//! the same device, and the peak memory of a step beyond parameters, gradients and state.
+//!
+//! ```text
+//! cargo run --release --example bench_step -- [--device flex|ndarray|wgpu] [--params N] [--steps N]
+//! ```
+//! Defaults: Flex, 16,777,216 parameters, 10 timed steps after 2 warm-up steps. Peak memory is
+//! the process's peak resident set during the timed steps (Linux, CPU backends), reset before
+//! them through `/proc/self/clear_refs`.
+
+mod common;
+
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, Optimizer, RecordState, StateSink};
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_8bit::{
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
+    RmsProp8bitConfig, Sgd8bitConfig,
+};
+
+struct Args {
+    device: String,
+    params: usize,
+    steps: usize,
+}
+
+fn args() -> Result<Args, String> {
+    let mut args = Args { device: "flex".into(), params: 16_777_216, steps: 10 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--device" => args.device = value()?,
+            "--params" => args.params = value()?.parse().map_err(|e| format!("--params: {e}"))?,
+            "--steps" => args.steps = value()?.parse().map_err(|e| format!("--steps: {e}"))?,
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(args)
+}
+
+/// Resident and peak resident memory of this process in bytes (Linux); `None` elsewhere.
+fn memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Bytes of a state as its record holds them (tensors only).
+fn state_bytes<S: RecordState>(state: &S) -> u64 {
+    let mut sink = StateSink::default();
+    state.state_flatten("p", &mut sink);
+    sink.tensors.iter().map(|(_, data)| data.bytes.len() as u64).sum()
+}
+
+struct Row {
+    name: &'static str,
+    ns_per_param: f64,
+    state_bytes: u64,
+    peak_extra: Option<i64>,
+}
+
+fn measure<O: Optimizer>(name: &'static str, optimizer: O, device: &Device, args: &Args) -> Row {
+    let grad = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1e-2), device);
+    let mut param = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1.0), device);
+    let mut state = None;
+    for _ in 0..2 {
+        (param, state) = optimizer.step(1e-3, param, grad.clone(), state);
+    }
+    device.sync().expect("device sync");
+    let state_size = state.as_ref().map_or(0, state_bytes);
+    reset_peak();
+    let before = memory();
+    let start = Instant::now();
+    for _ in 0..args.steps {
+        (param, state) = optimizer.step(1e-3, param, grad.clone(), state);
+        device.sync().expect("device sync");
+    }
+    let elapsed = start.elapsed();
+    let peak_extra = match (before, memory()) {
+        (Some((resident, _)), Some((_, peak))) => Some(peak as i64 - resident as i64),
+        _ => None,
+    };
+    Row {
+        name,
+        ns_per_param: elapsed.as_nanos() as f64 / (args.steps * args.params) as f64,
+        state_bytes: state_size,
+        peak_extra,
+    }
+}
+
+fn main() {
+    let args = args().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    let device = common::device_from_name(&args.device).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    println!(
+        "{} parameters on {}, {} timed steps, {} rayon threads",
+        args.params,
+        args.device,
+        args.steps,
+        rayon_threads()
+    );
+    let rows = vec![
+        measure("Burn AdamW (f32 state)", AdamWConfig::new().build(), &device, &args),
+        measure("Adam8bit", Adam8bitConfig::new().build(), &device, &args),
+        measure("AdamW8bit", AdamW8bitConfig::new().build(), &device, &args),
+        measure("Sgd8bit", Sgd8bitConfig::new().build(), &device, &args),
+        measure("RmsProp8bit", RmsProp8bitConfig::new().build(), &device, &args),
+        measure("AdaGrad8bit", AdaGrad8bitConfig::new().build(), &device, &args),
+        measure("Lion8bit", Lion8bitConfig::new().build(), &device, &args),
+        measure("AdEMAMix8bit", AdEMAMix8bitConfig::new().build(), &device, &args),
+    ];
+    let tensors = 2 * 4 * args.params as u64;
+    println!("| optimizer | ns/param | state bytes/param | peak extra during a step |");
+    println!("|---|---:|---:|---:|");
+    for row in &rows {
+        let extra = match row.peak_extra {
+            Some(bytes) => format!(
+                "{:.1} MiB ({:+.2} % of params+grads+state)",
+                bytes as f64 / 1048576.0,
+                100.0 * bytes as f64 / (tensors + row.state_bytes) as f64
+            ),
+            None => "n/a".into(),
+        };
+        println!(
+            "| {} | {:.3} | {:.3} | {} |",
+            row.name,
+            row.ns_per_param,
+            row.state_bytes as f64 / args.params as f64,
+            extra
+        );
+    }
+    let burn = rows[0].ns_per_param;
+    let adam8 = rows[1].ns_per_param;
+    println!("Adam8bit / Burn AdamW time ratio: {:.3}", adam8 / burn);
+}
+
+fn rayon_threads() -> String {
+    std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        std::thread::available_parallelism().map_or("?".into(), |n| n.to_string())
+    })
+}

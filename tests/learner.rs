@@ -1,0 +1,170 @@
+//! AdamW8bit inside Burn's `Learner` + `SupervisedTraining` with the default checkpointers:
+//! training, checkpoints that hold the 8-bit state, and resuming from them.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::InMemDataset;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig, Relu};
+use burn::optim::OptimizerRecord;
+use burn::optim::lr_scheduler::constant::ConstantLr;
+use burn::tensor::{Device, Tensor};
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::logger::InMemoryMetricLogger;
+use burn::train::metric::LossMetric;
+use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
+use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, load_record_checked};
+use common::Rng;
+
+const INPUTS: usize = 64;
+
+#[derive(Module, Debug)]
+struct Regressor {
+    hidden: Linear,
+    output: Linear,
+    activation: Relu,
+}
+
+impl Regressor {
+    fn new(device: &Device) -> Self {
+        Self {
+            hidden: LinearConfig::new(INPUTS, 96).init(device),
+            output: LinearConfig::new(96, 1).init(device),
+            activation: Relu::new(),
+        }
+    }
+
+    fn forward(&self, batch: &Batch) -> RegressionOutput {
+        let prediction = self.output.forward(self.activation.forward(self.hidden.forward(batch.inputs.clone())));
+        let loss = (prediction.clone() - batch.targets.clone()).powi_scalar(2).mean();
+        RegressionOutput::new(loss, prediction, batch.targets.clone())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Batch {
+    inputs: Tensor<2>,
+    targets: Tensor<2>,
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    inputs: Vec<f32>,
+    target: f32,
+}
+
+struct SampleBatcher;
+
+impl Batcher<Sample, Batch> for SampleBatcher {
+    fn batch(&self, items: Vec<Sample>, device: &Device) -> Batch {
+        let n = items.len();
+        let inputs: Vec<f32> = items.iter().flat_map(|s| s.inputs.clone()).collect();
+        let targets: Vec<f32> = items.iter().map(|s| s.target).collect();
+        Batch {
+            inputs: Tensor::<1>::from_floats(inputs.as_slice(), device).reshape([n, INPUTS]),
+            targets: Tensor::<1>::from_floats(targets.as_slice(), device).reshape([n, 1]),
+        }
+    }
+}
+
+impl TrainStep for Regressor {
+    type Input = Batch;
+    type Output = RegressionOutput;
+
+    fn step(&self, batch: Batch) -> TrainOutput<RegressionOutput> {
+        let output = self.forward(&batch);
+        TrainOutput::new(self, output.loss.backward(), output)
+    }
+}
+
+impl InferenceStep for Regressor {
+    type Input = Batch;
+    type Output = RegressionOutput;
+
+    fn step(&self, batch: Batch) -> RegressionOutput {
+        self.forward(&batch)
+    }
+}
+
+fn samples(n: usize, seed: u64) -> Vec<Sample> {
+    let mut rng = Rng::new(seed);
+    let teacher = Rng::new(1).normals(INPUTS);
+    (0..n)
+        .map(|_| {
+            let inputs = rng.normals(INPUTS);
+            let target = inputs.iter().zip(&teacher).map(|(x, w)| x * w).sum::<f32>().tanh();
+            Sample { inputs, target }
+        })
+        .collect()
+}
+
+fn loaders() -> (Arc<dyn DataLoader<Batch>>, Arc<dyn DataLoader<Batch>>) {
+    let train = DataLoaderBuilder::new(SampleBatcher).batch_size(32).build(InMemDataset::new(samples(512, 2)));
+    let valid = DataLoaderBuilder::new(SampleBatcher).batch_size(64).build(InMemDataset::new(samples(128, 3)));
+    (train, valid)
+}
+
+fn learner(device: &Device) -> Learner<Regressor> {
+    let optim = AdamW8bitConfig::new().with_min_8bit_size(1024).init();
+    Learner::new(Regressor::new(device), optim, ConstantLr::new(3e-3))
+}
+
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burn-8bit-learner-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn valid_loss(model: &Regressor, device: &Device) -> f32 {
+    let batch = SampleBatcher.batch(samples(128, 3), device);
+    model.forward(&batch).loss.into_scalar::<f32>()
+}
+
+#[test]
+fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
+    let device = Device::flex().autodiff();
+    let dir = scratch_dir();
+    let untrained = valid_loss(&Regressor::new(&device), &device);
+
+    let (train, valid) = loaders();
+    let first = SupervisedTraining::new(&dir, train, valid)
+        .num_epochs(2)
+        .with_default_checkpointers()
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+        .with_metric_logger(InMemoryMetricLogger::new())
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .with_application_logger(None)
+        .launch(learner(&device));
+    let after_two = valid_loss(&first.model, &device);
+    assert!(after_two < 0.5 * untrained, "training did not learn: {untrained} → {after_two}");
+
+    let optim_checkpoint = dir.join("checkpoint").join("optim-2.bpk");
+    let record = OptimizerRecord::load(&optim_checkpoint).expect("optimizer checkpoint");
+    let loaded = load_record_checked(AdamW8bitConfig::new().init(), record, &first.model, OptimizerKind::AdamW)
+        .expect("the checkpoint holds AdamW8bit state for this model");
+    let report = StateReport::of(&loaded).unwrap();
+    let hidden = report.parameters.iter().find(|p| p.elements == Some((INPUTS * 96) as u64)).expect("hidden weight state");
+    assert!(hidden.quantized && hidden.optimizer == Some(OptimizerKind::AdamW), "{hidden:?}");
+
+    let (train, valid) = loaders();
+    let resumed = SupervisedTraining::new(&dir, train, valid)
+        .num_epochs(4)
+        .checkpoint(2)
+        .with_default_checkpointers()
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(4))
+        .with_metric_logger(InMemoryMetricLogger::new())
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .with_application_logger(None)
+        .launch(learner(&device));
+    let after_four = valid_loss(&resumed.model, &device);
+    assert!(after_four < after_two, "resuming did not continue: {after_two} → {after_four}");
+    assert!(dir.join("checkpoint").join("optim-4.bpk").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,362 @@
+//! The 8-bit optimizers' contract on every backend compiled in: cross-backend agreement,
+//! non-finite gradients, checkpoints (resume, checked load, block-size change), memory, half
+//! precision and config validation.
+
+mod common;
+
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn_8bit::optim::{ConfigError, StateSlot};
+use burn_8bit::{
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, LoadError,
+    Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
+    load_record_checked,
+};
+use common::{Rng, devices};
+
+type State = Optim8bitState<1>;
+
+/// Every 8-bit optimizer (and rule variant), as a per-tensor step.
+fn optimizers() -> Vec<(&'static str, Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Option<State>) -> (Tensor<1>, Option<State>)>)> {
+    fn boxed<O: Optimizer<State<1> = State> + 'static>(
+        o: O,
+    ) -> Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Option<State>) -> (Tensor<1>, Option<State>)> {
+        Box::new(move |lr, p, g, s| o.step(lr, p, g, s))
+    }
+    vec![
+        ("adam", boxed(Adam8bitConfig::new().build())),
+        ("adamw-cautious-amsgrad", boxed(AdamW8bitConfig::new().with_cautious_weight_decay(true).with_amsgrad(true).build())),
+        ("sgd", boxed(Sgd8bitConfig::new().build())),
+        ("sgd-nesterov", boxed(Sgd8bitConfig::new().with_momentum(MomentumConfig::new().with_nesterov(true)).build())),
+        ("rmsprop-centered", boxed(RmsProp8bitConfig::new().with_centered(true).build())),
+        ("rmsprop-plain", boxed(RmsProp8bitConfig::new().with_momentum(0.0).build())),
+        ("adagrad", boxed(AdaGrad8bitConfig::new().with_lr_decay(0.01).build())),
+        ("lion", boxed(Lion8bitConfig::new().with_weight_decay(0.1).build())),
+        ("ademamix", boxed(AdEMAMix8bitConfig::new().with_t_alpha(Some(5)).with_t_beta3(Some(5)).build())),
+    ]
+}
+
+fn values(t: &Tensor<1>) -> Vec<f32> {
+    t.clone().cast(FloatDType::F32).into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn codes(state: &State) -> Vec<Vec<u8>> {
+    state
+        .slots()
+        .iter()
+        .map(|slot| match slot {
+            StateSlot::Quantized(q) => q.unpacked_codes(),
+            StateSlot::Full(_) => panic!("expected 8-bit states"),
+        })
+        .collect()
+}
+
+fn norm(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
+}
+
+struct Run {
+    params: Vec<Vec<f32>>,
+    codes: Vec<Vec<Vec<u8>>>,
+}
+
+fn trajectory(
+    step: &dyn Fn(f64, Tensor<1>, Tensor<1>, Option<State>) -> (Tensor<1>, Option<State>),
+    device: &Device,
+    len: usize,
+    steps: usize,
+) -> Run {
+    let mut rng = Rng::new(42);
+    let mut p = Tensor::<1>::from_floats(rng.normals(len).as_slice(), device);
+    let mut state = None;
+    let mut run = Run { params: vec![values(&p)], codes: Vec::new() };
+    for _ in 0..steps {
+        let g = Tensor::<1>::from_floats(rng.normals(len).iter().map(|x| x * 0.1).collect::<Vec<_>>().as_slice(), device);
+        let (next, next_state) = step(1e-3, p, g, state);
+        let next_state = next_state.unwrap();
+        run.params.push(values(&next));
+        run.codes.push(codes(&next_state));
+        p = next;
+        state = Some(next_state);
+    }
+    run
+}
+
+#[test]
+fn trajectories_agree_across_backends() {
+    let devices = devices();
+    if devices.len() < 2 {
+        common::skip("cross-backend optimizer trajectories: only one backend compiled in");
+        return;
+    }
+    let (len, steps) = (10_000 + 77, 20);
+    for (name, step) in optimizers() {
+        let runs: Vec<(&str, Run)> = devices.iter().map(|(d, device)| (*d, trajectory(&*step, device, len, steps))).collect();
+        let (base_name, base) = &runs[0];
+        for (other_name, other) in &runs[1..] {
+            let p0 = &base.params[0];
+            let mut worst = 0f64;
+            for t in 1..=steps {
+                let moved = norm(&base.params[t], p0);
+                worst = worst.max(norm(&base.params[t], &other.params[t]) / moved);
+                for (slot, (a, b)) in base.codes[t - 1].iter().zip(&other.codes[t - 1]).enumerate() {
+                    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+                    let far = a.iter().zip(b).filter(|(x, y)| x.abs_diff(**y) > 1).count();
+                    let share = same as f64 / a.len() as f64;
+                    assert!(share >= 0.999, "{name} {base_name}/{other_name} step {t} slot {slot}: {share} identical codes");
+                    assert_eq!(far, 0, "{name} {base_name}/{other_name} step {t} slot {slot}: codes > 1 apart");
+                }
+            }
+            println!("{name} {base_name}/{other_name}: max relative distance {worst:.3e}");
+            assert!(worst <= 1e-3, "{name} {base_name}/{other_name}: {worst}");
+        }
+    }
+}
+
+#[test]
+fn optimizers_are_deterministic_per_backend() {
+    for (device_name, device) in devices() {
+        for (name, step) in optimizers() {
+            let a = trajectory(&*step, &device, 5000, 3);
+            let b = trajectory(&*step, &device, 5000, 3);
+            let bits = |run: &Run| run.params.last().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "[{device_name}] {name}");
+            assert_eq!(a.codes, b.codes, "[{device_name}] {name}");
+        }
+    }
+}
+
+/// Non-finite gradient elements leave their parameter and (decoded) states alone, never reach
+/// a state, and are counted on the device; the 8-bit and the `f32` paths alike.
+#[test]
+fn non_finite_gradients_are_skipped_and_counted() {
+    for (device_name, device) in devices() {
+        for (name, step) in optimizers() {
+            for len in [9_000usize, 1_000] {
+                let mut rng = Rng::new(3);
+                let p = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device);
+                let g1 = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device);
+                let (p, state) = step(1e-3, p, g1, None);
+                let state = state.unwrap();
+                let before: Vec<Vec<f32>> = state.decoded().iter().map(|d| values(&d.values)).collect();
+                let p_before = values(&p);
+                let mut g = rng.normals(len);
+                let bad = [(5, f32::NAN), (700, f32::INFINITY), (len - 1, f32::NEG_INFINITY), (4100.min(len - 2), f32::from_bits(0x7f80_0001))];
+                for &(i, x) in &bad {
+                    g[i] = x;
+                }
+                let g = Tensor::<1>::from_data(TensorData::new(g, [len]), &device);
+                let (p, state) = step(1e-3, p, g, Some(state));
+                let state = state.unwrap();
+                let label = format!("[{device_name}] {name} n={len}");
+                assert_eq!(state.skipped(), bad.len() as u64, "{label}");
+                let p_after = values(&p);
+                for &(i, _) in &bad {
+                    assert_eq!(p_after[i].to_bits(), p_before[i].to_bits(), "{label}: parameter {i} moved");
+                }
+                assert!(p_after.iter().all(|x| x.is_finite()), "{label}: non-finite parameter");
+                for (slot, decoded) in state.decoded().iter().enumerate() {
+                    let after = values(&decoded.values);
+                    assert!(after.iter().all(|x| x.is_finite()), "{label}: non-finite state {}", decoded.name);
+                    let scale = after.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+                    for &(i, _) in &bad {
+                        let drift = (after[i] - before[slot][i]).abs() / scale;
+                        assert!(drift <= 0.02, "{label}: state {} at {i} moved by {drift} of absmax", decoded.name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adam_state_is_at_most_2_04_bytes_per_parameter() {
+    for (device_name, device) in devices() {
+        let len = 1 << 20;
+        let p = Tensor::<1>::zeros([len], &device);
+        let g = Tensor::<1>::ones([len], &device);
+        let (_, state) = Adam8bitConfig::new().build().step(1e-3, p, g, None);
+        let bytes = state.unwrap().size_bytes();
+        let per_param = bytes as f64 / len as f64;
+        println!("[{device_name}] Adam8bit: {bytes} bytes of state for {len} parameters = {per_param:.5} B/param");
+        assert!(per_param <= 2.04, "[{device_name}] {per_param}");
+    }
+}
+
+#[test]
+fn small_tensors_keep_f32_state_and_large_ones_8_bit() {
+    let device = Device::flex();
+    let optimizer = Adam8bitConfig::new().build();
+    let (_, small) = optimizer.step(1e-3, Tensor::<1>::ones([4095], &device), Tensor::ones([4095], &device), None);
+    let (_, large) = optimizer.step(1e-3, Tensor::<1>::ones([4096], &device), Tensor::ones([4096], &device), None);
+    assert!(!small.unwrap().is_quantized());
+    assert!(large.unwrap().is_quantized());
+}
+
+#[test]
+fn empty_tensors_step_without_change() {
+    for (device_name, device) in devices() {
+        for (name, step) in optimizers() {
+            let (p, state) = step(1e-3, Tensor::<1>::zeros([0], &device), Tensor::zeros([0], &device), None);
+            assert_eq!(p.dims(), [0], "[{device_name}] {name}");
+            assert_eq!(state.unwrap().time(), 1);
+        }
+    }
+}
+
+/// f16 and bf16 parameters and gradients step with f32 arithmetic and keep their dtype.
+#[test]
+fn half_precision_parameters_keep_their_dtype() {
+    for (device_name, device) in devices() {
+        for dtype in [FloatDType::F16, FloatDType::BF16] {
+            if !device.supports_dtype(DType::from(dtype)) {
+                common::skip(&format!("{device_name}: no {dtype:?}"));
+                continue;
+            }
+            let mut rng = Rng::new(9);
+            let p32 = Tensor::<1>::from_floats(rng.normals(8192).as_slice(), &device);
+            let g32 = Tensor::<1>::from_floats(rng.normals(8192).as_slice(), &device);
+            let optimizer = AdamW8bitConfig::new().build();
+            let (expected, _) = optimizer.step(1e-2, p32.clone().cast(dtype).cast(FloatDType::F32), g32.clone().cast(dtype).cast(FloatDType::F32), None);
+            let (p, state) = optimizer.step(1e-2, p32.cast(dtype), g32.cast(dtype), None);
+            assert_eq!(p.dtype(), DType::from(dtype), "[{device_name}]");
+            assert!(state.unwrap().is_quantized());
+            let expected = values(&expected.cast(dtype));
+            let got = values(&p);
+            assert_eq!(got, expected, "[{device_name}] {dtype:?}: differs from the f32 step rounded");
+        }
+    }
+}
+
+#[test]
+fn invalid_configs_are_typed_errors() {
+    assert!(matches!(Adam8bitConfig::new().with_beta_1(1.0).try_init(), Err(ConfigError::OutOfRange { name: "beta_1", .. })));
+    assert!(matches!(Adam8bitConfig::new().with_beta_2(-0.1).validate(), Err(ConfigError::OutOfRange { name: "beta_2", .. })));
+    assert!(matches!(AdamW8bitConfig::new().with_epsilon(0.0).validate(), Err(ConfigError::OutOfRange { name: "epsilon", .. })));
+    assert!(matches!(AdamW8bitConfig::new().with_block_size(100).validate(), Err(ConfigError::BlockSize(_))));
+    assert!(matches!(Lion8bitConfig::new().with_weight_decay(-1.0).validate(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(RmsProp8bitConfig::new().with_alpha(f32::NAN).validate(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(AdaGrad8bitConfig::new().with_lr_decay(-1.0).validate(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(AdEMAMix8bitConfig::new().with_t_alpha(Some(0)).validate(), Err(ConfigError::OutOfRange { name: "t_alpha", .. })));
+    assert!(matches!(Sgd8bitConfig::new().with_momentum(MomentumConfig::new().with_momentum(2.0)).validate(), Err(ConfigError::OutOfRange { .. })));
+    let Err(panic) = std::panic::catch_unwind(|| Adam8bitConfig::new().with_block_size(8192).init()) else {
+        panic!("init accepted block size 8192");
+    };
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(message.contains("block size"), "{message}");
+}
+
+fn model(device: &Device) -> Linear {
+    LinearConfig::new(96, 80).init(device)
+}
+
+fn train(model: Linear, optim: &mut ModuleOptimizer, device: &Device, steps: usize, seed: u64) -> Linear {
+    let mut model = model;
+    let mut rng = Rng::new(seed);
+    for _ in 0..steps {
+        let x = Tensor::<1>::from_floats(rng.normals(16 * 96).as_slice(), device).reshape([16, 96]);
+        let loss = model.forward(x).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    model
+}
+
+fn weights(model: &Linear) -> Vec<f32> {
+    model.weight.val().inner().reshape([-1]).into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Save → load → continue equals an uninterrupted run: bit for bit on the CPU backends, codes
+/// equal and parameters within 1e-6 on the kernels.
+#[test]
+fn resumed_training_matches_uninterrupted_training() {
+    for (device_name, device) in devices() {
+        let device = device.autodiff();
+        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let start = model(&device);
+        let mut uninterrupted = config.init();
+        let straight = train(start.clone(), &mut uninterrupted, &device, 6, 1);
+        let straight = train(straight, &mut uninterrupted, &device, 4, 2);
+
+        let mut first = config.init();
+        let halfway = train(start, &mut first, &device, 6, 1);
+        let bytes = first.into_bytes().unwrap();
+        let mut resumed = config.init().from_bytes(bytes).unwrap();
+        let resumed_model = train(halfway, &mut resumed, &device, 4, 2);
+
+        let (a, b) = (weights(&straight), weights(&resumed_model));
+        if device_name == "wgpu" {
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-6, "[{device_name}] {worst}");
+        } else {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "[{device_name}]");
+        }
+        let report_a = StateReport::of(&uninterrupted).unwrap();
+        let report_b = StateReport::of(&resumed).unwrap();
+        assert_eq!(report_a, report_b, "[{device_name}]");
+        assert_eq!(
+            uninterrupted.into_bytes().unwrap().to_vec(),
+            resumed.into_bytes().unwrap().to_vec(),
+            "[{device_name}] states (codes, absmax, step) differ"
+        );
+    }
+}
+
+#[test]
+fn checked_load_rejects_foreign_records_and_requantizes_other_block_sizes() {
+    let device = Device::flex().autodiff();
+    let trained_with = |optim: &mut ModuleOptimizer| train(model(&device), optim, &device, 2, 5);
+    let mut adam = Adam8bitConfig::new().with_min_8bit_size(1024).init();
+    let net = trained_with(&mut adam);
+    let record = || adam.to_record();
+
+    let wrong_optimizer = load_record_checked(AdamW8bitConfig::new().init(), record(), &net, OptimizerKind::AdamW);
+    assert!(matches!(wrong_optimizer, Err(LoadError::OptimizerMismatch { .. })), "{:?}", wrong_optimizer.err());
+
+    let mut other_ids = net.clone();
+    let mut wider = LinearConfig::new(96, 81).init(&device).weight;
+    wider.id = net.weight.id;
+    other_ids.weight = wider;
+    let wrong_shape = load_record_checked(Adam8bitConfig::new().init(), record(), &other_ids, OptimizerKind::Adam);
+    assert!(matches!(wrong_shape, Err(LoadError::ShapeMismatch { .. })), "{:?}", wrong_shape.err());
+
+    let unknown = load_record_checked(Adam8bitConfig::new().init(), record(), &model(&device), OptimizerKind::Adam);
+    assert!(matches!(unknown, Err(LoadError::UnknownParameter { .. })), "{:?}", unknown.err());
+
+    let mut burn_adam = burn::optim::AdamConfig::new().init();
+    let _ = train(net.clone(), &mut burn_adam, &device, 1, 5);
+    let foreign = load_record_checked(Adam8bitConfig::new().init(), burn_adam.to_record(), &net, OptimizerKind::Adam);
+    assert!(matches!(foreign, Err(LoadError::OptimizerMismatch { .. })), "{:?}", foreign.err());
+
+    let mut reblocked = load_record_checked(
+        Adam8bitConfig::new().with_min_8bit_size(1024).with_block_size(64).init(),
+        record(),
+        &net,
+        OptimizerKind::Adam,
+    )
+    .expect("another block size loads");
+    let _ = train(net, &mut reblocked, &device, 1, 6);
+    let report = StateReport::of(&reblocked).unwrap();
+    let weight = report.parameters.iter().find(|p| p.elements == Some(96 * 80)).unwrap();
+    // 2 states × (7680 codes + 7680/64 absmax · 4 bytes) + the skip counter.
+    assert_eq!(weight.bytes, 2 * (7680 + 4 * 7680 / 64) + 4, "{report:?}");
+}
+
+#[test]
+fn states_move_between_devices() {
+    let devices = devices();
+    let mut rng = Rng::new(1);
+    let (a, b) = (&devices[0].1, &devices[devices.len() - 1].1);
+    let optimizer = Adam8bitConfig::new().build();
+    let p = Tensor::<1>::from_floats(rng.normals(6000).as_slice(), a);
+    let g = Tensor::<1>::from_floats(rng.normals(6000).as_slice(), a);
+    let (p, state) = optimizer.step(1e-3, p, g.clone(), None);
+    let moved = <burn_8bit::Adam8bit as Optimizer>::to_device(state.clone().unwrap(), b);
+    let (p_b, _) = optimizer.step(1e-3, p.clone().to_device(b), g.clone().to_device(b), Some(moved));
+    let (p_a, _) = optimizer.step(1e-3, p, g, state);
+    let worst = values(&p_a).iter().zip(values(&p_b)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "{worst}");
+}
