@@ -179,12 +179,7 @@ impl CaseReport {
     }
 }
 
-/// FNV-1a, 64-bit, over `bytes`.
-pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
-    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
+pub use burn_8bit_ops::fnv1a64;
 
 /// Runs one case on `device`. Cases of an unknown kind, or of a kind this build cannot run yet,
 /// fail (never pass) with a `reason` figure.

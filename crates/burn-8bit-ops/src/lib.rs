@@ -34,3 +34,11 @@ pub use ext::{BlockwiseOps, OneState, PackedBlocks, ThreeStates, TwoStates};
 pub use map::{CodeMap, MAP_LEN, MapKind};
 pub use quantized::BlockQuantized;
 pub use step::{StepRule, StepScalars};
+
+/// FNV-1a, 64-bit, over `bytes`: the fingerprint of codes and states in conformance reports and
+/// state reports.
+pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}

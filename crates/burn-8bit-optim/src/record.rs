@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use burn::tensor::{Bytes, Tensor};
-use burn_8bit_ops::{BlockSize, StepRule, num_words};
+use burn_8bit_ops::{BlockSize, StepRule, fnv1a64, num_words};
 use burn_pack::{Reader, Scalar};
 
 use crate::error::LoadError;
@@ -28,6 +28,9 @@ pub struct ParamStateReport {
     pub bytes: u64,
     /// Whether the states are 8-bit.
     pub quantized: bool,
+    /// FNV-1a 64 over the state's tensors (bytes, in name order) and step count: equal
+    /// fingerprints mean equal states, whatever the parameter's id.
+    pub fingerprint: u64,
 }
 
 /// The optimizer-state memory of a [`ModuleOptimizer`], per parameter.
@@ -73,6 +76,7 @@ impl StateReport {
                 elements: param.elements(),
                 bytes: param.tensors.values().map(|t| t.bytes).sum(),
                 quantized: param.scalar("block_size").is_some_and(|b| b > 0),
+                fingerprint: param.fingerprint,
             })
             .collect();
         Self { parameters }
@@ -178,6 +182,7 @@ struct TensorInfo {
 struct ParamEntries {
     scalars: BTreeMap<String, Scalar>,
     tensors: BTreeMap<String, TensorInfo>,
+    fingerprint: u64,
 }
 
 impl ParamEntries {
@@ -235,6 +240,18 @@ impl ParsedRecord {
             {
                 params.entry(id).or_default().scalars.insert(leaf.to_string(), *value);
             }
+        }
+        let mut contents: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for name in reader.tensor_names() {
+            if let Some((id, _)) = split_key(name) {
+                let bytes = reader.tensor_data(name).map_err(|e| LoadError::Unreadable(e.to_string()))?;
+                contents.entry(id).or_default().extend(bytes);
+            }
+        }
+        for (id, mut bytes) in contents {
+            let param = params.entry(id).or_default();
+            bytes.extend(param.scalar("time").unwrap_or(0).to_le_bytes());
+            param.fingerprint = fnv1a64(bytes);
         }
         let tensors = reader.into_tensors().map_err(|e| LoadError::Unreadable(e.to_string()))?;
         for tensor in tensors {
