@@ -58,7 +58,7 @@ fn reset_peak() {
 fn state_bytes<S: RecordState>(state: &S) -> u64 {
     let mut sink = StateSink::default();
     state.state_flatten("p", &mut sink);
-    sink.tensors.iter().map(|(_, data)| data.bytes.len() as u64).sum()
+    sink.tensors.iter().map(|(_, data)| data.as_bytes().len() as u64).sum()
 }
 
 struct Row {

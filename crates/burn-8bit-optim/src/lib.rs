@@ -17,11 +17,14 @@
 //! let device = Device::default().autodiff();
 //! let mut model = LinearConfig::new(64, 64).init(&device);
 //! let mut optim = AdamW8bitConfig::new().with_min_8bit_size(1024).init();
-//! for _ in 0..3 {
+//! let mut losses = Vec::new();
+//! for _ in 0..5 {
 //!     let loss = model.forward(Tensor::<2>::ones([8, 64], &device)).powi_scalar(2).mean();
+//!     losses.push(loss.clone().into_scalar::<f32>());
 //!     let grads = GradientsParams::from_grads(loss.backward(), &model);
-//!     model = optim.step(1e-3, model, grads);
+//!     model = optim.step(1e-2, model, grads);
 //! }
+//! assert!(losses[4] < losses[0]);
 //! ```
 #![warn(missing_docs)]
 
