@@ -138,33 +138,76 @@ fn step_blocks(
     encoders: &[&Encoder],
     block_size: usize,
 ) -> u32 {
-    let mut decoded = vec![[0f32; 3]; block_size];
-    let mut values = vec![0f32; block_size];
+    // Each arm instantiates the loop with the rule as a constant, so the rule's `match` inside
+    // `update_element` folds away in the hot loop.
+    macro_rules! with_rule {
+        ($rule:expr) => {
+            step_blocks_with(
+                |p, g, s: &mut [f32; 3]| update_element($rule, scalars, p, g, s),
+                param,
+                grad,
+                states,
+                encoders,
+                block_size,
+            )
+        };
+    }
+    match rule {
+        StepRule::Adam { amsgrad: false, cautious: false } => with_rule!(StepRule::Adam { amsgrad: false, cautious: false }),
+        StepRule::Adam { amsgrad: false, cautious: true } => with_rule!(StepRule::Adam { amsgrad: false, cautious: true }),
+        StepRule::Adam { amsgrad: true, cautious: false } => with_rule!(StepRule::Adam { amsgrad: true, cautious: false }),
+        StepRule::Adam { amsgrad: true, cautious: true } => with_rule!(StepRule::Adam { amsgrad: true, cautious: true }),
+        StepRule::Momentum { nesterov: false } => with_rule!(StepRule::Momentum { nesterov: false }),
+        StepRule::Momentum { nesterov: true } => with_rule!(StepRule::Momentum { nesterov: true }),
+        StepRule::RmsProp { centered: false, momentum: false } => with_rule!(StepRule::RmsProp { centered: false, momentum: false }),
+        StepRule::RmsProp { centered: false, momentum: true } => with_rule!(StepRule::RmsProp { centered: false, momentum: true }),
+        StepRule::RmsProp { centered: true, momentum: false } => with_rule!(StepRule::RmsProp { centered: true, momentum: false }),
+        StepRule::RmsProp { centered: true, momentum: true } => with_rule!(StepRule::RmsProp { centered: true, momentum: true }),
+        StepRule::AdaGrad => with_rule!(StepRule::AdaGrad),
+        StepRule::Lion => with_rule!(StepRule::Lion),
+        StepRule::AdEMAMix => with_rule!(StepRule::AdEMAMix),
+    }
+}
+
+/// The per-block loop of [`fused_step`]: states decoded into one block of scratch each, updated
+/// in place while their new absmax is tracked, then encoded back.
+fn step_blocks_with(
+    update: impl Fn(f32, f32, &mut [f32; 3]) -> (f32, bool),
+    param: &mut [f32],
+    grad: &[f32],
+    states: &mut [(&mut [u32], &mut [f32])],
+    encoders: &[&Encoder],
+    block_size: usize,
+) -> u32 {
+    let mut scratch = vec![0f32; 3 * block_size];
     let mut codes = vec![0u8; block_size];
     let mut skipped = 0;
     let words_per_block = block_size / CODES_PER_WORD;
     for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
         let len = param.len();
         let words = block * words_per_block..block * words_per_block + len.div_ceil(CODES_PER_WORD);
-        let decoded = &mut decoded[..len];
-        for (slot, ((state_words, absmax), encoder)) in states.iter().zip(encoders).enumerate() {
-            decode_block(&state_words[words.clone()], absmax[block], &encoder.values, &mut values[..len]);
-            for (element, &value) in decoded.iter_mut().zip(&values[..len]) {
-                element[slot] = value;
+        let (s0, rest) = scratch.split_at_mut(block_size);
+        let (s1, s2) = rest.split_at_mut(block_size);
+        let mut slots = [&mut s0[..len], &mut s1[..len], &mut s2[..len]];
+        for ((slot, (state_words, absmax)), encoder) in slots.iter_mut().zip(states.iter()).zip(encoders) {
+            decode_block(&state_words[words.clone()], absmax[block], &encoder.values, slot);
+        }
+        let mut max_bits = [0u32; 3];
+        for (i, (p, &g)) in param.iter_mut().zip(grad).enumerate() {
+            let mut s = [slots[0][i], slots[1][i], slots[2][i]];
+            let (updated, applied) = update(*p, g, &mut s);
+            *p = updated;
+            skipped += u32::from(!applied);
+            for ((slot, max), value) in slots.iter_mut().zip(&mut max_bits).zip(s) {
+                slot[i] = value;
+                *max = (*max).max(value.to_bits() & rule::ABS_MASK);
             }
         }
-        for ((p, &g), s) in param.iter_mut().zip(grad).zip(decoded.iter_mut()) {
-            match update_element(rule, scalars, *p, g, s) {
-                Some(updated) => *p = updated,
-                None => skipped += 1,
-            }
-        }
-        for (slot, ((state_words, absmax), encoder)) in states.iter_mut().zip(encoders).enumerate() {
-            for (value, element) in values[..len].iter_mut().zip(decoded.iter()) {
-                *value = element[slot];
-            }
-            absmax[block] = block_absmax(&values[..len]);
-            encoder.encode_block(&values[..len], absmax[block], &mut codes[..len]);
+        for (((slot, (state_words, absmax)), encoder), max) in
+            slots.iter().zip(states.iter_mut()).zip(encoders).zip(max_bits)
+        {
+            absmax[block] = rule::absmax_from_bits(max);
+            encoder.encode_block(slot, absmax[block], &mut codes[..len]);
             pack(&codes[..len], &mut state_words[words.clone()]);
         }
     }

@@ -174,9 +174,10 @@ pub(crate) fn is_finite_bits(x: f32) -> bool {
     x.to_bits() & crate::rule::ABS_MASK < crate::rule::INFINITY_BITS
 }
 
-/// One element of the fused step: updates the decoded states `s` in place and returns the new
-/// parameter, or `None` (states untouched) when the gradient, a new state or the new parameter is
-/// not finite. The order of operations is the kernels' order.
+/// One element of the fused step: the new parameter, with the states `s` updated in place, and
+/// whether the update was applied. It is not (parameter and states keep their values) when the
+/// gradient, a new state or the new parameter is not finite. The update is computed either way
+/// and then selected, branch-free as in the kernels, in the kernels' order of operations.
 #[inline(always)]
 pub(crate) fn update_element(
     rule: StepRule,
@@ -184,10 +185,8 @@ pub(crate) fn update_element(
     p: f32,
     g: f32,
     s: &mut [f32; 3],
-) -> Option<f32> {
-    if !is_finite_bits(g) {
-        return None;
-    }
+) -> (f32, bool) {
+    let g_raw = g;
     let g = g + h.penalty * p;
     let mut n = *s;
     let p_new = match rule {
@@ -258,9 +257,13 @@ pub(crate) fn update_element(
             p * h.decay - h.lr * direction
         }
     };
-    let finite = is_finite_bits(p_new) && n.iter().all(|&x| is_finite_bits(x));
-    finite.then(|| {
-        *s = n;
-        p_new
-    })
+    let applied = is_finite_bits(g_raw)
+        & is_finite_bits(p_new)
+        & is_finite_bits(n[0])
+        & is_finite_bits(n[1])
+        & is_finite_bits(n[2]);
+    for (state, updated) in s.iter_mut().zip(n) {
+        *state = if applied { updated } else { *state };
+    }
+    (if applied { p_new } else { p }, applied)
 }
