@@ -140,9 +140,17 @@ fn step_blocks(
 ) -> u32 {
     // Each arm instantiates the loop with the rule as a constant, so the rule's `match` inside
     // `update_element` folds away in the hot loop.
+    // Each arm instantiates the loop with the rule (and its number of states) as constants, so
+    // the rule's `match` inside `update_element` folds away and the element loop can vectorize.
     macro_rules! with_rule {
-        ($rule:expr) => {
-            step_blocks_with(
+        ($rule:expr) => {{
+            const STATES: usize = match $rule {
+                StepRule::Adam { amsgrad: true, .. } | StepRule::AdEMAMix => 3,
+                StepRule::Adam { .. } => 2,
+                StepRule::RmsProp { centered, momentum } => 1 + centered as usize + momentum as usize,
+                _ => 1,
+            };
+            step_blocks_with::<STATES>(
                 |p, g, s: &mut [f32; 3]| update_element($rule, scalars, p, g, s),
                 param,
                 grad,
@@ -150,7 +158,7 @@ fn step_blocks(
                 encoders,
                 block_size,
             )
-        };
+        }};
     }
     match rule {
         StepRule::Adam { amsgrad: false, cautious: false } => with_rule!(StepRule::Adam { amsgrad: false, cautious: false }),
@@ -169,9 +177,9 @@ fn step_blocks(
     }
 }
 
-/// The per-block loop of [`fused_step`]: states decoded into one block of scratch each, updated
-/// in place while their new absmax is tracked, then encoded back.
-fn step_blocks_with(
+/// The per-block loop of [`fused_step`] for a rule of `N` states: states decoded into one block
+/// of scratch each, updated in place while their new absmax is tracked, then encoded back.
+fn step_blocks_with<const N: usize>(
     update: impl Fn(f32, f32, &mut [f32; 3]) -> (f32, bool),
     param: &mut [f32],
     grad: &[f32],
@@ -179,6 +187,7 @@ fn step_blocks_with(
     encoders: &[&Encoder],
     block_size: usize,
 ) -> u32 {
+    debug_assert_eq!(states.len(), N);
     let mut scratch = vec![0f32; 3 * block_size];
     let mut codes = vec![0u8; block_size];
     let mut skipped = 0;
@@ -188,21 +197,34 @@ fn step_blocks_with(
         let words = block * words_per_block..block * words_per_block + len.div_ceil(CODES_PER_WORD);
         let (s0, rest) = scratch.split_at_mut(block_size);
         let (s1, s2) = rest.split_at_mut(block_size);
-        let mut slots = [&mut s0[..len], &mut s1[..len], &mut s2[..len]];
-        for ((slot, (state_words, absmax)), encoder) in slots.iter_mut().zip(states.iter()).zip(encoders) {
-            decode_block(&state_words[words.clone()], absmax[block], &encoder.values, slot);
+        let (s0, s1, s2) = (&mut s0[..len], &mut s1[..len], &mut s2[..len]);
+        let grad = &grad[..len];
+        for (slot, ((state_words, absmax), encoder)) in states.iter().zip(encoders).enumerate() {
+            let target = match slot {
+                0 => &mut *s0,
+                1 => &mut *s1,
+                _ => &mut *s2,
+            };
+            decode_block(&state_words[words.clone()], absmax[block], &encoder.values, target);
         }
         let mut max_bits = [0u32; 3];
-        for (i, (p, &g)) in param.iter_mut().zip(grad).enumerate() {
-            let mut s = [slots[0][i], slots[1][i], slots[2][i]];
-            let (updated, applied) = update(*p, g, &mut s);
-            *p = updated;
+        for i in 0..len {
+            let mut s = [s0[i], s1[i], s2[i]];
+            let (updated, applied) = update(param[i], grad[i], &mut s);
+            param[i] = updated;
             skipped += u32::from(!applied);
-            for ((slot, max), value) in slots.iter_mut().zip(&mut max_bits).zip(s) {
-                slot[i] = value;
-                *max = (*max).max(value.to_bits() & rule::ABS_MASK);
+            s0[i] = s[0];
+            max_bits[0] = max_bits[0].max(s[0].to_bits() & rule::ABS_MASK);
+            if N > 1 {
+                s1[i] = s[1];
+                max_bits[1] = max_bits[1].max(s[1].to_bits() & rule::ABS_MASK);
+            }
+            if N > 2 {
+                s2[i] = s[2];
+                max_bits[2] = max_bits[2].max(s[2].to_bits() & rule::ABS_MASK);
             }
         }
+        let slots: [&[f32]; 3] = [s0, s1, s2];
         for (((slot, (state_words, absmax)), encoder), max) in
             slots.iter().zip(states.iter_mut()).zip(encoders).zip(max_bits)
         {
