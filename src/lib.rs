@@ -10,6 +10,8 @@
 //! - [`optim`]: the 8-bit optimizers ([`AdamW8bitConfig`], [`Adam8bitConfig`], [`Sgd8bitConfig`],
 //!   [`RmsProp8bitConfig`], [`AdaGrad8bitConfig`], [`Lion8bitConfig`], [`AdEMAMix8bitConfig`]),
 //!   each the twin of Burn's 32-bit config of the same name;
+//! - [`nn`]: [`nn::StableEmbedding`], the paper's embedding layer for stable 8-bit training,
+//!   and [`nn::keep_embeddings_32bit`], which keeps its weight on 32-bit state;
 //! - [`conformance`]: replays bitsandbytes' reference vectors and judges the results.
 //!
 //! Backends are compiled in by Cargo feature (`flex` by default, `ndarray`, `wgpu`, `vulkan`,
@@ -30,6 +32,7 @@
 
 pub use burn_8bit_ops as ops;
 pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapKind, QuantError};
+pub use burn_8bit_nn as nn;
 pub use burn_8bit_optim as optim;
 pub use burn_8bit_optim::{
     AdEMAMix8bit, AdEMAMix8bitConfig, AdaGrad8bit, AdaGrad8bitConfig, Adam8bit, Adam8bitConfig,

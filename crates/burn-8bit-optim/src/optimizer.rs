@@ -54,6 +54,12 @@ macro_rules! impl_config_builders {
                 self.try_init().unwrap_or_else(|error| panic!("{error}"))
             }
 
+            /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`):
+            /// the 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+            pub fn f32_states(self) -> Self {
+                self.with_min_8bit_size(usize::MAX)
+            }
+
             /// Checks every value of the config.
             pub fn validate(&self) -> Result<(), $crate::ConfigError> {
                 self.try_build().map(|_| ())
