@@ -363,3 +363,54 @@ fn states_move_between_devices() {
     let worst = values(&p_a).iter().zip(values(&p_b)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(worst <= 1e-6, "{worst}");
 }
+
+/// Percentile clipping equals feeding the unclipped optimizer gradients scaled on the host by
+/// the ring rule of ALGORITHM.md §3.3, on the 8-bit and the `f32` path, on every backend.
+#[test]
+fn percentile_clipping_follows_the_ring_rule() {
+    let percentile = 5;
+    for (device_name, device) in devices() {
+        for len in [9_000usize, 1_000] {
+            let clipped = Adam8bitConfig::new().with_percentile_clipping(percentile).build();
+            let plain = Adam8bitConfig::new().build();
+            let mut rng = Rng::new(21);
+            let p0 = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device);
+            let (mut p_clipped, mut p_reference, mut p_raw) = (p0.clone(), p0.clone(), p0);
+            let (mut s_clipped, mut s_reference, mut s_raw) = (None, None, None);
+            let mut ring = [0f64; 100];
+            let mut clipped_steps = 0;
+            for t in 1..=12usize {
+                let spike = if t % 4 == 0 { 50.0 } else { 1.0 };
+                let g: Vec<f32> = rng.normals(len).iter().map(|x| x * spike).collect();
+                let norm2: f64 = g.iter().map(|&x| f64::from(x).powi(2)).sum();
+                if t == 1 {
+                    ring = [norm2; 100];
+                } else {
+                    ring[t % 100] = norm2;
+                }
+                let mut sorted = ring;
+                sorted.sort_by(f64::total_cmp);
+                let (clip, norm) = (sorted[percentile].sqrt(), norm2.sqrt());
+                let factor = if norm > clip { clip / norm } else { 1.0 };
+                clipped_steps += usize::from(factor < 1.0);
+                let scaled: Vec<f32> = g.iter().map(|&x| x * factor as f32).collect();
+                let tensor = |values: &[f32]| Tensor::<1>::from_floats(values, &device);
+                (p_clipped, s_clipped) = clipped.step(1e-2, p_clipped, tensor(&g), s_clipped);
+                (p_reference, s_reference) = plain.step(1e-2, p_reference, tensor(&scaled), s_reference);
+                (p_raw, s_raw) = plain.step(1e-2, p_raw, tensor(&g), s_raw);
+            }
+            let (c, r, raw) = (values(&p_clipped), values(&p_reference), values(&p_raw));
+            let label = format!("[{device_name}] n={len}");
+            assert!(clipped_steps >= 3, "{label}: only {clipped_steps} steps clipped");
+            let off = norm(&c, &r);
+            let effect = norm(&c, &raw);
+            println!("{label}: ‖clipped − host-scaled‖ = {off:.3e}, ‖clipped − unclipped‖ = {effect:.3e}");
+            assert!(off <= 1e-3 * effect, "{label}: {off} vs {effect}");
+            assert_eq!(s_clipped.unwrap().size_bytes(), s_reference.unwrap().size_bytes() + 400);
+        }
+    }
+    assert!(matches!(
+        Adam8bitConfig::new().with_percentile_clipping(101).validate(),
+        Err(ConfigError::OutOfRange { name: "percentile_clipping", .. })
+    ));
+}

@@ -85,13 +85,15 @@ pub struct StateBuffers<'a> {
 
 /// The fused optimizer step, in place: per block, decode every state, apply `rule` element by
 /// element (parameter included), take each state's new absmax from its updated values, encode.
-/// Returns the number of elements skipped because their gradient or update was not finite
-/// (their parameter and states keep their values).
+/// Every gradient element is multiplied by `grad_scale` first. Returns the number of elements
+/// skipped because their gradient or update was not finite (their parameter and states keep
+/// their values).
 ///
 /// Memory beyond the buffers is one block of `f32` per state per rayon task.
 pub fn fused_step(
     rule: StepRule,
     scalars: &StepScalars,
+    grad_scale: f32,
     param: &mut [f32],
     grad: &[f32],
     states: &mut [StateBuffers<'_>],
@@ -124,14 +126,16 @@ pub fn fused_step(
     tasks
         .into_par_iter()
         .map(|(param, grad, mut states)| {
-            step_blocks(rule, scalars, param, grad, &mut states, &encoders, block_size)
+            step_blocks(rule, scalars, grad_scale, param, grad, &mut states, &encoders, block_size)
         })
         .sum()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn step_blocks(
     rule: StepRule,
     scalars: &StepScalars,
+    grad_scale: f32,
     param: &mut [f32],
     grad: &[f32],
     states: &mut [(&mut [u32], &mut [f32])],
@@ -151,7 +155,7 @@ fn step_blocks(
                 _ => 1,
             };
             step_blocks_with::<STATES>(
-                |p, g, s: &mut [f32; 3]| update_element($rule, scalars, p, g, s),
+                |p, g, s: &mut [f32; 3]| update_element($rule, scalars, p, g * grad_scale, s),
                 param,
                 grad,
                 states,

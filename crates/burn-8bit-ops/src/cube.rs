@@ -373,6 +373,7 @@ fn fused_step_kernel(
     codes3: &mut [u32],
     absmax3: &mut [f32],
     tables: &[f32],
+    grad_scale: &[f32],
     skipped: &mut [Atomic<u32>],
     len: usize,
     num_blocks: usize,
@@ -416,6 +417,7 @@ fn fused_step_kernel(
     let words_per_unit = comptime![block_size / 4 / units];
     let first_word = block * words_per_block + UNIT_POS as usize;
     let total_words = len.div_ceil(4);
+    let scale = grad_scale[0];
 
     let old1 = absmax1[block];
     let mut old2 = 0.0f32;
@@ -457,7 +459,7 @@ fn fused_step_kernel(
                     if comptime![num_states > 2] {
                         s3 = decode_code(tables, 2usize, w3, e, old3);
                     }
-                    let u = update_element(&h, param[i], grad[i], s1, s2, s3, rule);
+                    let u = update_element(&h, param[i], grad[i] * scale, s1, s2, s3, rule);
                     local_skipped += select(u.applied, 0u32, 1u32);
                     let b1 = u32::reinterpret(u.s1) & ABS_MASK;
                     let b2 = u32::reinterpret(u.s2) & ABS_MASK;
@@ -540,7 +542,7 @@ fn fused_step_kernel(
                     if comptime![num_states > 2] {
                         s3 = decode_code(tables, 2usize, w3, e, old3);
                     }
-                    let u = update_element(&h, param[i], grad[i], s1, s2, s3, rule);
+                    let u = update_element(&h, param[i], grad[i] * scale, s1, s2, s3, rule);
                     param[i] = u.p;
                     let shift = comptime![8 * e as u32];
                     packed1 |= encode_code(&thresholds, 0usize, u.s1, degenerate1, zero_code1) << shift;
@@ -591,6 +593,7 @@ fn step_tables(maps: &[MapKind]) -> Vec<f32> {
 fn fused_step(
     buffers: StepBuffers<CubeBackend>,
     grad: CubeTensor,
+    grad_scale: CubeTensor,
     rule: StepRule,
     scalars: StepScalars,
     block_size: usize,
@@ -598,6 +601,7 @@ fn fused_step(
     let param = writable(buffers.param);
     assert_eq!(param.dtype, DType::F32, "the fused step takes f32 parameters");
     let grad = into_contiguous(grad);
+    let grad_scale = into_contiguous(grad_scale);
     let skipped = writable(buffers.skipped);
     let states: Vec<PackedBlocks<CubeBackend>> = buffers
         .states
@@ -651,6 +655,7 @@ fn fused_step(
                 codes3,
                 absmax3,
                 BufferArg::from_raw_parts(tables, 3 * TABLE_STRIDE),
+                BufferArg::from_raw_parts(grad_scale.handle.clone(), 1),
                 BufferArg::from_raw_parts(skipped.handle.clone(), 1),
                 len,
                 num_blocks,

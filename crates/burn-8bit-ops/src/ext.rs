@@ -120,37 +120,40 @@ impl<B: Backend> From<StepBuffers<B>> for ThreeStates<B> {
 }
 
 /// Implements the three fused-step methods of [`BlockwiseOps`] for a backend through its one
-/// `fused_step(StepBuffers, grad, rule, scalars, block_size) -> StepBuffers` function.
+/// `fused_step(StepBuffers, grad, grad_scale, rule, scalars, block_size) -> StepBuffers` function.
 macro_rules! fused_step_families {
     ($step:path) => {
         fn fused_step_one_state(
             tensors: $crate::ext::OneState<Self>,
             grad: burn::backend::tensor::FloatTensor<Self>,
+            grad_scale: burn::backend::tensor::FloatTensor<Self>,
             rule: $crate::step::StepRule,
             scalars: $crate::step::StepScalars,
             block_size: usize,
         ) -> $crate::ext::OneState<Self> {
-            $step(tensors.into(), grad, rule, scalars, block_size).into()
+            $step(tensors.into(), grad, grad_scale, rule, scalars, block_size).into()
         }
 
         fn fused_step_two_states(
             tensors: $crate::ext::TwoStates<Self>,
             grad: burn::backend::tensor::FloatTensor<Self>,
+            grad_scale: burn::backend::tensor::FloatTensor<Self>,
             rule: $crate::step::StepRule,
             scalars: $crate::step::StepScalars,
             block_size: usize,
         ) -> $crate::ext::TwoStates<Self> {
-            $step(tensors.into(), grad, rule, scalars, block_size).into()
+            $step(tensors.into(), grad, grad_scale, rule, scalars, block_size).into()
         }
 
         fn fused_step_three_states(
             tensors: $crate::ext::ThreeStates<Self>,
             grad: burn::backend::tensor::FloatTensor<Self>,
+            grad_scale: burn::backend::tensor::FloatTensor<Self>,
             rule: $crate::step::StepRule,
             scalars: $crate::step::StepScalars,
             block_size: usize,
         ) -> $crate::ext::ThreeStates<Self> {
-            $step(tensors.into(), grad, rule, scalars, block_size).into()
+            $step(tensors.into(), grad, grad_scale, rule, scalars, block_size).into()
         }
     };
 }
@@ -186,11 +189,14 @@ pub trait BlockwiseOps: Backend {
 
     /// The fused optimizer step of a one-state rule, in place where the buffers are unshared:
     /// per block, decode → update (parameter included) → new absmax → encode
-    /// (ALGORITHM.md §3). `grad` is flat `f32` of the parameter's length.
+    /// (ALGORITHM.md §3). `grad` is flat `f32` of the parameter's length; every gradient element
+    /// is multiplied by `grad_scale` (`f32`, one element, on the device: percentile clipping's
+    /// factor, 1 otherwise) before the update.
     #[fusion(meta = fusion_meta::one_state)]
     fn fused_step_one_state(
         #[extension_type] tensors: OneState<Self>,
         grad: FloatTensor<Self>,
+        grad_scale: FloatTensor<Self>,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -201,6 +207,7 @@ pub trait BlockwiseOps: Backend {
     fn fused_step_two_states(
         #[extension_type] tensors: TwoStates<Self>,
         grad: FloatTensor<Self>,
+        grad_scale: FloatTensor<Self>,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -211,6 +218,7 @@ pub trait BlockwiseOps: Backend {
     fn fused_step_three_states(
         #[extension_type] tensors: ThreeStates<Self>,
         grad: FloatTensor<Self>,
+        grad_scale: FloatTensor<Self>,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -232,6 +240,7 @@ mod fusion_meta {
     pub fn one_state(
         tensors: &OneStateMetadata,
         _grad: &TensorSpec,
+        _grad_scale: &TensorSpec,
         _rule: &StepRule,
         _scalars: &StepScalars,
         _block_size: &usize,
@@ -242,6 +251,7 @@ mod fusion_meta {
     pub fn two_states(
         tensors: &TwoStatesMetadata,
         _grad: &TensorSpec,
+        _grad_scale: &TensorSpec,
         _rule: &StepRule,
         _scalars: &StepScalars,
         _block_size: &usize,
@@ -252,6 +262,7 @@ mod fusion_meta {
     pub fn three_states(
         tensors: &ThreeStatesMetadata,
         _grad: &TensorSpec,
+        _grad_scale: &TensorSpec,
         _rule: &StepRule,
         _scalars: &StepScalars,
         _block_size: &usize,
@@ -309,6 +320,7 @@ mod flex {
     fn fused_step(
         buffers: StepBuffers<Flex>,
         grad: FlexTensor,
+        grad_scale: FlexTensor,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -332,9 +344,11 @@ mod flex {
             })
             .collect();
         let grad_values = grad.as_slice::<f32>().expect("contiguous f32 gradient");
+        let grad_scale = contiguous(grad_scale).as_slice::<f32>().expect("f32 gradient scale")[0];
         let newly_skipped = cpu::fused_step(
             rule,
             &scalars,
+            grad_scale,
             elements_mut(&mut param),
             grad_values,
             &mut views,
@@ -435,6 +449,7 @@ mod ndarray {
     fn fused_step(
         buffers: StepBuffers<NdArray>,
         grad: NdArrayTensor,
+        grad_scale: NdArrayTensor,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -450,8 +465,9 @@ mod ndarray {
             .zip(rule.state_maps())
             .map(|((words, absmax), map)| StateBuffers { words, absmax, map })
             .collect();
+        let grad_scale = with_f32(&grad_scale, |scale| scale[0]);
         let newly_skipped = with_f32(&grad, |grad| {
-            cpu::fused_step(rule, &scalars, &mut param, grad, &mut views, block_size)
+            cpu::fused_step(rule, &scalars, grad_scale, &mut param, grad, &mut views, block_size)
         });
         drop(views);
         let skipped = u32_values(&buffers.skipped)[0].wrapping_add(newly_skipped);

@@ -5,9 +5,9 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_positive};
-use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
@@ -37,6 +37,10 @@ pub struct AdaGrad8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// Adagrad with an 8-bit block-wise quantized sum of squared gradients.
@@ -45,7 +49,7 @@ pub struct AdaGrad8bit {
     lr_decay: f64,
     epsilon: f32,
     penalty: f32,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl AdaGrad8bitConfig {
@@ -59,7 +63,7 @@ impl AdaGrad8bitConfig {
             lr_decay: self.lr_decay,
             epsilon: self.epsilon,
             penalty,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -82,8 +86,8 @@ impl UpdateRule for AdaGrad8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

@@ -5,9 +5,9 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
@@ -44,6 +44,10 @@ pub struct Adam8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// Adam with 8-bit block-wise quantized moments (Dettmers et al., 2022).
@@ -54,7 +58,7 @@ pub struct Adam8bit {
     epsilon: f32,
     amsgrad: bool,
     penalty: f32,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl Adam8bitConfig {
@@ -71,7 +75,7 @@ impl Adam8bitConfig {
             epsilon: self.epsilon,
             amsgrad: self.amsgrad,
             penalty,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -108,8 +112,8 @@ impl UpdateRule for Adam8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

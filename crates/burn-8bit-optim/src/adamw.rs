@@ -5,9 +5,9 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::adam::adam_scalars;
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
@@ -47,6 +47,10 @@ pub struct AdamW8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// AdamW with 8-bit block-wise quantized moments.
@@ -58,7 +62,7 @@ pub struct AdamW8bit {
     weight_decay: f32,
     cautious_weight_decay: bool,
     amsgrad: bool,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl AdamW8bitConfig {
@@ -75,7 +79,7 @@ impl AdamW8bitConfig {
             weight_decay: self.weight_decay,
             cautious_weight_decay: self.cautious_weight_decay,
             amsgrad: self.amsgrad,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -99,8 +103,8 @@ impl UpdateRule for AdamW8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

@@ -5,9 +5,9 @@ use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
@@ -54,6 +54,10 @@ pub struct AdEMAMix8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// AdEMAMix with 8-bit block-wise quantized fast EMA, slow EMA and second moment.
@@ -67,7 +71,7 @@ pub struct AdEMAMix8bit {
     weight_decay: f32,
     t_alpha: Option<usize>,
     t_beta3: Option<usize>,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl AdEMAMix8bitConfig {
@@ -97,7 +101,7 @@ impl AdEMAMix8bitConfig {
             weight_decay: self.weight_decay,
             t_alpha: self.t_alpha,
             t_beta3: self.t_beta3,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -151,8 +155,8 @@ impl UpdateRule for AdEMAMix8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

@@ -10,13 +10,15 @@ use burn_8bit_ops::{
 use crate::full;
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
 
-/// What every 8-bit config shares: how states are quantized.
+/// What every 8-bit config shares: how states are kept and gradients clipped.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Quantization {
+pub struct StateSettings {
     /// Elements per quantization block.
     pub block_size: BlockSize,
     /// Tensors with fewer elements keep `f32` states.
     pub min_8bit_size: usize,
+    /// Percentile clipping's percentile (0–99), `None` when off.
+    pub percentile: Option<usize>,
 }
 
 /// What distinguishes one 8-bit optimizer from another; the rest is [`step`].
@@ -30,8 +32,8 @@ pub(crate) trait UpdateRule: Clone + Send + Sync + 'static {
     /// The runtime scalars of step `time` (≥ 1) at learning rate `lr`.
     fn scalars(&self, lr: f64, time: usize) -> StepScalars;
 
-    /// How states are quantized.
-    fn quantization(&self) -> Quantization;
+    /// How states are kept and gradients clipped.
+    fn settings(&self) -> StateSettings;
 }
 
 /// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract).
@@ -49,8 +51,8 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let device = tensor.device();
     let shape = tensor.shape();
     let len = shape.num_elements();
-    let quantization = rule.quantization();
-    let block_size = (len >= quantization.min_8bit_size).then_some(quantization.block_size);
+    let settings = rule.settings();
+    let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
     let step_rule = rule.step_rule();
     let mut state = match state {
         Some(state)
@@ -79,9 +81,13 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let dtype = tensor.dtype();
     let param = tensor.cast(FloatDType::F32).reshape([len]);
     let grad = grad.cast(FloatDType::F32).reshape([len]);
+    let grad_scale = match settings.percentile {
+        Some(percentile) => state.clip_scale(&grad, percentile),
+        None => Tensor::ones([1], (&device, DType::F32)),
+    };
     let (param, state) = match block_size {
-        Some(block_size) => fused(state, param, grad, scalars, block_size),
-        None => full::step(state, param, grad, &scalars),
+        Some(block_size) => fused(state, param, grad, grad_scale, scalars, block_size),
+        None => full::step(state, param, grad * grad_scale, &scalars),
     };
     let param = param.reshape(shape);
     let param = if dtype == DType::F32 {
@@ -97,6 +103,7 @@ fn fused<const D: usize>(
     mut state: Optim8bitState<D>,
     param: Tensor<1>,
     grad: Tensor<1>,
+    grad_scale: Tensor<1>,
     scalars: StepScalars,
     block_size: BlockSize,
 ) -> (Tensor<1>, Optim8bitState<D>) {
@@ -118,12 +125,14 @@ fn fused<const D: usize>(
     let param = param.into_dispatch();
     let skipped = state.skipped.into_dispatch();
     let grad = grad.into_dispatch();
+    let grad_scale = grad_scale.into_dispatch();
     let (rule, size) = (state.rule, block_size.get());
     let (param, skipped) = match packed.len() {
         1 => {
             let out = Dispatch::fused_step_one_state(
                 OneState { param, skipped, state1: packed.remove(0) },
                 grad,
+                grad_scale,
                 rule,
                 scalars,
                 size,
@@ -136,6 +145,7 @@ fn fused<const D: usize>(
             let out = Dispatch::fused_step_two_states(
                 TwoStates { param, skipped, state1: packed.remove(0), state2 },
                 grad,
+                grad_scale,
                 rule,
                 scalars,
                 size,
@@ -149,6 +159,7 @@ fn fused<const D: usize>(
             let out = Dispatch::fused_step_three_states(
                 ThreeStates { param, skipped, state1: packed.remove(0), state2, state3 },
                 grad,
+                grad_scale,
                 rule,
                 scalars,
                 size,

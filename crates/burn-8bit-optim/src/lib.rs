@@ -1,6 +1,6 @@
 //! 8-bit optimizers for [Burn](https://burn.dev): Adam, AdamW, SGD with momentum, RMSprop,
 //! Adagrad, Lion and AdEMAMix whose states are block-wise quantized to 8 bits (Dettmers et al.,
-//! *8-bit Optimizers via Block-wise Quantization*, ICLR 2022).
+//! *8-bit Optimizers via Block-wise StateSettings*, ICLR 2022).
 //!
 //! Each config mirrors the Burn config of the same name (`AdamWConfig` → [`AdamW8bitConfig`]),
 //! so switching is one line; each optimizer implements `burn::optim::Optimizer` and runs one
@@ -46,7 +46,7 @@ pub use adagrad::{AdaGrad8bit, AdaGrad8bitConfig};
 pub use adam::{Adam8bit, Adam8bitConfig};
 pub use adamw::{AdamW8bit, AdamW8bitConfig};
 pub use ademamix::{AdEMAMix8bit, AdEMAMix8bitConfig};
-pub use engine::Quantization;
+pub use engine::StateSettings;
 pub use error::{ConfigError, LoadError};
 pub use lion::{Lion8bit, Lion8bitConfig};
 pub use record::{ParamStateReport, StateReport, load_record_checked};

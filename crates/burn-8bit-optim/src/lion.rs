@@ -4,9 +4,9 @@ use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative};
-use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Lion8bit`]: every field and default of Burn's `LionConfig`, plus the
@@ -37,6 +37,10 @@ pub struct Lion8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// Lion (sign of an interpolated momentum) with an 8-bit block-wise quantized momentum.
@@ -45,7 +49,7 @@ pub struct Lion8bit {
     beta_1: f32,
     beta_2: f32,
     weight_decay: f32,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl Lion8bitConfig {
@@ -58,7 +62,7 @@ impl Lion8bitConfig {
             beta_1: self.beta_1,
             beta_2: self.beta_2,
             weight_decay: self.weight_decay,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -82,8 +86,8 @@ impl UpdateRule for Lion8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

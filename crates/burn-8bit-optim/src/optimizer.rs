@@ -72,14 +72,26 @@ pub(crate) use {impl_config_builders, impl_optimizer};
 
 use burn_8bit_ops::BlockSize;
 
-use crate::engine::Quantization;
+use crate::engine::StateSettings;
 use crate::error::ConfigError;
 
-/// The shared `block_size` / `min_8bit_size` fields, validated.
-pub(crate) fn quantization(block_size: usize, min_8bit_size: usize) -> Result<Quantization, ConfigError> {
-    Ok(Quantization {
+/// The shared `block_size` / `min_8bit_size` / `percentile_clipping` fields, validated.
+pub(crate) fn settings(
+    block_size: usize,
+    min_8bit_size: usize,
+    percentile_clipping: usize,
+) -> Result<StateSettings, ConfigError> {
+    if percentile_clipping > 100 {
+        return Err(ConfigError::OutOfRange {
+            name: "percentile_clipping",
+            value: percentile_clipping as f64,
+            expected: "a percentile in 0..=99, or 100 for off",
+        });
+    }
+    Ok(StateSettings {
         block_size: BlockSize::new(block_size)?,
         min_8bit_size,
+        percentile: (percentile_clipping < 100).then_some(percentile_clipping),
     })
 }
 

@@ -221,7 +221,13 @@ impl ParamEntries {
                 expect(format!("state{slot}.absmax"), block_size.num_blocks(len) as u64)?;
             }
         }
-        expect("skipped".to_string(), 1)
+        expect("skipped".to_string(), 1)?;
+        match self.tensors.get("gnorms") {
+            Some(ring) if ring.elements != 100 => {
+                Err(corrupt(param_id, format!("gnorms has {} entries, expected 100", ring.elements)))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -5,9 +5,9 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`RmsProp8bit`]: every field and default of Burn's `RmsPropConfig`, plus
@@ -44,6 +44,10 @@ pub struct RmsProp8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// RMSprop with 8-bit block-wise quantized states.
@@ -54,7 +58,7 @@ pub struct RmsProp8bit {
     epsilon: f32,
     centered: bool,
     penalty: f32,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl RmsProp8bitConfig {
@@ -71,7 +75,7 @@ impl RmsProp8bitConfig {
             epsilon: self.epsilon,
             centered: self.centered,
             penalty,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -99,8 +103,8 @@ impl UpdateRule for RmsProp8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

@@ -6,9 +6,9 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
-use crate::engine::{Quantization, UpdateRule};
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_range};
-use crate::optimizer::{impl_config_builders, impl_optimizer, quantization};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Sgd8bit`]: the fields of Burn's `SgdConfig`, except that momentum is
@@ -37,6 +37,10 @@ pub struct Sgd8bitConfig {
     /// Tensors with fewer elements keep `f32` states.
     #[config(default = 4096)]
     pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
 }
 
 /// SGD with an 8-bit block-wise quantized momentum buffer.
@@ -46,7 +50,7 @@ pub struct Sgd8bit {
     dampening: f32,
     nesterov: bool,
     penalty: f32,
-    quantization: Quantization,
+    settings: StateSettings,
 }
 
 impl Sgd8bitConfig {
@@ -61,7 +65,7 @@ impl Sgd8bitConfig {
             dampening: self.momentum.dampening as f32,
             nesterov: self.momentum.nesterov,
             penalty,
-            quantization: quantization(self.block_size, self.min_8bit_size)?,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
         })
     }
 }
@@ -88,8 +92,8 @@ impl UpdateRule for Sgd8bit {
         }
     }
 
-    fn quantization(&self) -> Quantization {
-        self.quantization
+    fn settings(&self) -> StateSettings {
+        self.settings
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Optim8bitState<const D: usize> {
     pub(crate) shape: Shape,
     pub(crate) slots: Vec<StateSlot>,
     pub(crate) skipped: Tensor<1, Int>,
+    /// Percentile clipping's ring of the last 100 squared gradient norms (when on).
+    pub(crate) gnorms: Option<Tensor<1>>,
 }
 
 /// One decoded state: its name (e.g. `"moment_1"`) and values with the parameter's shape.
@@ -154,7 +156,27 @@ impl<const D: usize> Optim8bitState<D> {
             shape,
             slots,
             skipped: Tensor::from_data(TensorData::new(vec![0u32], [1]), (device, DType::U32)),
+            gnorms: None,
         }
+    }
+
+    /// Percentile clipping's factor for this step's gradient, on the device (ALGORITHM.md §3.3):
+    /// the squared norm enters the ring (every slot on step 1, slot `t mod 100` after), the clip
+    /// is the root of the ring's `percentile`-th smallest entry, and the factor is
+    /// `clip / ‖g‖` when `‖g‖` exceeds it, else 1. Call after `time` was advanced.
+    pub(crate) fn clip_scale(&mut self, grad: &Tensor<1>, percentile: usize) -> Tensor<1> {
+        let norm2 = grad.clone().square().sum();
+        let slot = self.time % 100;
+        let ring = match self.gnorms.take() {
+            Some(ring) if self.time > 1 => ring.slice_assign([slot..slot + 1], norm2.clone()),
+            _ => norm2.clone().repeat_dim(0, 100),
+        };
+        let clip = ring.clone().sort(0).slice([percentile..percentile + 1]).sqrt();
+        let norm = norm2.sqrt();
+        let exceeds = norm.clone().greater(clip.clone());
+        let scale = norm.ones_like().mask_where(exceeds, clip / norm);
+        self.gnorms = Some(ring);
+        scale
     }
 
     /// The optimizer that owns this state.
@@ -210,9 +232,11 @@ impl<const D: usize> Optim8bitState<D> {
         u64::from(values.as_slice::<u32>().map(|v| v[0]).unwrap_or(0))
     }
 
-    /// Bytes of device memory the state holds (codes, absmax or `f32` values, skip counter).
+    /// Bytes of device memory the state holds (codes, absmax or `f32` values, skip counter, and
+    /// percentile clipping's ring of 100 norms when on).
     pub fn size_bytes(&self) -> usize {
-        self.slots.iter().map(StateSlot::size_bytes).sum::<usize>() + 4
+        let ring = self.gnorms.as_ref().map_or(0, |ring| 4 * ring.shape().num_elements());
+        self.slots.iter().map(StateSlot::size_bytes).sum::<usize>() + 4 + ring
     }
 
     pub(crate) fn device(&self) -> Device {
@@ -224,6 +248,7 @@ impl<const D: usize> Optim8bitState<D> {
         Self {
             slots: self.slots.into_iter().map(|s| s.to_device(device)).collect(),
             skipped: self.skipped.to_device(device),
+            gnorms: self.gnorms.map(|ring| ring.to_device(device)),
             ..self
         }
     }
@@ -252,6 +277,7 @@ const TIME: &str = "time";
 const BLOCK_SIZE: &str = "block_size";
 pub(crate) const RANK: &str = "rank";
 const SKIPPED: &str = "skipped";
+const GNORMS: &str = "gnorms";
 
 pub(crate) fn dim_key(axis: usize) -> String {
     format!("dim{axis}")
@@ -285,6 +311,9 @@ impl<const D: usize> RecordState for Optim8bitState<D> {
             }
         }
         out.push_tensor(prefix, SKIPPED, self.skipped.to_data());
+        if let Some(ring) = &self.gnorms {
+            out.push_tensor(prefix, GNORMS, ring.to_data());
+        }
     }
 
     fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
@@ -331,6 +360,9 @@ impl<const D: usize> RecordState for Optim8bitState<D> {
             slots.push(state);
         }
         let skipped = src.take_tensor(prefix, SKIPPED)?;
+        let gnorms = src
+            .take_tensor(prefix, GNORMS)
+            .map(|ring| Tensor::from_data(ring, (device, DType::F32)));
         Some(Self {
             kind,
             rule,
@@ -338,6 +370,7 @@ impl<const D: usize> RecordState for Optim8bitState<D> {
             shape,
             slots,
             skipped: Tensor::from_data(skipped, (device, DType::U32)),
+            gnorms,
         })
     }
 }
