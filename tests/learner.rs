@@ -17,7 +17,10 @@ use burn::tensor::{Device, Tensor};
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::logger::InMemoryMetricLogger;
 use burn::train::metric::LossMetric;
-use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{
+    ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, RegressionOutput, SupervisedTraining,
+    TrainOutput, TrainStep,
+};
 use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, load_record_checked};
 use common::Rng;
 
@@ -114,8 +117,8 @@ fn learner(device: &Device) -> Learner<Regressor> {
     Learner::new(Regressor::new(device), optim, ConstantLr::new(3e-3))
 }
 
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("burn-8bit-learner-{}", std::process::id()));
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burn-8bit-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -128,7 +131,7 @@ fn valid_loss(model: &Regressor, device: &Device) -> f32 {
 #[test]
 fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
     let device = Device::flex().autodiff();
-    let dir = scratch_dir();
+    let dir = scratch_dir("learner");
     let untrained = valid_loss(&Regressor::new(&device), &device);
 
     let (train, valid) = loaders();
@@ -166,5 +169,33 @@ fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
     let after_four = valid_loss(&resumed.model, &device);
     assert!(after_four < after_two, "resuming did not continue: {after_two} → {after_four}");
     assert!(dir.join("checkpoint").join("optim-4.bpk").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Burn's `MultiDevice(.., OptimSharded)` puts each parameter's optimizer state on one of the
+/// devices: the 8-bit step must run there (CubeCL kernel on wgpu, CPU twin on Flex/NdArray).
+#[test]
+fn adamw8bit_trains_with_optimizer_state_sharded_across_devices() {
+    let devices: Vec<Device> = common::devices().into_iter().map(|(_, d)| d.autodiff()).collect();
+    if devices.len() < 2 {
+        common::skip("multi-device training: only one backend compiled in");
+        return;
+    }
+    let main = devices[0].clone();
+    let dir = scratch_dir("sharded");
+    let untrained = valid_loss(&Regressor::new(&main), &main);
+    let (train, valid) = loaders();
+    let result = SupervisedTraining::new(&dir, train, valid)
+        .num_epochs(3)
+        .with_training_strategy(ExecutionStrategy::MultiDevice(devices.clone(), MultiDeviceOptim::OptimSharded).into())
+        .with_metric_logger(InMemoryMetricLogger::new())
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .with_application_logger(None)
+        .launch(learner(&main));
+    let model = result.model.fork(&main);
+    let trained = valid_loss(&model, &main);
+    println!("{} devices: validation loss {untrained} → {trained}", devices.len());
+    assert!(trained < 0.5 * untrained, "sharded training did not learn: {untrained} → {trained}");
     let _ = std::fs::remove_dir_all(&dir);
 }

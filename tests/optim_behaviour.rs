@@ -10,8 +10,8 @@ use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use burn_8bit::optim::{ConfigError, StateSlot};
 use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, LoadError,
-    Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
+    Lars8bitConfig, LoadError, Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
     load_record_checked,
 };
 use common::{Rng, devices};
@@ -35,6 +35,8 @@ fn optimizers() -> Vec<(&'static str, Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Opti
         ("adagrad", boxed(AdaGrad8bitConfig::new().with_lr_decay(0.01).build())),
         ("lion", boxed(Lion8bitConfig::new().with_weight_decay(0.1).build())),
         ("ademamix", boxed(AdEMAMix8bitConfig::new().with_t_alpha(Some(5)).with_t_beta3(Some(5)).build())),
+        ("lamb", boxed(Lamb8bitConfig::new().with_weight_decay(0.01).build())),
+        ("lars", boxed(Lars8bitConfig::new().with_weight_decay(1e-4).build())),
     ]
 }
 

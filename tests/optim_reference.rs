@@ -10,12 +10,13 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::{MomentumConfig, MomentumState};
 use burn::optim::{
     AdaGradConfig, AdaGradState, AdamConfig, AdamState, AdamWConfig, AdamWState,
-    AdaptiveMomentumState, LionConfig, LionState, LrDecayState, Optimizer, RmsPropConfig,
+    AdaptiveMomentumState, LambConfig, LambState, LionConfig, LionState, LrDecayState, Optimizer, RmsPropConfig,
     RmsPropMomentumState, RmsPropState, SgdConfig, SgdState, SquareAvgState, CenteredState,
 };
 use burn::tensor::{Device, Tensor};
 use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
+    Lars8bitConfig, Lion8bitConfig,
     Optim8bitState, RmsProp8bitConfig, Sgd8bitConfig,
 };
 use common::Rng;
@@ -177,6 +178,29 @@ fn cases() -> Vec<Case> {
             }),
         },
         Case {
+            name: "Lamb8bit",
+            compare_states: true,
+            lr: 1e-3,
+            ours: ours(Lamb8bitConfig::new().with_weight_decay(0.01).build()),
+            reference: Box::new(|lr, p, g, s| {
+                let reference = LambConfig::new().with_weight_decay(0.01).build();
+                let state = s.map(|s| {
+                    let d = decoded(s);
+                    LambState { time: s.time(), moment_1: d[0].clone(), moment_2: d[1].clone() }
+                });
+                let (p, s) = reference.step(lr, p, g, state);
+                let s = s.unwrap();
+                (p, vec![s.moment_1, s.moment_2])
+            }),
+        },
+        Case {
+            name: "Lars8bit",
+            compare_states: true,
+            lr: 1e-1,
+            ours: ours(Lars8bitConfig::new().with_weight_decay(1e-4).build()),
+            reference: Box::new(|lr, p, g, s| lars_reference(lr, p, g, s)),
+        },
+        Case {
             name: "AdEMAMix8bit",
             compare_states: true,
             lr: 1e-3,
@@ -184,6 +208,23 @@ fn cases() -> Vec<Case> {
             reference: Box::new(|lr, p, g, s| ademamix_reference(lr, p, g, s)),
         },
     ]
+}
+
+/// bitsandbytes' LARS in 32-bit tensor arithmetic (ALGORITHM.md §3.2), as `Lars8bitConfig`
+/// above: momentum 0.9, dampening 0, L2 decay 1e-4, max_unorm 0.02.
+fn lars_reference(lr: f64, p: Tensor<2>, g: Tensor<2>, s: Option<&State>) -> (Tensor<2>, Vec<Tensor<2>>) {
+    let g = g + p.clone() * 1e-4;
+    let m = match s {
+        Some(s) => decoded(s)[0].clone() * 0.9 + g,
+        None => g,
+    };
+    let (p_norm, m_norm) = (
+        p.clone().square().sum().sqrt().into_scalar::<f32>(),
+        m.clone().square().sum().sqrt().into_scalar::<f32>(),
+    );
+    let scale = if m_norm > 0.02 * p_norm { 0.02 * p_norm / m_norm } else { 1.0 };
+    let p = p - m.clone() * (lr as f32 * scale);
+    (p, vec![m])
 }
 
 /// AdEMAMix in 32-bit tensor arithmetic (ALGORITHM.md §3.2), defaults of `AdEMAMix8bitConfig`.

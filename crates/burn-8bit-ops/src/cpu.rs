@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::block::CODES_PER_WORD;
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
-use crate::step::{StepRule, StepScalars, update_element};
+use crate::step::{StepRule, StepScalars, Updated, update_element};
 
 /// Blocks handled by one rayon task: enough work (≥ 16 Ki elements) to amortise scheduling.
 fn blocks_per_task(block_size: usize) -> usize {
@@ -85,7 +85,8 @@ pub struct StateBuffers<'a> {
 
 /// The fused optimizer step, in place: per block, decode every state, apply `rule` element by
 /// element (parameter included), take each state's new absmax from its updated values, encode.
-/// Every gradient element is multiplied by `grad_scale` first. Returns the number of elements
+/// Every gradient element is multiplied by `grad_scale` first, and the step size by
+/// `update_scale` (a trust ratio; 1 for rules without one). Returns the number of elements
 /// skipped because their gradient or update was not finite (their parameter and states keep
 /// their values).
 ///
@@ -94,11 +95,13 @@ pub fn fused_step(
     rule: StepRule,
     scalars: &StepScalars,
     grad_scale: f32,
+    update_scale: f32,
     param: &mut [f32],
     grad: &[f32],
     states: &mut [StateBuffers<'_>],
     block_size: usize,
 ) -> u32 {
+    let lr = scalars.lr * update_scale;
     assert_eq!(param.len(), grad.len(), "parameter and gradient lengths differ");
     assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
     let group = blocks_per_task(block_size);
@@ -126,7 +129,7 @@ pub fn fused_step(
     tasks
         .into_par_iter()
         .map(|(param, grad, mut states)| {
-            step_blocks(rule, scalars, grad_scale, param, grad, &mut states, &encoders, block_size)
+            step_blocks(rule, scalars, lr, grad_scale, param, grad, &mut states, &encoders, block_size)
         })
         .sum()
 }
@@ -135,6 +138,7 @@ pub fn fused_step(
 fn step_blocks(
     rule: StepRule,
     scalars: &StepScalars,
+    lr: f32,
     grad_scale: f32,
     param: &mut [f32],
     grad: &[f32],
@@ -142,20 +146,18 @@ fn step_blocks(
     encoders: &[&Encoder],
     block_size: usize,
 ) -> u32 {
-    // Each arm instantiates the loop with the rule as a constant, so the rule's `match` inside
-    // `update_element` folds away in the hot loop.
     // Each arm instantiates the loop with the rule (and its number of states) as constants, so
     // the rule's `match` inside `update_element` folds away and the element loop can vectorize.
     macro_rules! with_rule {
         ($rule:expr) => {{
             const STATES: usize = match $rule {
                 StepRule::Adam { amsgrad: true, .. } | StepRule::AdEMAMix => 3,
-                StepRule::Adam { .. } => 2,
+                StepRule::Adam { .. } | StepRule::Lamb => 2,
                 StepRule::RmsProp { centered, momentum } => 1 + centered as usize + momentum as usize,
                 _ => 1,
             };
             step_blocks_with::<STATES>(
-                |p, g, s: &mut [f32; 3]| update_element($rule, scalars, p, g * grad_scale, s),
+                |p, g, s: &mut [f32; 3]| update_element($rule, scalars, lr, p, g * grad_scale, s),
                 param,
                 grad,
                 states,
@@ -178,13 +180,14 @@ fn step_blocks(
         StepRule::AdaGrad => with_rule!(StepRule::AdaGrad),
         StepRule::Lion => with_rule!(StepRule::Lion),
         StepRule::AdEMAMix => with_rule!(StepRule::AdEMAMix),
+        StepRule::Lamb => with_rule!(StepRule::Lamb),
     }
 }
 
 /// The per-block loop of [`fused_step`] for a rule of `N` states: states decoded into one block
 /// of scratch each, updated in place while their new absmax is tracked, then encoded back.
 fn step_blocks_with<const N: usize>(
-    update: impl Fn(f32, f32, &mut [f32; 3]) -> (f32, bool),
+    update: impl Fn(f32, f32, &mut [f32; 3]) -> Updated,
     param: &mut [f32],
     grad: &[f32],
     states: &mut [(&mut [u32], &mut [f32])],
@@ -214,9 +217,9 @@ fn step_blocks_with<const N: usize>(
         let mut max_bits = [0u32; 3];
         for i in 0..len {
             let mut s = [s0[i], s1[i], s2[i]];
-            let (updated, applied) = update(param[i], grad[i], &mut s);
-            param[i] = updated;
-            skipped += u32::from(!applied);
+            let updated = update(param[i], grad[i], &mut s);
+            param[i] = updated.p;
+            skipped += u32::from(!updated.applied);
             s0[i] = s[0];
             max_bits[0] = max_bits[0].max(s[0].to_bits() & rule::ABS_MASK);
             if N > 1 {
@@ -238,6 +241,48 @@ fn step_blocks_with<const N: usize>(
         }
     }
     skipped
+}
+
+/// The first pass of LAMB and LARS: per block, the sums of `direction²` and `p²` of the update
+/// `fused_step` would apply (states decoded, nothing written), as `[d₀, p₀, d₁, p₁, …]`.
+/// Skipped elements contribute nothing to the direction's sum.
+pub fn update_norms(
+    rule: StepRule,
+    scalars: &StepScalars,
+    grad_scale: f32,
+    param: &[f32],
+    grad: &[f32],
+    states: &[(&[u32], &[f32], MapKind)],
+    block_size: usize,
+) -> Vec<f32> {
+    let num_blocks = param.len().div_ceil(block_size);
+    let words_per_block = block_size / CODES_PER_WORD;
+    let values: Vec<[f32; MAP_LEN]> = states.iter().map(|(_, _, map)| Encoder::get(*map).values).collect();
+    let mut sums = vec![0f32; 2 * num_blocks];
+    sums.par_chunks_mut(2).enumerate().for_each(|(block, sums)| {
+        let start = block * block_size;
+        let len = block_size.min(param.len() - start);
+        let words = block * words_per_block..block * words_per_block + len.div_ceil(CODES_PER_WORD);
+        let mut decoded = vec![[0f32; 3]; len];
+        let mut scratch = vec![0f32; len];
+        for (slot, ((codes, absmax, _), values)) in states.iter().zip(&values).enumerate() {
+            decode_block(&codes[words.clone()], absmax[block], values, &mut scratch);
+            for (element, &value) in decoded.iter_mut().zip(&scratch) {
+                element[slot] = value;
+            }
+        }
+        let (mut direction2, mut param2) = (0f32, 0f32);
+        for i in 0..len {
+            let p = param[start + i];
+            let mut s = decoded[i];
+            let updated = update_element(rule, scalars, scalars.lr, p, grad[start + i] * grad_scale, &mut s);
+            direction2 += updated.direction * updated.direction;
+            param2 += p * p;
+        }
+        sums[0] = direction2;
+        sums[1] = param2;
+    });
+    sums
 }
 
 /// `max |x|` over a block computed on the bits of `|x|`, as the kernels do: for non-negative

@@ -209,15 +209,18 @@ struct Hyper {
     decay: f32,
     penalty: f32,
     first_step: u32,
+    weight_decay: f32,
 }
 
-/// One element after the update: parameter, three state slots, and whether it was applied.
+/// One element after the update: parameter, three state slots, the update direction and
+/// whether it was applied.
 #[derive(CubeType, Clone, Copy)]
 struct Updated {
     p: f32,
     s1: f32,
     s2: f32,
     s3: f32,
+    direction: f32,
     applied: bool,
 }
 
@@ -227,15 +230,26 @@ fn is_finite(x: f32) -> bool {
 }
 
 /// `step::update_element`, operation for operation.
-// `p_new` starts as `p` for the macro's benefit: every rule's arm assigns it.
+// `decayed` and `direction` start as placeholders for the macro's benefit: every rule's arm
+// assigns both.
 #[allow(unused_assignments)]
 #[cube]
-fn update_element(h: &Hyper, p: f32, g_raw: f32, s1: f32, s2: f32, s3: f32, #[comptime] rule: StepRule) -> Updated {
+fn update_element(
+    h: &Hyper,
+    lr: f32,
+    p: f32,
+    g_raw: f32,
+    s1: f32,
+    s2: f32,
+    s3: f32,
+    #[comptime] rule: StepRule,
+) -> Updated {
     let g = g_raw + h.penalty * p;
     let mut n1 = s1;
     let mut n2 = s2;
     let mut n3 = s3;
-    let mut p_new = p;
+    let mut decayed = p;
+    let mut direction = 0.0f32;
     match comptime!(rule) {
         StepRule::Adam { amsgrad, cautious } => {
             n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
@@ -245,21 +259,19 @@ fn update_element(h: &Hyper, p: f32, g_raw: f32, s1: f32, s2: f32, s3: f32, #[co
                 n3 = select(n2 > n3, n2, n3);
                 v = n3;
             }
-            let direction = n1 / (f32::sqrt(v) + h.eps);
-            let mut decayed = p * h.decay;
+            direction = n1 / (f32::sqrt(v) + h.eps);
+            decayed = p * h.decay;
             if comptime!(cautious) {
                 let same_sign = (p >= 0.0) == (n1 >= 0.0);
                 decayed = select(same_sign, decayed, p);
             }
-            p_new = decayed - h.lr * direction;
         }
         StepRule::Momentum { nesterov } => {
             n1 = select(h.first_step != 0, g, h.beta1 * n1 + h.beta3 * g);
-            let mut direction = n1;
+            direction = n1;
             if comptime!(nesterov) {
                 direction = g + h.beta1 * n1;
             }
-            p_new = p - h.lr * direction;
         }
         StepRule::RmsProp { centered, momentum } => {
             n1 = h.beta1 * n1 + (1.0 - h.beta1) * (g * g);
@@ -275,32 +287,38 @@ fn update_element(h: &Hyper, p: f32, g_raw: f32, s1: f32, s2: f32, s3: f32, #[co
                     avg = select(difference > 0.0, difference, 0.0);
                 }
             }
-            let mut direction = g / (f32::sqrt(avg) + h.eps);
+            direction = g / (f32::sqrt(avg) + h.eps);
             if comptime!(momentum) {
                 n2 = h.beta3 * n2 + direction;
                 direction = n2;
             }
-            p_new = p - h.lr * direction;
         }
         StepRule::AdaGrad => {
             n1 = n1 + g * g;
-            p_new = p - h.lr * (g / (f32::sqrt(n1) + h.eps));
+            direction = g / (f32::sqrt(n1) + h.eps);
         }
         StepRule::Lion => {
             let c = h.beta1 * n1 + (1.0 - h.beta1) * g;
-            let sign = select(c > 0.0, 1.0f32, select(c < 0.0, -1.0f32, 0.0f32));
+            direction = select(c > 0.0, 1.0f32, select(c < 0.0, -1.0f32, 0.0f32));
             n1 = h.beta2 * n1 + (1.0 - h.beta2) * g;
-            p_new = p * h.decay - h.lr * sign;
+            decayed = p * h.decay;
         }
         StepRule::AdEMAMix => {
             n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
             n2 = h.beta3 * n2 + (1.0 - h.beta3) * g;
             n3 = h.beta2 * n3 + (1.0 - h.beta2) * (g * g);
-            let direction =
+            direction =
                 (n1 / h.correction1 + h.alpha * n2) / (f32::sqrt(n3) / h.correction2 + h.eps);
-            p_new = p * h.decay - h.lr * direction;
+            decayed = p * h.decay;
+        }
+        StepRule::Lamb => {
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            n2 = h.beta2 * n2 + (1.0 - h.beta2) * (g * g);
+            direction = (n1 / h.correction1) / (f32::sqrt(n2 / h.correction2) + h.eps)
+                + h.weight_decay * p;
         }
     }
+    let p_new = decayed - lr * direction;
     let applied = is_finite(g_raw)
         && is_finite(p_new)
         && is_finite(n1)
@@ -311,6 +329,7 @@ fn update_element(h: &Hyper, p: f32, g_raw: f32, s1: f32, s2: f32, s3: f32, #[co
         s1: select(applied, n1, s1),
         s2: select(applied, n2, s2),
         s3: select(applied, n3, s3),
+        direction: select(applied, direction, 0.0f32),
         applied,
     }
 }
@@ -374,6 +393,7 @@ fn fused_step_kernel(
     absmax3: &mut [f32],
     tables: &[f32],
     grad_scale: &[f32],
+    update_scale: &[f32],
     skipped: &mut [Atomic<u32>],
     len: usize,
     num_blocks: usize,
@@ -388,6 +408,7 @@ fn fused_step_kernel(
     decay: f32,
     penalty: f32,
     first_step: u32,
+    weight_decay: f32,
     zero_code1: u32,
     zero_code2: u32,
     zero_code3: u32,
@@ -412,12 +433,14 @@ fn fused_step_kernel(
         decay,
         penalty,
         first_step,
+        weight_decay,
     };
     let words_per_block = comptime![block_size / 4];
     let words_per_unit = comptime![block_size / 4 / units];
     let first_word = block * words_per_block + UNIT_POS as usize;
     let total_words = len.div_ceil(4);
     let scale = grad_scale[0];
+    let lr = h.lr * update_scale[0];
 
     let old1 = absmax1[block];
     let mut old2 = 0.0f32;
@@ -459,7 +482,7 @@ fn fused_step_kernel(
                     if comptime![num_states > 2] {
                         s3 = decode_code(tables, 2usize, w3, e, old3);
                     }
-                    let u = update_element(&h, param[i], grad[i] * scale, s1, s2, s3, rule);
+                    let u = update_element(&h, lr, param[i], grad[i] * scale, s1, s2, s3, rule);
                     local_skipped += select(u.applied, 0u32, 1u32);
                     let b1 = u32::reinterpret(u.s1) & ABS_MASK;
                     let b2 = u32::reinterpret(u.s2) & ABS_MASK;
@@ -542,7 +565,7 @@ fn fused_step_kernel(
                     if comptime![num_states > 2] {
                         s3 = decode_code(tables, 2usize, w3, e, old3);
                     }
-                    let u = update_element(&h, param[i], grad[i] * scale, s1, s2, s3, rule);
+                    let u = update_element(&h, lr, param[i], grad[i] * scale, s1, s2, s3, rule);
                     param[i] = u.p;
                     let shift = comptime![8 * e as u32];
                     packed1 |= encode_code(&thresholds, 0usize, u.s1, degenerate1, zero_code1) << shift;
@@ -562,6 +585,117 @@ fn fused_step_kernel(
                 codes3[word] = packed3;
             }
         }
+    }
+}
+
+/// The first pass of LAMB and LARS: one cube per block sums `direction²` and `p²` of the update
+/// the fused step would apply (states decoded, nothing written) and writes them to
+/// `sums[2·block]`, `sums[2·block + 1]`. At most two states.
+#[cube(launch_unchecked, address_type = "dynamic")]
+fn update_norms_kernel(
+    param: &[f32],
+    grad: &[f32],
+    codes1: &[u32],
+    absmax1: &[f32],
+    codes2: &[u32],
+    absmax2: &[f32],
+    tables: &[f32],
+    grad_scale: &[f32],
+    sums: &mut [f32],
+    len: usize,
+    num_blocks: usize,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    beta3: f32,
+    alpha: f32,
+    eps: f32,
+    correction1: f32,
+    correction2: f32,
+    decay: f32,
+    penalty: f32,
+    first_step: u32,
+    weight_decay: f32,
+    #[comptime] rule: StepRule,
+    #[comptime] num_states: usize,
+    #[comptime] block_size: usize,
+    #[comptime] units: usize,
+) {
+    let block = CUBE_POS;
+    if block >= num_blocks {
+        terminate!();
+    }
+    let h = Hyper {
+        lr,
+        beta1,
+        beta2,
+        beta3,
+        alpha,
+        eps,
+        correction1,
+        correction2,
+        decay,
+        penalty,
+        first_step,
+        weight_decay,
+    };
+    let words_per_block = comptime![block_size / 4];
+    let words_per_unit = comptime![block_size / 4 / units];
+    let first_word = block * words_per_block + UNIT_POS as usize;
+    let total_words = len.div_ceil(4);
+    let scale = grad_scale[0];
+    let old1 = absmax1[block];
+    let mut old2 = 0.0f32;
+    if comptime![num_states > 1] {
+        old2 = absmax2[block];
+    }
+    let mut direction2 = 0.0f32;
+    let mut param2 = 0.0f32;
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        if word < total_words {
+            let w1 = codes1[word];
+            let mut w2 = 0u32;
+            if comptime![num_states > 1] {
+                w2 = codes2[word];
+            }
+            #[unroll]
+            for e in 0..4usize {
+                let i = word * 4 + e;
+                if i < len {
+                    let s1 = decode_code(tables, 0usize, w1, e, old1);
+                    let mut s2 = 0.0f32;
+                    if comptime![num_states > 1] {
+                        s2 = decode_code(tables, 1usize, w2, e, old2);
+                    }
+                    let p = param[i];
+                    let u = update_element(&h, h.lr, p, grad[i] * scale, s1, s2, 0.0f32, rule);
+                    direction2 += u.direction * u.direction;
+                    param2 += p * p;
+                }
+            }
+        }
+    }
+    let mut shared = Shared::<[f32]>::new_slice(comptime![2 * units]);
+    shared[UNIT_POS as usize] = direction2;
+    shared[comptime![units] + UNIT_POS as usize] = param2;
+    sync_cube();
+    let levels = comptime![units.trailing_zeros() as usize];
+    #[unroll]
+    for level in 0..levels {
+        let stride = comptime![units >> (level + 1)];
+        if (UNIT_POS as usize) < stride {
+            let me = UNIT_POS as usize;
+            shared[me] = shared[me] + shared[me + stride];
+            shared[comptime![units] + me] =
+                shared[comptime![units] + me] + shared[comptime![units] + me + stride];
+        }
+        sync_cube();
+    }
+    if UNIT_POS == 0 {
+        sums[2 * block] = shared[0];
+        sums[2 * block + 1] = shared[comptime![units]];
     }
 }
 
@@ -590,10 +724,92 @@ fn step_tables(maps: &[MapKind]) -> Vec<f32> {
     tables
 }
 
+fn update_norms(
+    buffers: StepBuffers<CubeBackend>,
+    grad: CubeTensor,
+    grad_scale: CubeTensor,
+    rule: StepRule,
+    scalars: StepScalars,
+    block_size: usize,
+) -> CubeTensor {
+    let param = into_contiguous(buffers.param);
+    let grad = into_contiguous(grad);
+    let grad_scale = into_contiguous(grad_scale);
+    let states: Vec<(CubeTensor, CubeTensor)> = buffers
+        .states
+        .into_iter()
+        .map(|state| (into_contiguous(state.codes), into_contiguous(state.absmax)))
+        .collect();
+    let maps = rule.state_maps();
+    assert!(maps.len() <= 2 && states.len() == maps.len(), "{rule:?}: the first pass takes 1 or 2 states");
+    let len = param.meta.num_elements();
+    let num_blocks = len.div_ceil(block_size);
+    let client = param.client.clone();
+    let words = num_words(len);
+    let sums = empty_device_dtype(client.clone(), param.device.clone(), [2 * num_blocks].into(), DType::F32);
+    let unused = || client.create_from_slice(u32::as_bytes(&[0]));
+    // SAFETY (for the raw buffer arguments below): every handle is a live buffer of at least the
+    // stated length in elements, of the element type the kernel declares.
+    let slot = |k: usize| -> (BufferArg, BufferArg) {
+        unsafe {
+            match states.get(k) {
+                Some((codes, absmax)) => (
+                    BufferArg::from_raw_parts(codes.handle.clone(), words),
+                    BufferArg::from_raw_parts(absmax.handle.clone(), num_blocks),
+                ),
+                None => (BufferArg::from_raw_parts(unused(), 1), BufferArg::from_raw_parts(unused(), 1)),
+            }
+        }
+    };
+    let (codes1, absmax1) = slot(0);
+    let (codes2, absmax2) = slot(1);
+    let tables = upload(&client, &step_tables(&maps));
+    let units = units_per_block(block_size);
+    if len > 0 {
+        unsafe {
+            update_norms_kernel::launch_unchecked(
+                &client,
+                grid(&client, num_blocks),
+                CubeDim::new_1d(units as u32),
+                address_type(len),
+                BufferArg::from_raw_parts(param.handle.clone(), len),
+                BufferArg::from_raw_parts(grad.handle.clone(), len),
+                codes1,
+                absmax1,
+                codes2,
+                absmax2,
+                BufferArg::from_raw_parts(tables, 3 * TABLE_STRIDE),
+                BufferArg::from_raw_parts(grad_scale.handle.clone(), 1),
+                BufferArg::from_raw_parts(sums.handle.clone(), 2 * num_blocks),
+                len,
+                num_blocks,
+                scalars.lr,
+                scalars.beta1,
+                scalars.beta2,
+                scalars.beta3,
+                scalars.alpha,
+                scalars.eps,
+                scalars.correction1,
+                scalars.correction2,
+                scalars.decay,
+                scalars.penalty,
+                scalars.first_step,
+                scalars.weight_decay,
+                rule,
+                maps.len(),
+                block_size,
+                units,
+            );
+        }
+    }
+    sums
+}
+
 fn fused_step(
     buffers: StepBuffers<CubeBackend>,
     grad: CubeTensor,
     grad_scale: CubeTensor,
+    update_scale: CubeTensor,
     rule: StepRule,
     scalars: StepScalars,
     block_size: usize,
@@ -602,6 +818,7 @@ fn fused_step(
     assert_eq!(param.dtype, DType::F32, "the fused step takes f32 parameters");
     let grad = into_contiguous(grad);
     let grad_scale = into_contiguous(grad_scale);
+    let update_scale = into_contiguous(update_scale);
     let skipped = writable(buffers.skipped);
     let states: Vec<PackedBlocks<CubeBackend>> = buffers
         .states
@@ -656,6 +873,7 @@ fn fused_step(
                 absmax3,
                 BufferArg::from_raw_parts(tables, 3 * TABLE_STRIDE),
                 BufferArg::from_raw_parts(grad_scale.handle.clone(), 1),
+                BufferArg::from_raw_parts(update_scale.handle.clone(), 1),
                 BufferArg::from_raw_parts(skipped.handle.clone(), 1),
                 len,
                 num_blocks,
@@ -670,6 +888,7 @@ fn fused_step(
                 scalars.decay,
                 scalars.penalty,
                 scalars.first_step,
+                scalars.weight_decay,
                 zero_code1,
                 zero_code2,
                 zero_code3,
@@ -763,7 +982,7 @@ impl BlockwiseOps for CubeBackend {
         output
     }
 
-    fused_step_families!(fused_step);
+    fused_step_families!(fused_step, update_norms);
 }
 
 #[cfg(test)]

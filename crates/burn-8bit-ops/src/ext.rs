@@ -119,41 +119,67 @@ impl<B: Backend> From<StepBuffers<B>> for ThreeStates<B> {
     }
 }
 
-/// Implements the three fused-step methods of [`BlockwiseOps`] for a backend through its one
-/// `fused_step(StepBuffers, grad, grad_scale, rule, scalars, block_size) -> StepBuffers` function.
+/// Implements the fused-step and update-norm methods of [`BlockwiseOps`] for a backend through
+/// its one `fused_step(StepBuffers, grad, grad_scale, update_scale, rule, scalars, block_size)`
+/// and one `update_norms(StepBuffers, grad, grad_scale, rule, scalars, block_size)` function.
 macro_rules! fused_step_families {
-    ($step:path) => {
-        fn fused_step_one_state(
+    ($step:path, $norms:path) => {
+        fn update_norms_one_state(
             tensors: $crate::ext::OneState<Self>,
             grad: burn::backend::tensor::FloatTensor<Self>,
             grad_scale: burn::backend::tensor::FloatTensor<Self>,
             rule: $crate::step::StepRule,
             scalars: $crate::step::StepScalars,
             block_size: usize,
-        ) -> $crate::ext::OneState<Self> {
-            $step(tensors.into(), grad, grad_scale, rule, scalars, block_size).into()
+        ) -> burn::backend::tensor::FloatTensor<Self> {
+            $norms(tensors.into(), grad, grad_scale, rule, scalars, block_size)
         }
 
-        fn fused_step_two_states(
+        fn update_norms_two_states(
             tensors: $crate::ext::TwoStates<Self>,
             grad: burn::backend::tensor::FloatTensor<Self>,
             grad_scale: burn::backend::tensor::FloatTensor<Self>,
             rule: $crate::step::StepRule,
             scalars: $crate::step::StepScalars,
             block_size: usize,
+        ) -> burn::backend::tensor::FloatTensor<Self> {
+            $norms(tensors.into(), grad, grad_scale, rule, scalars, block_size)
+        }
+
+        fn fused_step_one_state(
+            tensors: $crate::ext::OneState<Self>,
+            grad: burn::backend::tensor::FloatTensor<Self>,
+            grad_scale: burn::backend::tensor::FloatTensor<Self>,
+            update_scale: burn::backend::tensor::FloatTensor<Self>,
+            rule: $crate::step::StepRule,
+            scalars: $crate::step::StepScalars,
+            block_size: usize,
+        ) -> $crate::ext::OneState<Self> {
+            $step(tensors.into(), grad, grad_scale, update_scale, rule, scalars, block_size).into()
+        }
+
+        fn fused_step_two_states(
+            tensors: $crate::ext::TwoStates<Self>,
+            grad: burn::backend::tensor::FloatTensor<Self>,
+            grad_scale: burn::backend::tensor::FloatTensor<Self>,
+            update_scale: burn::backend::tensor::FloatTensor<Self>,
+            rule: $crate::step::StepRule,
+            scalars: $crate::step::StepScalars,
+            block_size: usize,
         ) -> $crate::ext::TwoStates<Self> {
-            $step(tensors.into(), grad, grad_scale, rule, scalars, block_size).into()
+            $step(tensors.into(), grad, grad_scale, update_scale, rule, scalars, block_size).into()
         }
 
         fn fused_step_three_states(
             tensors: $crate::ext::ThreeStates<Self>,
             grad: burn::backend::tensor::FloatTensor<Self>,
             grad_scale: burn::backend::tensor::FloatTensor<Self>,
+            update_scale: burn::backend::tensor::FloatTensor<Self>,
             rule: $crate::step::StepRule,
             scalars: $crate::step::StepScalars,
             block_size: usize,
         ) -> $crate::ext::ThreeStates<Self> {
-            $step(tensors.into(), grad, grad_scale, rule, scalars, block_size).into()
+            $step(tensors.into(), grad, grad_scale, update_scale, rule, scalars, block_size).into()
         }
     };
 }
@@ -191,12 +217,14 @@ pub trait BlockwiseOps: Backend {
     /// per block, decode → update (parameter included) → new absmax → encode
     /// (ALGORITHM.md §3). `grad` is flat `f32` of the parameter's length; every gradient element
     /// is multiplied by `grad_scale` (`f32`, one element, on the device: percentile clipping's
-    /// factor, 1 otherwise) before the update.
+    /// factor, 1 otherwise) before the update, and the step size by `update_scale` (one element:
+    /// LAMB's or LARS's trust ratio from [`BlockwiseOps::update_norms_one_state`], 1 otherwise).
     #[fusion(meta = fusion_meta::one_state)]
     fn fused_step_one_state(
         #[extension_type] tensors: OneState<Self>,
         grad: FloatTensor<Self>,
         grad_scale: FloatTensor<Self>,
+        update_scale: FloatTensor<Self>,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -208,6 +236,7 @@ pub trait BlockwiseOps: Backend {
         #[extension_type] tensors: TwoStates<Self>,
         grad: FloatTensor<Self>,
         grad_scale: FloatTensor<Self>,
+        update_scale: FloatTensor<Self>,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -219,10 +248,35 @@ pub trait BlockwiseOps: Backend {
         #[extension_type] tensors: ThreeStates<Self>,
         grad: FloatTensor<Self>,
         grad_scale: FloatTensor<Self>,
+        update_scale: FloatTensor<Self>,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
     ) -> ThreeStates<Self>;
+
+    /// The first pass of a two-pass rule (LAMB, LARS): per block, the sums of the squared update
+    /// direction and of the squared parameter, `f32[2 · blocks]` as `[d₀, p₀, d₁, p₁, …]`; the
+    /// tensors are read, not written.
+    #[fusion(meta = fusion_meta::norms_one_state)]
+    fn update_norms_one_state(
+        #[extension_type] tensors: OneState<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: FloatTensor<Self>,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> FloatTensor<Self>;
+
+    /// [`BlockwiseOps::update_norms_one_state`] for a two-state rule.
+    #[fusion(meta = fusion_meta::norms_two_states)]
+    fn update_norms_two_states(
+        #[extension_type] tensors: TwoStates<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: FloatTensor<Self>,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "cube")]
@@ -237,10 +291,38 @@ mod fusion_meta {
     use crate::map::MapKind;
     use crate::step::{StepRule, StepScalars};
 
+    fn norms_spec(param: &TensorSpec, block_size: usize) -> TensorSpec {
+        let blocks = param.shape.num_elements().div_ceil(block_size);
+        TensorSpec::new([2 * blocks].into(), DType::F32)
+    }
+
+    pub fn norms_one_state(
+        tensors: &OneStateMetadata,
+        _grad: &TensorSpec,
+        _grad_scale: &TensorSpec,
+        _rule: &StepRule,
+        _scalars: &StepScalars,
+        block_size: &usize,
+    ) -> TensorSpec {
+        norms_spec(&tensors.param, *block_size)
+    }
+
+    pub fn norms_two_states(
+        tensors: &TwoStatesMetadata,
+        _grad: &TensorSpec,
+        _grad_scale: &TensorSpec,
+        _rule: &StepRule,
+        _scalars: &StepScalars,
+        block_size: &usize,
+    ) -> TensorSpec {
+        norms_spec(&tensors.param, *block_size)
+    }
+
     pub fn one_state(
         tensors: &OneStateMetadata,
         _grad: &TensorSpec,
         _grad_scale: &TensorSpec,
+        _update_scale: &TensorSpec,
         _rule: &StepRule,
         _scalars: &StepScalars,
         _block_size: &usize,
@@ -252,6 +334,7 @@ mod fusion_meta {
         tensors: &TwoStatesMetadata,
         _grad: &TensorSpec,
         _grad_scale: &TensorSpec,
+        _update_scale: &TensorSpec,
         _rule: &StepRule,
         _scalars: &StepScalars,
         _block_size: &usize,
@@ -263,6 +346,7 @@ mod fusion_meta {
         tensors: &ThreeStatesMetadata,
         _grad: &TensorSpec,
         _grad_scale: &TensorSpec,
+        _update_scale: &TensorSpec,
         _rule: &StepRule,
         _scalars: &StepScalars,
         _block_size: &usize,
@@ -317,10 +401,52 @@ mod flex {
         &mut tensor.storage_mut::<E>()[start..end]
     }
 
+    fn scalar(tensor: FlexTensor) -> f32 {
+        contiguous(tensor).as_slice::<f32>().expect("an f32 scalar")[0]
+    }
+
+    fn update_norms(
+        buffers: StepBuffers<Flex>,
+        grad: FlexTensor,
+        grad_scale: FlexTensor,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> FlexTensor {
+        let param = contiguous(buffers.param);
+        let grad = contiguous(grad);
+        let states: Vec<(FlexTensor, FlexTensor)> = buffers
+            .states
+            .into_iter()
+            .map(|state| (contiguous(state.codes), contiguous(state.absmax)))
+            .collect();
+        let views: Vec<(&[u32], &[f32], MapKind)> = states
+            .iter()
+            .zip(rule.state_maps())
+            .map(|((codes, absmax), map)| {
+                (
+                    codes.as_slice::<u32>().expect("u32 codes"),
+                    absmax.as_slice::<f32>().expect("f32 absmax"),
+                    map,
+                )
+            })
+            .collect();
+        flat(cpu::update_norms(
+            rule,
+            &scalars,
+            scalar(grad_scale),
+            param.as_slice::<f32>().expect("f32 parameter"),
+            grad.as_slice::<f32>().expect("f32 gradient"),
+            &views,
+            block_size,
+        ))
+    }
+
     fn fused_step(
         buffers: StepBuffers<Flex>,
         grad: FlexTensor,
         grad_scale: FlexTensor,
+        update_scale: FlexTensor,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -344,11 +470,11 @@ mod flex {
             })
             .collect();
         let grad_values = grad.as_slice::<f32>().expect("contiguous f32 gradient");
-        let grad_scale = contiguous(grad_scale).as_slice::<f32>().expect("f32 gradient scale")[0];
         let newly_skipped = cpu::fused_step(
             rule,
             &scalars,
-            grad_scale,
+            scalar(grad_scale),
+            scalar(update_scale),
             elements_mut(&mut param),
             grad_values,
             &mut views,
@@ -401,7 +527,7 @@ mod flex {
             flat(cpu::dequantize(words, absmax, map, block_size, len))
         }
 
-        fused_step_families!(fused_step);
+        fused_step_families!(fused_step, update_norms);
     }
 }
 
@@ -446,10 +572,35 @@ mod ndarray {
 
     /// NdArray shares buffers behind views it does not expose mutably: the step works on copies
     /// and returns fresh tensors.
+    fn update_norms(
+        buffers: StepBuffers<NdArray>,
+        grad: NdArrayTensor,
+        grad_scale: NdArrayTensor,
+        rule: StepRule,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> NdArrayTensor {
+        let param = with_f32(&buffers.param, <[f32]>::to_vec);
+        let grad = with_f32(&grad, <[f32]>::to_vec);
+        let grad_scale = with_f32(&grad_scale, |scale| scale[0]);
+        let states: Vec<(Vec<u32>, Vec<f32>)> = buffers
+            .states
+            .iter()
+            .map(|state| (u32_values(&state.codes), with_f32(&state.absmax, <[f32]>::to_vec)))
+            .collect();
+        let views: Vec<(&[u32], &[f32], MapKind)> = states
+            .iter()
+            .zip(rule.state_maps())
+            .map(|((codes, absmax), map)| (codes.as_slice(), absmax.as_slice(), map))
+            .collect();
+        flat(cpu::update_norms(rule, &scalars, grad_scale, &param, &grad, &views, block_size))
+    }
+
     fn fused_step(
         buffers: StepBuffers<NdArray>,
         grad: NdArrayTensor,
         grad_scale: NdArrayTensor,
+        update_scale: NdArrayTensor,
         rule: StepRule,
         scalars: StepScalars,
         block_size: usize,
@@ -466,8 +617,9 @@ mod ndarray {
             .map(|((words, absmax), map)| StateBuffers { words, absmax, map })
             .collect();
         let grad_scale = with_f32(&grad_scale, |scale| scale[0]);
+        let update_scale = with_f32(&update_scale, |scale| scale[0]);
         let newly_skipped = with_f32(&grad, |grad| {
-            cpu::fused_step(rule, &scalars, grad_scale, &mut param, grad, &mut views, block_size)
+            cpu::fused_step(rule, &scalars, grad_scale, update_scale, &mut param, grad, &mut views, block_size)
         });
         drop(views);
         let skipped = u32_values(&buffers.skipped)[0].wrapping_add(newly_skipped);
@@ -514,6 +666,6 @@ mod ndarray {
             })
         }
 
-        fused_step_families!(fused_step);
+        fused_step_families!(fused_step, update_norms);
     }
 }

@@ -38,6 +38,9 @@ pub enum StepRule {
     Lion,
     /// AdEMAMix: the fast EMA `m1` (signed), the slow EMA `m2` (signed), `ν` (unsigned).
     AdEMAMix,
+    /// LAMB (Burn's `Lamb`): `m` (signed), `v` (unsigned); the direction includes the weight
+    /// decay and is scaled by the trust ratio computed in a first pass.
+    Lamb,
 }
 
 impl StepRule {
@@ -65,6 +68,7 @@ impl StepRule {
             }
             StepRule::AdaGrad => vec![Unsigned],
             StepRule::AdEMAMix => vec![Signed, Signed, Unsigned],
+            StepRule::Lamb => vec![Signed, Unsigned],
         }
     }
 
@@ -97,6 +101,7 @@ impl StepRule {
             }
             StepRule::AdaGrad => vec!["sum"],
             StepRule::AdEMAMix => vec!["moment_fast", "moment_slow", "moment_2"],
+            StepRule::Lamb => vec!["moment_1", "moment_2"],
         }
     }
 
@@ -109,6 +114,7 @@ impl StepRule {
             StepRule::AdaGrad => (3, false, false),
             StepRule::Lion => (4, false, false),
             StepRule::AdEMAMix => (5, false, false),
+            StepRule::Lamb => (6, false, false),
         };
         (variant << 2) | u64::from(a) | (u64::from(b) << 1)
     }
@@ -123,6 +129,7 @@ impl StepRule {
             3 if !a && !b => StepRule::AdaGrad,
             4 if !a && !b => StepRule::Lion,
             5 if !a && !b => StepRule::AdEMAMix,
+            6 if !a && !b => StepRule::Lamb,
             _ => return None,
         };
         Some(rule)
@@ -140,6 +147,7 @@ impl StepRule {
 /// | Adagrad | `lr` = lr / (1 + (t−1)·lr_decay), `eps`, `penalty` |
 /// | Lion | `lr`, `beta1`, `beta2`, `decay` |
 /// | AdEMAMix | `lr`, `beta1`, `beta2`, `beta3`, `alpha`, `eps`, `correction1`, `correction2`, `decay` |
+/// | LAMB | `lr`, `beta1`, `beta2`, `eps`, `correction1` = 1−β1^t, `correction2` = 1−β2^t, `weight_decay` |
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepScalars {
     /// The step size applied to the update direction: Adam `lr·sqrt(1−β2^t)/(1−β1^t)`, Adagrad the
@@ -165,6 +173,8 @@ pub struct StepScalars {
     pub penalty: f32,
     /// 1 on the optimizer's first step for this tensor, else 0 (Momentum starts with `m = g`).
     pub first_step: u32,
+    /// LAMB's weight decay, added to the direction as `weight_decay·p`.
+    pub weight_decay: f32,
 }
 
 /// `true` for finite `x`, decided on the bits (as the kernels do: WGSL compilers may assume NaN
@@ -174,22 +184,24 @@ pub(crate) fn is_finite_bits(x: f32) -> bool {
     x.to_bits() & crate::rule::ABS_MASK < crate::rule::INFINITY_BITS
 }
 
-/// One element of the fused step: the new parameter, with the states `s` updated in place, and
-/// whether the update was applied. It is not (parameter and states keep their values) when the
-/// gradient, a new state or the new parameter is not finite. The update is computed either way
-/// and then selected, branch-free as in the kernels, in the kernels' order of operations.
+/// One element of the fused step: the states `s` updated in place, the new parameter
+/// `decayed − lr·direction` (`lr` being the step size times any trust ratio), and whether the
+/// update was applied. It is not (parameter and states keep their values) when the gradient, a
+/// new state or the new parameter is not finite. The update is computed either way and then
+/// selected, branch-free as in the kernels, in the kernels' order of operations.
 #[inline(always)]
 pub(crate) fn update_element(
     rule: StepRule,
     h: &StepScalars,
+    lr: f32,
     p: f32,
     g: f32,
     s: &mut [f32; 3],
-) -> (f32, bool) {
+) -> Updated {
     let g_raw = g;
     let g = g + h.penalty * p;
     let mut n = *s;
-    let p_new = match rule {
+    let (decayed, direction) = match rule {
         StepRule::Adam { amsgrad, cautious } => {
             n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
             n[1] = h.beta2 * n[1] + (1.0 - h.beta2) * (g * g);
@@ -204,7 +216,7 @@ pub(crate) fn update_element(
             } else {
                 p * h.decay
             };
-            decayed - h.lr * direction
+            (decayed, direction)
         }
         StepRule::Momentum { nesterov } => {
             n[0] = if h.first_step != 0 {
@@ -212,8 +224,7 @@ pub(crate) fn update_element(
             } else {
                 h.beta1 * n[0] + h.beta3 * g
             };
-            let direction = if nesterov { g + h.beta1 * n[0] } else { n[0] };
-            p - h.lr * direction
+            (p, if nesterov { g + h.beta1 * n[0] } else { n[0] })
         }
         StepRule::RmsProp { centered, momentum } => {
             n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * (g * g);
@@ -230,11 +241,11 @@ pub(crate) fn update_element(
                 n[1] = h.beta3 * n[1] + direction;
                 direction = n[1];
             }
-            p - h.lr * direction
+            (p, direction)
         }
         StepRule::AdaGrad => {
             n[0] += g * g;
-            p - h.lr * (g / (n[0].sqrt() + h.eps))
+            (p, g / (n[0].sqrt() + h.eps))
         }
         StepRule::Lion => {
             let c = h.beta1 * n[0] + (1.0 - h.beta1) * g;
@@ -246,7 +257,7 @@ pub(crate) fn update_element(
                 0.0
             };
             n[0] = h.beta2 * n[0] + (1.0 - h.beta2) * g;
-            p * h.decay - h.lr * sign
+            (p * h.decay, sign)
         }
         StepRule::AdEMAMix => {
             n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
@@ -254,9 +265,17 @@ pub(crate) fn update_element(
             n[2] = h.beta2 * n[2] + (1.0 - h.beta2) * (g * g);
             let direction =
                 (n[0] / h.correction1 + h.alpha * n[1]) / (n[2].sqrt() / h.correction2 + h.eps);
-            p * h.decay - h.lr * direction
+            (p * h.decay, direction)
+        }
+        StepRule::Lamb => {
+            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
+            n[1] = h.beta2 * n[1] + (1.0 - h.beta2) * (g * g);
+            let direction =
+                (n[0] / h.correction1) / ((n[1] / h.correction2).sqrt() + h.eps) + h.weight_decay * p;
+            (p, direction)
         }
     };
+    let p_new = decayed - lr * direction;
     let applied = is_finite_bits(g_raw)
         & is_finite_bits(p_new)
         & is_finite_bits(n[0])
@@ -265,5 +284,21 @@ pub(crate) fn update_element(
     for (state, updated) in s.iter_mut().zip(n) {
         *state = if applied { updated } else { *state };
     }
-    (if applied { p_new } else { p }, applied)
+    Updated {
+        p: if applied { p_new } else { p },
+        direction: if applied { direction } else { 0.0 },
+        applied,
+    }
+}
+
+/// One element after [`update_element`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Updated {
+    /// The new parameter (the old one when not applied).
+    pub p: f32,
+    /// The update direction before the step size (0 when not applied): what LAMB's and LARS's
+    /// trust ratios take the norm of.
+    pub direction: f32,
+    /// Whether the update was applied.
+    pub applied: bool,
 }

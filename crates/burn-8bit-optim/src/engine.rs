@@ -34,6 +34,45 @@ pub(crate) trait UpdateRule: Clone + Send + Sync + 'static {
 
     /// How states are kept and gradients clipped.
     fn settings(&self) -> StateSettings;
+
+    /// The trust ratio of a two-pass rule (LAMB, LARS), `None` for the single-pass ones.
+    fn trust(&self) -> Option<Trust> {
+        None
+    }
+}
+
+/// How a two-pass rule scales its step from the norms of the update direction and parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Trust {
+    /// Burn's `Lamb`: `‖p‖ / ‖u‖`, or 1 when either norm is 0.
+    Lamb,
+    /// bitsandbytes' LARS: `min(1, max_unorm·‖p‖ / ‖u‖)` (1 when `‖u‖` is 0).
+    Lars {
+        /// The largest update norm relative to the parameter norm.
+        max_unorm: f32,
+    },
+}
+
+/// The step's scale factor `[1]` from the norms `[1]` of the direction and the parameter, on
+/// the device.
+pub(crate) fn trust_scale(trust: Trust, direction_norm: Tensor<1>, param_norm: Tensor<1>) -> Tensor<1> {
+    let ones = param_norm.ones_like();
+    match trust {
+        Trust::Lamb => {
+            let valid = param_norm
+                .clone()
+                .greater_elem(0.0)
+                .bool_and(direction_norm.clone().greater_elem(0.0));
+            let ratio = param_norm / direction_norm.clamp_min(f32::MIN_POSITIVE);
+            ones.mask_where(valid, ratio)
+        }
+        Trust::Lars { max_unorm } => {
+            let limit = param_norm * max_unorm;
+            let exceeds = direction_norm.clone().greater(limit.clone());
+            let ratio = limit / direction_norm.clamp_min(f32::MIN_POSITIVE);
+            ones.mask_where(exceeds, ratio)
+        }
+    }
 }
 
 /// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract).
@@ -86,8 +125,8 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
         None => Tensor::ones([1], (&device, DType::F32)),
     };
     let (param, state) = match block_size {
-        Some(block_size) => fused(state, param, grad, grad_scale, scalars, block_size),
-        None => full::step(state, param, grad * grad_scale, &scalars),
+        Some(block_size) => fused(state, param, grad, grad_scale, scalars, block_size, rule.trust()),
+        None => full::step(state, param, grad * grad_scale, &scalars, rule.trust()),
     };
     let param = param.reshape(shape);
     let param = if dtype == DType::F32 {
@@ -106,7 +145,19 @@ fn fused<const D: usize>(
     grad_scale: Tensor<1>,
     scalars: StepScalars,
     block_size: BlockSize,
+    trust: Option<Trust>,
 ) -> (Tensor<1>, Optim8bitState<D>) {
+    let update_scale = match trust {
+        Some(trust) => {
+            let sums = update_norms(&state, &param, &grad, &grad_scale, scalars, block_size);
+            let num_blocks = block_size.num_blocks(param.shape().num_elements());
+            let totals = sums.reshape([num_blocks, 2]).sum_dim(0);
+            let direction_norm = totals.clone().slice([0..1, 0..1]).reshape([1]).sqrt();
+            let param_norm = totals.slice([0..1, 1..2]).reshape([1]).sqrt();
+            trust_scale(trust, direction_norm, param_norm)
+        }
+        None => grad_scale.ones_like(),
+    };
     let len = param.shape().num_elements();
     let maps = state.rule.state_maps();
     let mut packed: Vec<PackedBlocks<Dispatch>> = std::mem::take(&mut state.slots)
@@ -126,6 +177,7 @@ fn fused<const D: usize>(
     let skipped = state.skipped.into_dispatch();
     let grad = grad.into_dispatch();
     let grad_scale = grad_scale.into_dispatch();
+    let update_scale = update_scale.into_dispatch();
     let (rule, size) = (state.rule, block_size.get());
     let (param, skipped) = match packed.len() {
         1 => {
@@ -133,6 +185,7 @@ fn fused<const D: usize>(
                 OneState { param, skipped, state1: packed.remove(0) },
                 grad,
                 grad_scale,
+                update_scale,
                 rule,
                 scalars,
                 size,
@@ -146,6 +199,7 @@ fn fused<const D: usize>(
                 TwoStates { param, skipped, state1: packed.remove(0), state2 },
                 grad,
                 grad_scale,
+                update_scale,
                 rule,
                 scalars,
                 size,
@@ -160,6 +214,7 @@ fn fused<const D: usize>(
                 ThreeStates { param, skipped, state1: packed.remove(0), state2, state3 },
                 grad,
                 grad_scale,
+                update_scale,
                 rule,
                 scalars,
                 size,
@@ -187,4 +242,54 @@ fn fused<const D: usize>(
         })
         .collect();
     (Tensor::from_dispatch(param), state)
+}
+
+/// The first pass of a two-pass rule: per-block sums of the squared direction and parameter,
+/// `[2 · blocks]`, from clones of the state's handles (nothing is written).
+fn update_norms<const D: usize>(
+    state: &Optim8bitState<D>,
+    param: &Tensor<1>,
+    grad: &Tensor<1>,
+    grad_scale: &Tensor<1>,
+    scalars: StepScalars,
+    block_size: BlockSize,
+) -> Tensor<1> {
+    let mut packed: Vec<PackedBlocks<Dispatch>> = state
+        .slots
+        .iter()
+        .map(|slot| match slot {
+            StateSlot::Quantized(q) => PackedBlocks {
+                codes: q.codes().clone().into_dispatch(),
+                absmax: q.absmax().clone().into_dispatch(),
+            },
+            StateSlot::Full(_) => unreachable!("8-bit path with f32 states"),
+        })
+        .collect();
+    let param = param.clone().into_dispatch();
+    let skipped = state.skipped.clone().into_dispatch();
+    let (grad, grad_scale) = (grad.clone().into_dispatch(), grad_scale.clone().into_dispatch());
+    let (rule, size) = (state.rule, block_size.get());
+    let sums = match packed.len() {
+        1 => Dispatch::update_norms_one_state(
+            OneState { param, skipped, state1: packed.remove(0) },
+            grad,
+            grad_scale,
+            rule,
+            scalars,
+            size,
+        ),
+        2 => {
+            let state2 = packed.remove(1);
+            Dispatch::update_norms_two_states(
+                TwoStates { param, skipped, state1: packed.remove(0), state2 },
+                grad,
+                grad_scale,
+                rule,
+                scalars,
+                size,
+            )
+        }
+        n => unreachable!("two-pass rules have 1 or 2 states, not {n}"),
+    };
+    Tensor::from_dispatch(sums)
 }

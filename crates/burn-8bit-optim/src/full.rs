@@ -4,6 +4,7 @@
 use burn::tensor::{Bool, DType, Tensor};
 use burn_8bit_ops::{StepRule, StepScalars};
 
+use crate::engine::{Trust, trust_scale};
 use crate::state::{Optim8bitState, StateSlot};
 
 pub(crate) fn step<const D: usize>(
@@ -11,6 +12,7 @@ pub(crate) fn step<const D: usize>(
     param: Tensor<1>,
     grad: Tensor<1>,
     h: &StepScalars,
+    trust: Option<Trust>,
 ) -> (Tensor<1>, Optim8bitState<D>) {
     let old: Vec<Tensor<1>> = state
         .slots
@@ -23,12 +25,22 @@ pub(crate) fn step<const D: usize>(
     let finite_grad = grad.clone().is_finite();
     let g = grad.mask_fill(finite_grad.clone().bool_not(), 0.0);
     let g = g + param.clone() * h.penalty;
-    let (updated, new) = update(state.rule, h, param.clone(), g, old.clone());
-    let mut applied: Tensor<1, Bool> = finite_grad.bool_and(updated.clone().is_finite());
+    let (decayed, direction, new) = update(state.rule, h, param.clone(), g, old.clone());
+    let mut applied: Tensor<1, Bool> = finite_grad.bool_and(direction.clone().is_finite());
     for s in &new {
         applied = applied.bool_and(s.clone().is_finite());
     }
-    let rejected = applied.bool_not();
+    let direction = direction.mask_fill(applied.clone().bool_not(), 0.0);
+    let step = match trust {
+        None => direction * h.lr,
+        Some(trust) => {
+            let direction_norm = direction.clone().square().sum().sqrt();
+            let param_norm = param.clone().square().sum().sqrt();
+            direction * (trust_scale(trust, direction_norm, param_norm) * h.lr)
+        }
+    };
+    let updated = decayed - step;
+    let rejected = applied.bool_and(updated.clone().is_finite()).bool_not();
     let param = updated.mask_where(rejected.clone(), param);
     state.slots = new
         .into_iter()
@@ -40,14 +52,15 @@ pub(crate) fn step<const D: usize>(
     (param, state)
 }
 
+/// The new states and the parameter's `(decayed, direction)`: `p_new = decayed − lr·direction`.
 fn update(
     rule: StepRule,
     h: &StepScalars,
     p: Tensor<1>,
     g: Tensor<1>,
     mut s: Vec<Tensor<1>>,
-) -> (Tensor<1>, Vec<Tensor<1>>) {
-    let p_new = match rule {
+) -> (Tensor<1>, Tensor<1>, Vec<Tensor<1>>) {
+    let (decayed, direction) = match rule {
         StepRule::Adam { amsgrad, cautious } => {
             s[0] = s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
             s[1] = s[1].clone() * h.beta2 + g.clone().square() * (1.0 - h.beta2);
@@ -59,12 +72,15 @@ fn update(
             let direction = s[0].clone() / (v.sqrt() + h.eps);
             let decayed = p.clone() * h.decay;
             let decayed = if cautious {
-                let differ = p.clone().greater_equal_elem(0.0).not_equal(s[0].clone().greater_equal_elem(0.0));
+                let differ = p
+                    .clone()
+                    .greater_equal_elem(0.0)
+                    .not_equal(s[0].clone().greater_equal_elem(0.0));
                 decayed.mask_where(differ, p)
             } else {
                 decayed
             };
-            decayed - direction * h.lr
+            (decayed, direction)
         }
         StepRule::Momentum { nesterov } => {
             s[0] = if h.first_step != 0 {
@@ -73,7 +89,7 @@ fn update(
                 s[0].clone() * h.beta1 + g.clone() * h.beta3
             };
             let direction = if nesterov { g + s[0].clone() * h.beta1 } else { s[0].clone() };
-            p - direction * h.lr
+            (p, direction)
         }
         StepRule::RmsProp { centered, momentum } => {
             s[0] = s[0].clone() * h.beta1 + g.clone().square() * (1.0 - h.beta1);
@@ -88,25 +104,32 @@ fn update(
                 s[1] = s[1].clone() * h.beta3 + direction;
                 direction = s[1].clone();
             }
-            p - direction * h.lr
+            (p, direction)
         }
         StepRule::AdaGrad => {
             s[0] = s[0].clone() + g.clone().square();
-            p - (g / (s[0].clone().sqrt() + h.eps)) * h.lr
+            (p, g / (s[0].clone().sqrt() + h.eps))
         }
         StepRule::Lion => {
             let sign = (s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1)).sign();
             s[0] = s[0].clone() * h.beta2 + g * (1.0 - h.beta2);
-            p * h.decay - sign * h.lr
+            (p * h.decay, sign)
         }
         StepRule::AdEMAMix => {
             s[0] = s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
             s[1] = s[1].clone() * h.beta3 + g.clone() * (1.0 - h.beta3);
             s[2] = s[2].clone() * h.beta2 + g.square() * (1.0 - h.beta2);
             let numerator = s[0].clone() / h.correction1 + s[1].clone() * h.alpha;
-            let direction = numerator / (s[2].clone().sqrt() / h.correction2 + h.eps);
-            p * h.decay - direction * h.lr
+            (p * h.decay, numerator / (s[2].clone().sqrt() / h.correction2 + h.eps))
+        }
+        StepRule::Lamb => {
+            s[0] = s[0].clone() * h.beta1 + g.clone() * (1.0 - h.beta1);
+            s[1] = s[1].clone() * h.beta2 + g.square() * (1.0 - h.beta2);
+            let direction = (s[0].clone() / h.correction1)
+                / ((s[1].clone() / h.correction2).sqrt() + h.eps)
+                + p.clone() * h.weight_decay;
+            (p, direction)
         }
     };
-    (p_new, s)
+    (decayed, direction, s)
 }

@@ -1,5 +1,5 @@
 //! 8-bit optimizers for [Burn](https://burn.dev): Adam, AdamW, SGD with momentum, RMSprop,
-//! Adagrad, Lion and AdEMAMix whose states are block-wise quantized to 8 bits (Dettmers et al.,
+//! Adagrad, Lion, AdEMAMix, LAMB and LARS whose states are block-wise quantized to 8 bits (Dettmers et al.,
 //! *8-bit Optimizers via Block-wise StateSettings*, ICLR 2022).
 //!
 //! Each config mirrors the Burn config of the same name (`AdamWConfig` → [`AdamW8bitConfig`]),
@@ -35,12 +35,15 @@ mod ademamix;
 mod engine;
 mod error;
 mod full;
+mod lamb;
+mod lars;
 mod lion;
 mod optimizer;
 mod record;
 mod rmsprop;
 mod sgd;
 mod state;
+mod switch;
 
 pub use adagrad::{AdaGrad8bit, AdaGrad8bitConfig};
 pub use adam::{Adam8bit, Adam8bitConfig};
@@ -48,8 +51,11 @@ pub use adamw::{AdamW8bit, AdamW8bitConfig};
 pub use ademamix::{AdEMAMix8bit, AdEMAMix8bitConfig};
 pub use engine::StateSettings;
 pub use error::{ConfigError, LoadError};
+pub use lamb::{Lamb8bit, Lamb8bitConfig};
+pub use lars::{Lars8bit, Lars8bitConfig};
 pub use lion::{Lion8bit, Lion8bitConfig};
 pub use record::{ParamStateReport, StateReport, load_record_checked};
 pub use rmsprop::{RmsProp8bit, RmsProp8bitConfig};
 pub use sgd::{Sgd8bit, Sgd8bitConfig};
+pub use switch::SwitchRecord;
 pub use state::{DecodedState, Optim8bitState, OptimizerKind, StateSlot};

@@ -24,6 +24,22 @@ macro_rules! impl_optimizer {
                 state.to_device(device)
             }
         }
+
+        impl $crate::switch::SwitchRecord for $optimizer {
+            fn from_burn_record(
+                &self,
+                record: burn::optim::OptimizerRecord,
+            ) -> Result<burn::optim::OptimizerRecord, $crate::LoadError> {
+                $crate::switch::from_burn(self, record)
+            }
+
+            fn to_burn_record(
+                &self,
+                record: burn::optim::OptimizerRecord,
+            ) -> Result<burn::optim::OptimizerRecord, $crate::LoadError> {
+                $crate::switch::to_burn::<Self>(record)
+            }
+        }
     };
 }
 

@@ -23,10 +23,14 @@ pub enum OptimizerKind {
     Lion,
     /// [`crate::AdEMAMix8bit`].
     AdEMAMix,
+    /// [`crate::Lamb8bit`].
+    Lamb,
+    /// [`crate::Lars8bit`].
+    Lars,
 }
 
 impl OptimizerKind {
-    const ALL: [OptimizerKind; 7] = [
+    const ALL: [OptimizerKind; 9] = [
         OptimizerKind::Adam,
         OptimizerKind::AdamW,
         OptimizerKind::Sgd,
@@ -34,6 +38,8 @@ impl OptimizerKind {
         OptimizerKind::AdaGrad,
         OptimizerKind::Lion,
         OptimizerKind::AdEMAMix,
+        OptimizerKind::Lamb,
+        OptimizerKind::Lars,
     ];
 
     /// The optimizer's type name, e.g. `"AdamW8bit"`.
@@ -46,6 +52,8 @@ impl OptimizerKind {
             OptimizerKind::AdaGrad => "AdaGrad8bit",
             OptimizerKind::Lion => "Lion8bit",
             OptimizerKind::AdEMAMix => "AdEMAMix8bit",
+            OptimizerKind::Lamb => "Lamb8bit",
+            OptimizerKind::Lars => "Lars8bit",
         }
     }
 
@@ -272,18 +280,18 @@ impl<const D: usize> Optim8bitState<D> {
 }
 
 pub(crate) const KIND: &str = "kind";
-const RULE: &str = "rule";
-const TIME: &str = "time";
-const BLOCK_SIZE: &str = "block_size";
+pub(crate) const RULE: &str = "rule";
+pub(crate) const TIME: &str = "time";
+pub(crate) const BLOCK_SIZE: &str = "block_size";
 pub(crate) const RANK: &str = "rank";
-const SKIPPED: &str = "skipped";
+pub(crate) const SKIPPED: &str = "skipped";
 const GNORMS: &str = "gnorms";
 
 pub(crate) fn dim_key(axis: usize) -> String {
     format!("dim{axis}")
 }
 
-fn slot_key(slot: usize, part: &str) -> String {
+pub(crate) fn slot_key(slot: usize, part: &str) -> String {
     format!("state{slot}.{part}")
 }
 

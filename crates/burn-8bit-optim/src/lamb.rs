@@ -1,0 +1,118 @@
+//! `Lamb8bit`: LAMB with block-wise 8-bit states, the twin of Burn's `LambConfig`.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::engine::{StateSettings, Trust, UpdateRule};
+use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`Lamb8bit`]: every field and default of Burn's `LambConfig`, plus the
+/// 8-bit settings.
+///
+/// The step is two passes over the tensor: the first computes the norms of the parameter and
+/// of the update direction (states decoded, nothing written), the second is the fused step with
+/// the trust ratio `‖p‖ / ‖u‖` as a device scalar.
+///
+/// ```
+/// use burn_8bit_optim::Lamb8bitConfig;
+///
+/// let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Lamb8bitConfig {
+    /// Decay rate of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the root of the bias-corrected second moment.
+    #[config(default = 1e-6)]
+    pub epsilon: f32,
+    /// Weight decay added to the update direction (`u += weight_decay·p`).
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// Scale the update by the trust ratio `‖p‖ / ‖u‖` (1 when either norm is 0).
+    #[config(default = true)]
+    pub use_trust_ratio: bool,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+}
+
+/// LAMB with 8-bit block-wise quantized moments.
+#[derive(Clone, Debug)]
+pub struct Lamb8bit {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+    use_trust_ratio: bool,
+    settings: StateSettings,
+}
+
+impl Lamb8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<Lamb8bit, ConfigError> {
+        check_beta("beta_1", self.beta_1.into())?;
+        check_beta("beta_2", self.beta_2.into())?;
+        check_positive("epsilon", self.epsilon.into())?;
+        check_non_negative("weight_decay", self.weight_decay.into())?;
+        Ok(Lamb8bit {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            use_trust_ratio: self.use_trust_ratio,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
+        })
+    }
+}
+
+impl_config_builders!(Lamb8bitConfig => Lamb8bit, grad_clipping);
+
+impl UpdateRule for Lamb8bit {
+    const KIND: OptimizerKind = OptimizerKind::Lamb;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::Lamb
+    }
+
+    fn scalars(&self, lr: f64, time: usize) -> StepScalars {
+        let t = i32::try_from(time).unwrap_or(i32::MAX);
+        StepScalars {
+            lr: lr as f32,
+            beta1: self.beta_1,
+            beta2: self.beta_2,
+            eps: self.epsilon,
+            correction1: 1.0 - self.beta_1.powi(t),
+            correction2: 1.0 - self.beta_2.powi(t),
+            weight_decay: self.weight_decay,
+            decay: 1.0,
+            ..StepScalars::default()
+        }
+    }
+
+    fn settings(&self) -> StateSettings {
+        self.settings
+    }
+
+    fn trust(&self) -> Option<Trust> {
+        self.use_trust_ratio.then_some(Trust::Lamb)
+    }
+}
+
+impl_optimizer!(Lamb8bit);

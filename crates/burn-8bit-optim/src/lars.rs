@@ -1,0 +1,111 @@
+//! `Lars8bit`: bitsandbytes' LARS (momentum SGD with an update-norm clip) with an 8-bit momentum.
+
+use burn::config::Config;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn_8bit_ops::{StepRule, StepScalars};
+
+use crate::engine::{StateSettings, Trust, UpdateRule};
+use crate::error::{ConfigError, check_non_negative, check_positive, check_range};
+use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::state::OptimizerKind;
+
+/// Configuration of [`Lars8bit`], after bitsandbytes' `LARS8bit` (Burn has no LARS): momentum
+/// `m = μ·m + (1 − dampening)·g` (`m = g` on the first step), L2 weight decay, and the step
+/// `p −= lr·s·m` with `s = min(1, max_unorm·‖p‖ / ‖m‖)`.
+///
+/// The step is two passes over the tensor: norms first, then the fused step with `s` as a
+/// device scalar.
+///
+/// ```
+/// use burn_8bit_optim::Lars8bitConfig;
+///
+/// let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Lars8bitConfig {
+    /// Momentum μ.
+    #[config(default = 0.9)]
+    pub momentum: f32,
+    /// Dampening of the gradient in the momentum.
+    #[config(default = 0.0)]
+    pub dampening: f32,
+    /// L2 weight decay, added to the gradient.
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// The largest update norm, relative to the parameter norm.
+    #[config(default = 0.02)]
+    pub max_unorm: f32,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+}
+
+/// LARS with an 8-bit block-wise quantized momentum.
+#[derive(Clone, Debug)]
+pub struct Lars8bit {
+    momentum: f32,
+    dampening: f32,
+    weight_decay: f32,
+    max_unorm: f32,
+    settings: StateSettings,
+}
+
+impl Lars8bitConfig {
+    /// The optimizer, or the first invalid value as a typed error.
+    pub fn try_build(&self) -> Result<Lars8bit, ConfigError> {
+        check_range("momentum", self.momentum.into(), 0.0, 1.0, false, "a value in [0, 1)")?;
+        check_range("dampening", self.dampening.into(), 0.0, 1.0, true, "a value in [0, 1]")?;
+        check_non_negative("weight_decay", self.weight_decay.into())?;
+        check_positive("max_unorm", self.max_unorm.into())?;
+        Ok(Lars8bit {
+            momentum: self.momentum,
+            dampening: self.dampening,
+            weight_decay: self.weight_decay,
+            max_unorm: self.max_unorm,
+            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
+        })
+    }
+}
+
+impl_config_builders!(Lars8bitConfig => Lars8bit, grad_clipping);
+
+impl UpdateRule for Lars8bit {
+    const KIND: OptimizerKind = OptimizerKind::Lars;
+
+    fn step_rule(&self) -> StepRule {
+        StepRule::Momentum { nesterov: false }
+    }
+
+    fn scalars(&self, lr: f64, time: usize) -> StepScalars {
+        StepScalars {
+            lr: lr as f32,
+            beta1: self.momentum,
+            beta3: 1.0 - self.dampening,
+            penalty: self.weight_decay,
+            first_step: u32::from(time == 1),
+            ..StepScalars::default()
+        }
+    }
+
+    fn settings(&self) -> StateSettings {
+        self.settings
+    }
+
+    fn trust(&self) -> Option<Trust> {
+        Some(Trust::Lars {
+            max_unorm: self.max_unorm,
+        })
+    }
+}
+
+impl_optimizer!(Lars8bit);

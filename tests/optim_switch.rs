@@ -1,0 +1,126 @@
+//! Switching a run between Burn's 32-bit optimizers and their 8-bit twins through records.
+
+mod common;
+
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{
+    AdaGradConfig, AdamConfig, AdamWConfig, GradientsParams, LambConfig, LionConfig, ModuleOptimizer,
+    OptimizerRecord, RmsPropConfig, SgdConfig,
+};
+use burn::tensor::{Device, Tensor};
+use burn_8bit::optim::SwitchRecord;
+use burn_8bit::{
+    AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig,
+    LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport, load_record_checked,
+};
+use common::Rng;
+
+fn train(model: Linear, optim: &mut ModuleOptimizer, device: &Device, steps: usize, seed: u64) -> Linear {
+    let mut model = model;
+    let mut rng = Rng::new(seed);
+    for _ in 0..steps {
+        let x = Tensor::<1>::from_floats(rng.normals(16 * 96).as_slice(), device).reshape([16, 96]);
+        let loss = model.forward(x).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    model
+}
+
+fn weights(model: &Linear) -> Vec<f32> {
+    model.weight.val().inner().reshape([-1]).into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
+}
+
+struct Pair {
+    name: &'static str,
+    kind: OptimizerKind,
+    burn: Box<dyn Fn() -> ModuleOptimizer>,
+    eight: Box<dyn Fn() -> ModuleOptimizer>,
+    import: Box<dyn Fn(OptimizerRecord) -> Result<OptimizerRecord, LoadError>>,
+    export: Box<dyn Fn(OptimizerRecord) -> Result<OptimizerRecord, LoadError>>,
+}
+
+macro_rules! pair {
+    ($name:expr, $kind:expr, $burn:expr, $eight:expr) => {
+        Pair {
+            name: $name,
+            kind: $kind,
+            burn: Box::new(|| $burn.init()),
+            eight: Box::new(|| $eight.with_min_8bit_size(1024).init()),
+            import: Box::new(|record| $eight.with_min_8bit_size(1024).build().from_burn_record(record)),
+            export: Box::new(|record| $eight.with_min_8bit_size(1024).build().to_burn_record(record)),
+        }
+    };
+}
+
+fn pairs() -> Vec<Pair> {
+    vec![
+        pair!("Adam", OptimizerKind::Adam, AdamConfig::new(), Adam8bitConfig::new()),
+        pair!("AdamW (AMSGrad)", OptimizerKind::AdamW, AdamWConfig::new().with_amsgrad(true), AdamW8bitConfig::new().with_amsgrad(true)),
+        pair!("SGD (momentum)", OptimizerKind::Sgd, SgdConfig::new().with_momentum(Some(MomentumConfig::new())), Sgd8bitConfig::new()),
+        pair!("RMSprop (centred)", OptimizerKind::RmsProp, RmsPropConfig::new().with_centered(true), RmsProp8bitConfig::new().with_centered(true)),
+        pair!("Adagrad", OptimizerKind::AdaGrad, AdaGradConfig::new(), AdaGrad8bitConfig::new()),
+        pair!("Lion", OptimizerKind::Lion, LionConfig::new(), Lion8bitConfig::new()),
+        pair!("LAMB", OptimizerKind::Lamb, LambConfig::new(), Lamb8bitConfig::new()),
+    ]
+}
+
+/// A run started with Burn's optimizer continues with the 8-bit twin (and back) close to the
+/// run that never switched, and far from a restart with fresh state (within a fifth of the
+/// restart's distance: Lion's sign update turns a few quantization-flipped signs into full
+/// steps, the others stay within a hundredth).
+#[test]
+fn runs_switch_between_32_and_8_bit_state_without_restarting() {
+    let device = Device::flex().autodiff();
+    for pair in pairs() {
+        let start = LinearConfig::new(96, 80).init(&device);
+        let mut burn = (pair.burn)();
+        let halfway = train(start, &mut burn, &device, 4, 1);
+        let record = || burn.to_record();
+
+        let mut stayed = (pair.burn)().load_record(record());
+        let stayed = weights(&train(halfway.clone(), &mut stayed, &device, 2, 2));
+        let mut restarted = (pair.burn)();
+        let restarted = weights(&train(halfway.clone(), &mut restarted, &device, 2, 2));
+
+        let imported = (pair.import)(record()).unwrap_or_else(|e| panic!("{}: {e}", pair.name));
+        let mut eight = load_record_checked((pair.eight)(), imported, &halfway, pair.kind)
+            .unwrap_or_else(|e| panic!("{}: {e}", pair.name));
+        let report = StateReport::of(&eight).unwrap();
+        assert!(report.parameters.iter().any(|p| p.quantized), "{}: no 8-bit state after import", pair.name);
+        let switched_model = train(halfway.clone(), &mut eight, &device, 2, 2);
+        let switched = weights(&switched_model);
+
+        let exported = (pair.export)(eight.to_record()).unwrap_or_else(|e| panic!("{}: {e}", pair.name));
+        let mut back = (pair.burn)().load_record(exported);
+        let _ = train(switched_model, &mut back, &device, 1, 3);
+
+        let mut round_trip = (pair.burn)().load_record((pair.export)((pair.import)(record()).unwrap()).unwrap());
+        let round_trip = weights(&train(halfway.clone(), &mut round_trip, &device, 2, 2));
+
+        let reference = distance(&stayed, &restarted);
+        let off = distance(&switched, &stayed);
+        let off_round_trip = distance(&round_trip, &stayed);
+        println!(
+            "{}: ‖switched − stayed‖ = {off:.3e}, ‖round trip − stayed‖ = {off_round_trip:.3e}, ‖restart − stayed‖ = {reference:.3e}",
+            pair.name
+        );
+        assert!(off < 0.2 * reference, "{}: switching lost the state ({off} vs {reference})", pair.name);
+        assert!(off_round_trip < 0.2 * reference, "{}: the round trip lost the state", pair.name);
+    }
+}
+
+#[test]
+fn optimizers_without_a_burn_twin_and_foreign_records_are_errors() {
+    let device = Device::flex().autodiff();
+    let mut burn = AdamConfig::new().init();
+    let _ = train(LinearConfig::new(96, 80).init(&device), &mut burn, &device, 1, 1);
+    assert!(Lars8bitConfig::new().build().from_burn_record(burn.to_record()).is_err());
+    assert!(matches!(Sgd8bitConfig::new().build().from_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. })));
+    assert!(matches!(Adam8bitConfig::new().build().to_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. } | LoadError::OptimizerMismatch { .. })));
+}
