@@ -26,6 +26,43 @@
 //! }
 //! assert!(losses[4] < losses[0]);
 //! ```
+//!
+//! # Per-parameter overrides
+//!
+//! Any group of parameters can get its own optimizer — other bits (`f32_states()`), block size
+//! or hyper-parameters — through Burn's `ModuleOptimizer::with_group` (the equivalent of
+//! bitsandbytes' `GlobalOptimManager`); the last group that matches a parameter wins:
+//!
+//! ```
+//! use burn::module::{Module, ParamGroup};
+//! use burn::nn::{Linear, LinearConfig};
+//! use burn::tensor::Device;
+//! use burn_8bit_optim::AdamW8bitConfig;
+//!
+//! #[derive(Module, Debug)]
+//! struct Net {
+//!     encoder: Linear,
+//!     head: Linear,
+//! }
+//!
+//! let device = Device::default();
+//! let net = Net {
+//!     encoder: LinearConfig::new(512, 512).init(&device),
+//!     head: LinearConfig::new(512, 10).init(&device),
+//! };
+//! let base = AdamW8bitConfig::new().with_weight_decay(0.01);
+//! let optim = base
+//!     .init()
+//!     // The head keeps 32-bit state and no weight decay.
+//!     .with_group(
+//!         ParamGroup::ids_from_module(net.head.clone()),
+//!         base.clone().with_weight_decay(0.0).f32_states().build(),
+//!         None,
+//!     )
+//!     // The encoder's weights use smaller blocks.
+//!     .with_group(ParamGroup::from_predicate("encoder"), base.clone().with_block_size(64).build(), None);
+//! # let _ = optim;
+//! ```
 #![warn(missing_docs)]
 
 mod adagrad;
