@@ -12,8 +12,8 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
-    RmsProp8bitConfig, Sgd8bitConfig,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
+    Lars8bitConfig, Lion8bitConfig, RmsProp8bitConfig, Sgd8bitConfig,
 };
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use criterion::measurement::WallTime;
@@ -58,6 +58,8 @@ fn bench(c: &mut Criterion) {
         bench_optimizer(&mut group, "adagrad8bit", AdaGrad8bitConfig::new().build(), &device);
         bench_optimizer(&mut group, "lion8bit", Lion8bitConfig::new().build(), &device);
         bench_optimizer(&mut group, "ademamix8bit", AdEMAMix8bitConfig::new().build(), &device);
+        bench_optimizer(&mut group, "lamb8bit", Lamb8bitConfig::new().build(), &device);
+        bench_optimizer(&mut group, "lars8bit", Lars8bitConfig::new().build(), &device);
         group.finish();
     }
 }

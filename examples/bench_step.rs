@@ -15,8 +15,8 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, Optimizer, RecordState, StateSink};
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
-    RmsProp8bitConfig, Sgd8bitConfig,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
+    Lars8bitConfig, Lion8bitConfig, RmsProp8bitConfig, Sgd8bitConfig,
 };
 
 struct Args {
@@ -122,6 +122,8 @@ fn main() {
         measure("AdaGrad8bit", AdaGrad8bitConfig::new().build(), &device, &args),
         measure("Lion8bit", Lion8bitConfig::new().build(), &device, &args),
         measure("AdEMAMix8bit", AdEMAMix8bitConfig::new().build(), &device, &args),
+        measure("Lamb8bit", Lamb8bitConfig::new().build(), &device, &args),
+        measure("Lars8bit", Lars8bitConfig::new().build(), &device, &args),
     ];
     let tensors = 2 * 4 * args.params as u64;
     println!("| optimizer | ns/param | state bytes/param | peak extra during a step |");
