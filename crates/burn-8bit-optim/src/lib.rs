@@ -27,6 +27,16 @@
 //! assert!(losses[4] < losses[0]);
 //! ```
 //!
+//! # Precision and memory
+//!
+//! The update arithmetic is `f32`. Parameters and gradients may be `f16` or `bf16` where the
+//! backend has them: they are cast to `f32` around the fused op (one `f32` copy each way), and the
+//! parameter keeps its dtype. With `f32` parameters the 8-bit step allocates nothing of the
+//! tensor's size: parameter, codes and absmax are updated in place when their buffers are
+//! unshared. Tensors under `min_8bit_size` keep `f32` states and step with tensor operations.
+//! Percentile clipping takes each gradient's norm with `square().sum()`, which backends without
+//! fusion (Flex, NdArray) compute through a temporary.
+//!
 //! # Per-parameter overrides
 //!
 //! Any group of parameters can get its own optimizer — other bits (`f32_states()`), block size
