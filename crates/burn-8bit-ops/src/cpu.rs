@@ -150,12 +150,7 @@ fn step_blocks(
     // the rule's `match` inside `update_element` folds away and the element loop can vectorize.
     macro_rules! with_rule {
         ($rule:expr) => {{
-            const STATES: usize = match $rule {
-                StepRule::Adam { amsgrad: true, .. } | StepRule::AdEMAMix => 3,
-                StepRule::Adam { .. } | StepRule::Lamb => 2,
-                StepRule::RmsProp { centered, momentum } => 1 + centered as usize + momentum as usize,
-                _ => 1,
-            };
+            const STATES: usize = $rule.num_states();
             step_blocks_with::<STATES>(
                 |p, g, s: &mut [f32; 3]| update_element($rule, scalars, lr, p, g * grad_scale, s),
                 param,

@@ -72,9 +72,14 @@ impl StepRule {
         }
     }
 
-    /// The number of state slots.
-    pub fn num_states(self) -> usize {
-        self.state_maps().len()
+    /// The number of state slots: the length of [`StepRule::state_maps`], usable in constants.
+    pub const fn num_states(self) -> usize {
+        match self {
+            StepRule::Adam { amsgrad: true, .. } | StepRule::AdEMAMix => 3,
+            StepRule::Adam { .. } | StepRule::Lamb => 2,
+            StepRule::RmsProp { centered, momentum } => 1 + centered as usize + momentum as usize,
+            StepRule::Momentum { .. } | StepRule::AdaGrad | StepRule::Lion => 1,
+        }
     }
 
     /// A short name for each state slot, in slot order (for inspection and records).
@@ -301,4 +306,20 @@ pub(crate) struct Updated {
     pub direction: f32,
     /// Whether the update was applied.
     pub applied: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rule_counts_as_many_states_as_it_has_maps_and_names() {
+        let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
+        assert_eq!(rules.len(), 14);
+        for rule in rules {
+            assert_eq!(rule.num_states(), rule.state_maps().len(), "{rule:?}");
+            assert_eq!(rule.num_states(), rule.state_names().len(), "{rule:?}");
+            assert_eq!(StepRule::from_code(rule.code()), Some(rule));
+        }
+    }
 }

@@ -276,7 +276,8 @@ impl ParsedRecord {
     }
 }
 
-fn split_key(name: &str) -> Option<(u64, &str)> {
+/// A record key `"{param_id}.{leaf}"` split into the id and the leaf.
+pub(crate) fn split_key(name: &str) -> Option<(u64, &str)> {
     let (id, leaf) = name.split_once('.')?;
     Some((id.parse().ok()?, leaf))
 }

@@ -10,6 +10,7 @@ use burn_pack::{Reader, Scalar, Writer};
 
 use crate::engine::UpdateRule;
 use crate::error::LoadError;
+use crate::record::split_key;
 use crate::state::{BLOCK_SIZE, KIND, OptimizerKind, RANK, RULE, SKIPPED, TIME, dim_key, slot_key};
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
@@ -134,11 +135,6 @@ fn write(entries: Entries) -> Result<OptimizerRecord, LoadError> {
     }
     let bytes: Bytes = writer.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
     OptimizerRecord::from_bytes(bytes).map_err(|e| LoadError::Unreadable(e.to_string()))
-}
-
-fn split_key(name: &str) -> Option<(u64, &str)> {
-    let (id, leaf) = name.split_once('.')?;
-    Some((id.parse().ok()?, leaf))
 }
 
 fn f32_values(data: &TensorData, param_id: u64, name: &str) -> Result<Vec<f32>, LoadError> {
