@@ -31,7 +31,7 @@
 #![warn(missing_docs)]
 
 pub use burn_8bit_ops as ops;
-pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapKind, QuantError};
+pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapFamily, MapKind, QuantError};
 pub use burn_8bit_nn as nn;
 pub use burn_8bit_optim as optim;
 pub use burn_8bit_optim::{

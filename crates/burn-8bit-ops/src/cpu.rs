@@ -21,10 +21,30 @@ fn blocks_per_task(block_size: usize) -> usize {
 /// Block-wise quantization of `input` (any length): packed codes (`ceil(len / 4)` words, unused
 /// bytes of the last word zero) and one absmax per block.
 pub fn quantize(input: &[f32], map: MapKind, block_size: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut absmax = vec![0f32; input.len().div_ceil(block_size)];
+    let words = encode_blocks(input, map, block_size, &mut absmax, Absmax::Measure);
+    (words, absmax)
+}
+
+/// Packed codes of `input` against the given per-block `absmax` (taken by magnitude) instead of
+/// each block's own: [`quantize`] without its reduction.
+pub fn encode(input: &[f32], absmax: &[f32], map: MapKind, block_size: usize) -> Vec<u32> {
+    let mut absmax = absmax.to_vec();
+    encode_blocks(input, map, block_size, &mut absmax, Absmax::Given)
+}
+
+/// Where [`encode_blocks`] takes each block's absmax from.
+#[derive(Clone, Copy, PartialEq)]
+enum Absmax {
+    /// Reduced from the block and written.
+    Measure,
+    /// Read (by magnitude).
+    Given,
+}
+
+fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f32], source: Absmax) -> Vec<u32> {
     let encoder = Encoder::get(map);
-    let num_blocks = input.len().div_ceil(block_size);
     let mut words = vec![0u32; input.len().div_ceil(CODES_PER_WORD)];
-    let mut absmax = vec![0f32; num_blocks];
     let group = blocks_per_task(block_size);
     input
         .par_chunks(group * block_size)
@@ -37,13 +57,19 @@ pub fn quantize(input: &[f32], map: MapKind, block_size: usize) -> (Vec<u32>, Ve
                 .zip(words.chunks_mut(block_size / CODES_PER_WORD))
                 .zip(absmax.iter_mut())
             {
-                *absmax = block_absmax(block);
+                let scale = match source {
+                    Absmax::Measure => {
+                        *absmax = block_absmax(block);
+                        *absmax
+                    }
+                    Absmax::Given => rule::absmax_from_bits(absmax.to_bits() & rule::ABS_MASK),
+                };
                 let codes = &mut codes[..block.len()];
-                encoder.encode_block(block, *absmax, codes);
+                encoder.encode_block(block, scale, codes);
                 pack(codes, words);
             }
         });
-    (words, absmax)
+    words
 }
 
 /// Decodes `len` elements from packed codes and per-block absmax.

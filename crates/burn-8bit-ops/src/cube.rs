@@ -71,6 +71,7 @@ fn quantize_kernel(
     len: usize,
     num_blocks: usize,
     zero_code: u32,
+    #[comptime] given_absmax: bool,
     #[comptime] block_size: usize,
     #[comptime] units: usize,
 ) {
@@ -83,38 +84,44 @@ fn quantize_kernel(
     let first_word = block * words_per_block + UNIT_POS as usize;
     let total_words = len.div_ceil(4);
 
-    let mut local_max = 0u32;
-    #[unroll]
-    for j in 0..words_per_unit {
-        let word = first_word + j * units;
+    let max_bits = if given_absmax {
+        u32::reinterpret(absmax[block]) & ABS_MASK
+    } else {
+        let mut local_max = 0u32;
         #[unroll]
-        for e in 0..4usize {
-            let i = word * 4 + e;
-            if i < len {
-                let bits = u32::reinterpret(input[i]) & ABS_MASK;
-                local_max = select(bits > local_max, bits, local_max);
+        for j in 0..words_per_unit {
+            let word = first_word + j * units;
+            #[unroll]
+            for e in 0..4usize {
+                let i = word * 4 + e;
+                if i < len {
+                    let bits = u32::reinterpret(input[i]) & ABS_MASK;
+                    local_max = select(bits > local_max, bits, local_max);
+                }
             }
         }
-    }
-    let mut shared_max = Shared::<[u32]>::new_slice(units);
-    shared_max[UNIT_POS as usize] = local_max;
-    sync_cube();
-    let levels = comptime![units.trailing_zeros() as usize];
-    #[unroll]
-    for level in 0..levels {
-        let stride = comptime![units >> (level + 1)];
-        if (UNIT_POS as usize) < stride {
-            let other = shared_max[UNIT_POS as usize + stride];
-            let mine = shared_max[UNIT_POS as usize];
-            shared_max[UNIT_POS as usize] = select(other > mine, other, mine);
-        }
+        let mut shared_max = Shared::<[u32]>::new_slice(units);
+        shared_max[UNIT_POS as usize] = local_max;
         sync_cube();
-    }
-    let max_bits = shared_max[0];
+        let levels = comptime![units.trailing_zeros() as usize];
+        #[unroll]
+        for level in 0..levels {
+            let stride = comptime![units >> (level + 1)];
+            if (UNIT_POS as usize) < stride {
+                let other = shared_max[UNIT_POS as usize + stride];
+                let mine = shared_max[UNIT_POS as usize];
+                shared_max[UNIT_POS as usize] = select(other > mine, other, mine);
+            }
+            sync_cube();
+        }
+        shared_max[0]
+    };
     let absmax_bits = select(max_bits > INFINITY_BITS, CANONICAL_NAN_BITS, max_bits);
     let scale = f32::reinterpret(absmax_bits);
-    if UNIT_POS == 0 {
-        absmax[block] = scale;
+    if !given_absmax {
+        if UNIT_POS == 0 {
+            absmax[block] = scale;
+        }
     }
 
     let mut thresholds = Shared::<[f32]>::new_slice(255usize);
@@ -740,7 +747,7 @@ fn update_norms(
         .into_iter()
         .map(|state| (into_contiguous(state.codes), into_contiguous(state.absmax)))
         .collect();
-    let maps = rule.state_maps();
+    let maps = rule.state_maps(scalars.maps);
     assert!(maps.len() <= 2 && states.len() == maps.len(), "{rule:?}: the first pass takes 1 or 2 states");
     let len = param.meta.num_elements();
     let num_blocks = len.div_ceil(block_size);
@@ -828,7 +835,7 @@ fn fused_step(
             absmax: writable(state.absmax),
         })
         .collect();
-    let maps = rule.state_maps();
+    let maps = rule.state_maps(scalars.maps);
     assert_eq!(states.len(), maps.len(), "{rule:?} takes {} states", maps.len());
     let len = param.meta.num_elements();
     let num_blocks = len.div_ceil(block_size);
@@ -902,6 +909,39 @@ fn fused_step(
     StepBuffers { param, skipped, states }
 }
 
+/// Launches the quantize kernel: each block's absmax reduced and written, or, with
+/// `given_absmax`, read from `absmax` (`blockwise_encode`).
+fn launch_quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_size: usize, given_absmax: bool) -> CubeTensor {
+    let len = input.meta.num_elements();
+    let num_blocks = len.div_ceil(block_size);
+    let client = input.client.clone();
+    let codes = empty_device_dtype(client.clone(), input.device.clone(), [num_words(len)].into(), DType::U32);
+    let code_map = map.map();
+    let midpoints = upload(&client, &code_map.midpoints());
+    let units = units_per_block(block_size);
+    // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
+    // element type the kernel declares.
+    unsafe {
+        quantize_kernel::launch_unchecked(
+            &client,
+            grid(&client, num_blocks),
+            CubeDim::new_1d(units as u32),
+            address_type(len),
+            BufferArg::from_raw_parts(input.handle.clone(), len),
+            BufferArg::from_raw_parts(midpoints, MAP_LEN - 1),
+            BufferArg::from_raw_parts(codes.handle.clone(), num_words(len)),
+            BufferArg::from_raw_parts(absmax.handle.clone(), num_blocks),
+            len,
+            num_blocks,
+            u32::from(code_map.zero_code()),
+            given_absmax,
+            block_size,
+            units,
+        );
+    }
+    codes
+}
+
 impl BlockwiseOps for CubeBackend {
     fn blockwise_quantize(
         input: FloatTensor<Self>,
@@ -910,41 +950,24 @@ impl BlockwiseOps for CubeBackend {
     ) -> PackedBlocks<Self> {
         let input = into_contiguous(input);
         assert_eq!(input.dtype, DType::F32, "blockwise ops take f32 tensors");
-        let len = input.meta.num_elements();
-        let num_blocks = len.div_ceil(block_size);
-        let client = input.client.clone();
-        let codes = empty_device_dtype(
-            client.clone(),
-            input.device.clone(),
-            [num_words(len)].into(),
-            DType::U32,
-        );
-        let absmax = empty_device_dtype(
-            client.clone(),
-            input.device.clone(),
-            [num_blocks].into(),
-            DType::F32,
-        );
-        let code_map = map.map();
-        let midpoints = upload(&client, &code_map.midpoints());
-        let units = units_per_block(block_size);
-        unsafe {
-            quantize_kernel::launch_unchecked(
-                &client,
-                grid(&client, num_blocks),
-                CubeDim::new_1d(units as u32),
-                address_type(len),
-                BufferArg::from_raw_parts(input.handle.clone(), len),
-                BufferArg::from_raw_parts(midpoints, MAP_LEN - 1),
-                BufferArg::from_raw_parts(codes.handle.clone(), num_words(len)),
-                BufferArg::from_raw_parts(absmax.handle.clone(), num_blocks),
-                len,
-                num_blocks,
-                u32::from(code_map.zero_code()),
-                block_size,
-                units,
-            );
-        }
+        let num_blocks = input.meta.num_elements().div_ceil(block_size);
+        let absmax =
+            empty_device_dtype(input.client.clone(), input.device.clone(), [num_blocks].into(), DType::F32);
+        let codes = launch_quantize(&input, &absmax, map, block_size, false);
+        PackedBlocks { codes, absmax }
+    }
+
+    fn blockwise_encode(
+        input: FloatTensor<Self>,
+        absmax: FloatTensor<Self>,
+        map: MapKind,
+        block_size: usize,
+    ) -> PackedBlocks<Self> {
+        let input = into_contiguous(input);
+        let absmax = into_contiguous(absmax);
+        assert_eq!(input.dtype, DType::F32, "blockwise ops take f32 tensors");
+        assert_eq!(absmax.meta.num_elements(), input.meta.num_elements().div_ceil(block_size), "one absmax per block");
+        let codes = launch_quantize(&input, &absmax, map, block_size, true);
         PackedBlocks { codes, absmax }
     }
 

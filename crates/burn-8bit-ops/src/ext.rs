@@ -203,6 +203,19 @@ pub trait BlockwiseOps: Backend {
         block_size: usize,
     ) -> PackedBlocks<Self>;
 
+    /// Packed codes of a flat `f32` tensor against the given per-block `absmax`
+    /// (`f32[ceil(len / block_size)]`, non-negative; read by magnitude) instead of each block's
+    /// own: [`BlockwiseOps::blockwise_quantize`] without its reduction, returning `absmax` as
+    /// given. One absmax repeated over every block quantizes a whole tensor against its own
+    /// absmax (an ablation setting of the optimizers).
+    #[fusion(meta = fusion_meta::encode)]
+    fn blockwise_encode(
+        input: FloatTensor<Self>,
+        absmax: FloatTensor<Self>,
+        map: MapKind,
+        block_size: usize,
+    ) -> PackedBlocks<Self>;
+
     /// The flat `f32` tensor of `len` elements that packed codes and absmax stand for.
     #[fusion(meta = fusion_meta::dequantize)]
     fn blockwise_dequantize(
@@ -362,6 +375,18 @@ mod fusion_meta {
         }
     }
 
+    pub fn encode(
+        input: &TensorSpec,
+        absmax: &TensorSpec,
+        _map: &MapKind,
+        _block_size: &usize,
+    ) -> PackedBlocksMetadata {
+        PackedBlocksMetadata {
+            codes: TensorSpec::new([num_words(input.shape.num_elements())].into(), DType::U32),
+            absmax: absmax.clone(),
+        }
+    }
+
     pub fn dequantize(
         _codes: &TensorSpec,
         _absmax: &TensorSpec,
@@ -422,7 +447,7 @@ mod flex {
             .collect();
         let views: Vec<(&[u32], &[f32], MapKind)> = states
             .iter()
-            .zip(rule.state_maps())
+            .zip(rule.state_maps(scalars.maps))
             .map(|((codes, absmax), map)| {
                 (
                     codes.as_slice::<u32>().expect("u32 codes"),
@@ -459,7 +484,7 @@ mod flex {
             .into_iter()
             .map(|state| (contiguous(state.codes), contiguous(state.absmax)))
             .collect();
-        let maps = rule.state_maps();
+        let maps = rule.state_maps(scalars.maps);
         let mut views: Vec<StateBuffers<'_>> = states
             .iter_mut()
             .zip(maps)
@@ -511,6 +536,20 @@ mod flex {
                 codes: flat(codes),
                 absmax: flat(absmax),
             }
+        }
+
+        fn blockwise_encode(
+            input: FloatTensor<Self>,
+            absmax: FloatTensor<Self>,
+            map: MapKind,
+            block_size: usize,
+        ) -> PackedBlocks<Self> {
+            let input = contiguous(input);
+            let absmax = contiguous(absmax);
+            let values = input.as_slice::<f32>().expect("contiguous f32 input");
+            let scales = absmax.as_slice::<f32>().expect("contiguous f32 absmax");
+            let codes = flat(cpu::encode(values, scales, map, block_size));
+            PackedBlocks { codes, absmax }
         }
 
         fn blockwise_dequantize(
@@ -590,7 +629,7 @@ mod ndarray {
             .collect();
         let views: Vec<(&[u32], &[f32], MapKind)> = states
             .iter()
-            .zip(rule.state_maps())
+            .zip(rule.state_maps(scalars.maps))
             .map(|((codes, absmax), map)| (codes.as_slice(), absmax.as_slice(), map))
             .collect();
         flat(cpu::update_norms(rule, &scalars, grad_scale, &param, &grad, &views, block_size))
@@ -613,7 +652,7 @@ mod ndarray {
             .collect();
         let mut views: Vec<StateBuffers<'_>> = states
             .iter_mut()
-            .zip(rule.state_maps())
+            .zip(rule.state_maps(scalars.maps))
             .map(|((words, absmax), map)| StateBuffers { words, absmax, map })
             .collect();
         let grad_scale = with_f32(&grad_scale, |scale| scale[0]);
@@ -644,6 +683,18 @@ mod ndarray {
                 codes: flat(codes),
                 absmax: flat(absmax),
             }
+        }
+
+        fn blockwise_encode(
+            input: FloatTensor<Self>,
+            absmax: FloatTensor<Self>,
+            map: MapKind,
+            block_size: usize,
+        ) -> PackedBlocks<Self> {
+            let codes = with_f32(&input, |values| {
+                with_f32(&absmax, |scales| cpu::encode(values, scales, map, block_size))
+            });
+            PackedBlocks { codes: flat(codes), absmax }
         }
 
         fn blockwise_dequantize(

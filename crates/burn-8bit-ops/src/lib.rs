@@ -31,7 +31,7 @@ mod step;
 pub use block::{BlockSize, CODES_PER_WORD, num_words};
 pub use error::QuantError;
 pub use ext::{BlockwiseOps, OneState, PackedBlocks, ThreeStates, TwoStates};
-pub use map::{CodeMap, MAP_LEN, MapKind};
+pub use map::{CodeMap, MAP_LEN, MapFamily, MapKind};
 pub use quantized::BlockQuantized;
 pub use step::{StepRule, StepScalars};
 

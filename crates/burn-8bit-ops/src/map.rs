@@ -57,6 +57,61 @@ impl MapKind {
     }
 }
 
+/// Which family of maps an optimizer's states use: the dynamic maps (the paper's choice and the
+/// default) or, as an ablation, the linear maps. Each state takes the signed or unsigned member
+/// of the family by what it holds.
+///
+/// ```
+/// use burn_8bit_ops::{MapFamily, MapKind};
+/// assert_eq!(MapFamily::Dynamic.kind(true), MapKind::DynamicSigned);
+/// assert_eq!(MapFamily::Linear.kind(false), MapKind::LinearUnsigned);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum MapFamily {
+    /// Dynamic (tree) maps: relative precision kept across seven decades.
+    #[default]
+    Dynamic,
+    /// Linear maps: evenly spaced values (ablation; the paper finds them unstable at scale).
+    Linear,
+}
+
+impl MapFamily {
+    /// The member of the family for signed or non-negative values.
+    pub fn kind(self, signed: bool) -> MapKind {
+        match (self, signed) {
+            (MapFamily::Dynamic, true) => MapKind::DynamicSigned,
+            (MapFamily::Dynamic, false) => MapKind::DynamicUnsigned,
+            (MapFamily::Linear, true) => MapKind::LinearSigned,
+            (MapFamily::Linear, false) => MapKind::LinearUnsigned,
+        }
+    }
+
+    /// The family a map belongs to.
+    pub fn of(kind: MapKind) -> Self {
+        match kind {
+            MapKind::DynamicSigned | MapKind::DynamicUnsigned => MapFamily::Dynamic,
+            MapKind::LinearSigned | MapKind::LinearUnsigned => MapFamily::Linear,
+        }
+    }
+
+    /// A stable integer for records (0 dynamic, 1 linear).
+    pub fn code(self) -> u64 {
+        match self {
+            MapFamily::Dynamic => 0,
+            MapFamily::Linear => 1,
+        }
+    }
+
+    /// The family of [`MapFamily::code`]; `None` for an unknown code.
+    pub fn from_code(code: u64) -> Option<Self> {
+        match code {
+            0 => Some(MapFamily::Dynamic),
+            1 => Some(MapFamily::Linear),
+            _ => None,
+        }
+    }
+}
+
 /// A sorted table of 256 `f32` values; code `c` decodes to `values()[c] * absmax`.
 ///
 /// ```

@@ -71,6 +71,47 @@ impl BlockQuantized {
         }
     }
 
+    /// Quantizes against one absmax for the whole tensor, `max |x|`, stored in every block: the
+    /// paper's ablation without block-wise scaling. The layout is that of
+    /// [`BlockQuantized::quantize`], so it decodes like any other, but one outlier sets the
+    /// scale of every element.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use burn_8bit_ops::{BlockQuantized, BlockSize, MapKind};
+    ///
+    /// let x = Tensor::<1>::from_floats([0.5; 128], &Device::default()).slice_assign([0..1], Tensor::from_floats([8.0], &Device::default()));
+    /// let q = BlockQuantized::quantize_whole_tensor(x, MapKind::DynamicSigned, BlockSize::new(64).unwrap());
+    /// assert_eq!(q.absmax_values(), [8.0, 8.0]);
+    /// ```
+    pub fn quantize_whole_tensor<const D: usize>(
+        tensor: Tensor<D>,
+        map: MapKind,
+        block_size: BlockSize,
+    ) -> Self {
+        let tensor = tensor.without_autodiff();
+        let shape = tensor.shape();
+        let len = shape.num_elements();
+        if len == 0 {
+            return Self::quantize(tensor, map, block_size);
+        }
+        let flat = tensor.cast(FloatDType::F32).reshape([len]);
+        let absmax = flat.clone().abs().max().repeat_dim(0, block_size.num_blocks(len));
+        let packed = Dispatch::blockwise_encode(
+            flat.into_dispatch(),
+            absmax.into_dispatch(),
+            map,
+            block_size.get(),
+        );
+        Self {
+            codes: Tensor::from_dispatch(packed.codes),
+            absmax: Tensor::from_dispatch(packed.absmax),
+            shape,
+            block_size,
+            map,
+        }
+    }
+
     /// The quantized form of a tensor of zeros: every code is the map's zero code, every absmax 0,
     /// so it decodes to exact zeros. Optimizer states start here.
     pub fn zeros(shape: Shape, map: MapKind, block_size: BlockSize, device: &Device) -> Self {

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::map::MapKind;
+use crate::map::{MapFamily, MapKind};
 
 /// Which update a fused step applies. States are listed in slot order by [`StepRule::state_maps`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -44,31 +44,32 @@ pub enum StepRule {
 }
 
 impl StepRule {
-    /// The map of each state slot, in order; its length is the number of states (1 to 3).
-    pub fn state_maps(self) -> Vec<MapKind> {
-        use MapKind::{DynamicSigned as Signed, DynamicUnsigned as Unsigned};
+    /// The map of each state slot in `family`, in order (signed for moments, unsigned for
+    /// non-negative states); its length is the number of states (1 to 3).
+    pub fn state_maps(self, family: MapFamily) -> Vec<MapKind> {
+        let (signed, unsigned) = (family.kind(true), family.kind(false));
         match self {
             StepRule::Adam { amsgrad, .. } => {
-                let mut maps = vec![Signed, Unsigned];
+                let mut maps = vec![signed, unsigned];
                 if amsgrad {
-                    maps.push(Unsigned);
+                    maps.push(unsigned);
                 }
                 maps
             }
-            StepRule::Momentum { .. } | StepRule::Lion => vec![Signed],
+            StepRule::Momentum { .. } | StepRule::Lion => vec![signed],
             StepRule::RmsProp { centered, momentum } => {
-                let mut maps = vec![Unsigned];
+                let mut maps = vec![unsigned];
                 if momentum {
-                    maps.push(Signed);
+                    maps.push(signed);
                 }
                 if centered {
-                    maps.push(Signed);
+                    maps.push(signed);
                 }
                 maps
             }
-            StepRule::AdaGrad => vec![Unsigned],
-            StepRule::AdEMAMix => vec![Signed, Signed, Unsigned],
-            StepRule::Lamb => vec![Signed, Unsigned],
+            StepRule::AdaGrad => vec![unsigned],
+            StepRule::AdEMAMix => vec![signed, signed, unsigned],
+            StepRule::Lamb => vec![signed, unsigned],
         }
     }
 
@@ -180,6 +181,8 @@ pub struct StepScalars {
     pub first_step: u32,
     /// LAMB's weight decay, added to the direction as `weight_decay·p`.
     pub weight_decay: f32,
+    /// The family of the states' maps (read from a table at run time, like the scalars).
+    pub maps: MapFamily,
 }
 
 /// `true` for finite `x`, decided on the bits (as the kernels do: WGSL compilers may assume NaN
@@ -317,7 +320,9 @@ mod tests {
         let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
         assert_eq!(rules.len(), 14);
         for rule in rules {
-            assert_eq!(rule.num_states(), rule.state_maps().len(), "{rule:?}");
+            for family in [MapFamily::Dynamic, MapFamily::Linear] {
+                assert_eq!(rule.num_states(), rule.state_maps(family).len(), "{rule:?}");
+            }
             assert_eq!(rule.num_states(), rule.state_names().len(), "{rule:?}");
             assert_eq!(StepRule::from_code(rule.code()), Some(rule));
         }

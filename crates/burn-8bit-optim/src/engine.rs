@@ -3,8 +3,8 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, FloatDType, Tensor};
 use burn_8bit_ops::{
-    BlockQuantized, BlockSize, BlockwiseOps, OneState, PackedBlocks, StepRule, StepScalars,
-    ThreeStates, TwoStates,
+    BlockQuantized, BlockSize, BlockwiseOps, MapFamily, OneState, PackedBlocks, StepRule,
+    StepScalars, ThreeStates, TwoStates,
 };
 
 use crate::full;
@@ -19,6 +19,10 @@ pub struct StateSettings {
     pub min_8bit_size: usize,
     /// Percentile clipping's percentile (0–99), `None` when off.
     pub percentile: Option<usize>,
+    /// The family of the states' maps.
+    pub map_family: MapFamily,
+    /// One absmax per tensor (ablation) instead of one per block.
+    pub whole_tensor_block: bool,
 }
 
 /// What distinguishes one 8-bit optimizer from another; the rest is [`step`].
@@ -78,8 +82,8 @@ pub(crate) fn trust_scale(trust: Trust, direction_norm: Tensor<1>, param_norm: T
 /// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract).
 ///
 /// A state written by another optimizer, for another shape, or with the other precision is
-/// replaced by fresh zero states; a state with another block size is re-quantized on the device;
-/// a state on another device is moved to the parameter's.
+/// replaced by fresh zero states; a state with another block size or map family is re-quantized
+/// on the device; a state on another device is moved to the parameter's.
 pub(crate) fn step<R: UpdateRule, const D: usize>(
     rule: &R,
     lr: f64,
@@ -106,17 +110,26 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
                 state.to_device(&device)
             };
             match block_size {
-                Some(block_size) => state.with_block_size(block_size),
+                Some(block_size) => state.with_layout(block_size, settings.map_family),
                 None => state,
             }
         }
-        _ => Optim8bitState::new(R::KIND, step_rule, shape.clone(), block_size, &device),
+        _ => Optim8bitState::new(
+            R::KIND,
+            step_rule,
+            shape.clone(),
+            block_size.map(|size| (size, settings.map_family)),
+            &device,
+        ),
     };
     state.time += 1;
     if len == 0 {
         return (tensor, Some(state));
     }
-    let scalars = rule.scalars(lr, state.time);
+    let scalars = StepScalars {
+        maps: settings.map_family,
+        ..rule.scalars(lr, state.time)
+    };
     let dtype = tensor.dtype();
     let param = tensor.cast(FloatDType::F32).reshape([len]);
     let grad = grad.cast(FloatDType::F32).reshape([len]);
@@ -125,6 +138,9 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
         None => Tensor::ones([1], (&device, DType::F32)),
     };
     let (param, state) = match block_size {
+        Some(block_size) if settings.whole_tensor_block => {
+            whole_tensor(state, param, grad * grad_scale, &scalars, block_size, rule.trust())
+        }
         Some(block_size) => fused(state, param, grad, grad_scale, scalars, block_size, rule.trust()),
         None => full::step(state, param, grad * grad_scale, &scalars, rule.trust()),
     };
@@ -135,6 +151,30 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
         param.cast(FloatDType::from(dtype))
     };
     (param, Some(state))
+}
+
+/// The whole-tensor ablation: decode every state, update with the `f32` rules, re-encode each
+/// state against its own new absmax (`max |s|`, repeated in every block). Two passes and O(n)
+/// `f32` temporaries, unlike the fused path: an experiment, not a production path.
+fn whole_tensor<const D: usize>(
+    mut state: Optim8bitState<D>,
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    scalars: &StepScalars,
+    block_size: BlockSize,
+    trust: Option<Trust>,
+) -> (Tensor<1>, Optim8bitState<D>) {
+    let maps = state.slot_maps();
+    state.slots = state.slots.iter().map(|slot| StateSlot::Full(slot.decoded())).collect();
+    let (param, mut state) = full::step(state, param, grad, scalars, trust);
+    state.slots = std::mem::take(&mut state.slots)
+        .into_iter()
+        .zip(maps)
+        .map(|(slot, map)| {
+            StateSlot::Quantized(BlockQuantized::quantize_whole_tensor(slot.decoded(), map, block_size))
+        })
+        .collect();
+    (param, state)
 }
 
 /// The 8-bit path: one fused op (by number of states) over the flat parameter.
@@ -159,7 +199,7 @@ fn fused<const D: usize>(
         None => grad_scale.ones_like(),
     };
     let len = param.shape().num_elements();
-    let maps = state.rule.state_maps();
+    let maps = state.slot_maps();
     let mut packed: Vec<PackedBlocks<Dispatch>> = std::mem::take(&mut state.slots)
         .into_iter()
         .map(|slot| match slot {

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
 use crate::engine::{StateSettings, Trust, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_positive, check_range};
@@ -48,6 +48,15 @@ pub struct Lars8bitConfig {
     /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
     #[config(default = 100)]
     pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
+    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
+    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
+    /// re-encode against the new whole-tensor absmax — instead of the fused step.
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
 /// LARS with an 8-bit block-wise quantized momentum.
@@ -72,7 +81,13 @@ impl Lars8bitConfig {
             dampening: self.dampening,
             weight_decay: self.weight_decay,
             max_unorm: self.max_unorm,
-            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
+            settings: settings(
+                self.block_size,
+                self.min_8bit_size,
+                self.percentile_clipping,
+                self.map_family,
+                self.whole_tensor_block,
+            )?,
         })
     }
 }

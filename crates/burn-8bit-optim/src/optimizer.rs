@@ -86,16 +86,18 @@ macro_rules! impl_config_builders {
 
 pub(crate) use {impl_config_builders, impl_optimizer};
 
-use burn_8bit_ops::BlockSize;
+use burn_8bit_ops::{BlockSize, MapFamily};
 
 use crate::engine::StateSettings;
 use crate::error::ConfigError;
 
-/// The shared `block_size` / `min_8bit_size` / `percentile_clipping` fields, validated.
+/// The quantization fields every config shares, validated.
 pub(crate) fn settings(
     block_size: usize,
     min_8bit_size: usize,
     percentile_clipping: usize,
+    map_family: MapFamily,
+    whole_tensor_block: bool,
 ) -> Result<StateSettings, ConfigError> {
     if percentile_clipping > 100 {
         return Err(ConfigError::OutOfRange {
@@ -108,6 +110,8 @@ pub(crate) fn settings(
         block_size: BlockSize::new(block_size)?,
         min_8bit_size,
         percentile: (percentile_clipping < 100).then_some(percentile_clipping),
+        map_family,
+        whole_tensor_block,
     })
 }
 

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
@@ -48,6 +48,15 @@ pub struct RmsProp8bitConfig {
     /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
     #[config(default = 100)]
     pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
+    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
+    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
+    /// re-encode against the new whole-tensor absmax — instead of the fused step.
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
 /// RMSprop with 8-bit block-wise quantized states.
@@ -75,7 +84,13 @@ impl RmsProp8bitConfig {
             epsilon: self.epsilon,
             centered: self.centered,
             penalty,
-            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
+            settings: settings(
+                self.block_size,
+                self.min_8bit_size,
+                self.percentile_clipping,
+                self.map_family,
+                self.whole_tensor_block,
+            )?,
         })
     }
 }

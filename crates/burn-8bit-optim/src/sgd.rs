@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_range};
@@ -41,6 +41,15 @@ pub struct Sgd8bitConfig {
     /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
     #[config(default = 100)]
     pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
+    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
+    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
+    /// re-encode against the new whole-tensor absmax — instead of the fused step.
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
 /// SGD with an 8-bit block-wise quantized momentum buffer.
@@ -65,7 +74,13 @@ impl Sgd8bitConfig {
             dampening: self.momentum.dampening as f32,
             nesterov: self.momentum.nesterov,
             penalty,
-            settings: settings(self.block_size, self.min_8bit_size, self.percentile_clipping)?,
+            settings: settings(
+                self.block_size,
+                self.min_8bit_size,
+                self.percentile_clipping,
+                self.map_family,
+                self.whole_tensor_block,
+            )?,
         })
     }
 }

@@ -2,7 +2,7 @@
 
 use burn::optim::{RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
-use burn_8bit_ops::{BlockQuantized, BlockSize, StepRule};
+use burn_8bit_ops::{BlockQuantized, BlockSize, MapFamily, MapKind, StepRule};
 use burn_pack::Scalar;
 
 /// Which optimizer wrote a state; recorded so that a checkpoint of one optimizer is never read
@@ -77,7 +77,7 @@ pub enum StateSlot {
 }
 
 impl StateSlot {
-    fn decoded(&self) -> Tensor<1> {
+    pub(crate) fn decoded(&self) -> Tensor<1> {
         match self {
             StateSlot::Quantized(q) => q.dequantize_flat(),
             StateSlot::Full(t) => t.clone(),
@@ -134,21 +134,22 @@ pub struct DecodedState<const D: usize> {
 }
 
 impl<const D: usize> Optim8bitState<D> {
-    /// Fresh zero states for a parameter of `shape`: quantized in blocks of `block_size`, or
-    /// `f32` when `block_size` is `None`.
+    /// Fresh zero states for a parameter of `shape`: quantized in blocks of the given size with
+    /// maps of the given family, or `f32` when `layout` is `None`.
     pub(crate) fn new(
         kind: OptimizerKind,
         rule: StepRule,
         shape: Shape,
-        block_size: Option<BlockSize>,
+        layout: Option<(BlockSize, MapFamily)>,
         device: &Device,
     ) -> Self {
         let len = shape.num_elements();
+        let family = layout.map_or(MapFamily::Dynamic, |(_, family)| family);
         let slots = rule
-            .state_maps()
+            .state_maps(family)
             .into_iter()
-            .map(|map| match block_size {
-                Some(block_size) => StateSlot::Quantized(BlockQuantized::zeros(
+            .map(|map| match layout {
+                Some((block_size, _)) => StateSlot::Quantized(BlockQuantized::zeros(
                     [len].into(),
                     map,
                     block_size,
@@ -261,14 +262,36 @@ impl<const D: usize> Optim8bitState<D> {
         }
     }
 
-    /// Re-quantizes 8-bit states whose block size differs from `block_size` (after loading a
-    /// record written with another block size), on the device.
-    pub(crate) fn with_block_size(mut self, block_size: BlockSize) -> Self {
-        for slot in &mut self.slots {
+    /// The family of the quantized states' maps (dynamic for `f32` states).
+    pub fn map_family(&self) -> MapFamily {
+        match self.slots.first() {
+            Some(StateSlot::Quantized(q)) => MapFamily::of(q.map()),
+            _ => MapFamily::Dynamic,
+        }
+    }
+
+    /// Each slot's map (the rule's dynamic maps for `f32` states).
+    pub(crate) fn slot_maps(&self) -> Vec<MapKind> {
+        let dynamic = self.rule.state_maps(MapFamily::Dynamic);
+        self.slots
+            .iter()
+            .zip(dynamic)
+            .map(|(slot, dynamic)| match slot {
+                StateSlot::Quantized(q) => q.map(),
+                StateSlot::Full(_) => dynamic,
+            })
+            .collect()
+    }
+
+    /// Re-quantizes 8-bit states whose block size or map family differs from the optimizer's
+    /// (after loading a record written with other settings), on the device.
+    pub(crate) fn with_layout(mut self, block_size: BlockSize, family: MapFamily) -> Self {
+        let maps = self.rule.state_maps(family);
+        for (slot, map) in self.slots.iter_mut().zip(maps) {
             if let StateSlot::Quantized(q) = slot
-                && q.block_size() != block_size
+                && (q.block_size() != block_size || q.map() != map)
             {
-                *q = BlockQuantized::quantize(q.dequantize_flat(), q.map(), block_size);
+                *q = BlockQuantized::quantize(q.dequantize_flat(), map, block_size);
             }
         }
         self
@@ -285,6 +308,7 @@ pub(crate) const TIME: &str = "time";
 pub(crate) const BLOCK_SIZE: &str = "block_size";
 pub(crate) const RANK: &str = "rank";
 pub(crate) const SKIPPED: &str = "skipped";
+pub(crate) const MAP_FAMILY: &str = "map_family";
 const GNORMS: &str = "gnorms";
 
 pub(crate) fn dim_key(axis: usize) -> String {
@@ -309,6 +333,7 @@ impl<const D: usize> RecordState for Optim8bitState<D> {
             BLOCK_SIZE,
             Scalar::from(self.block_size().map_or(0, BlockSize::get)),
         );
+        out.push_scalar(prefix, MAP_FAMILY, Scalar::from(self.map_family().code()));
         for (slot, state) in self.slots.iter().enumerate() {
             match state {
                 StateSlot::Quantized(q) => {
@@ -344,8 +369,13 @@ impl<const D: usize> RecordState for Optim8bitState<D> {
             0 => None,
             size => Some(BlockSize::new(usize::try_from(size).ok()?).ok()?),
         };
+        // Records written before the ablation settings hold dynamic maps and no family.
+        let family = match src.take_scalar(prefix, MAP_FAMILY) {
+            Some(code) => MapFamily::from_code(u64::try_from(code).ok()?)?,
+            None => MapFamily::Dynamic,
+        };
         let mut slots = Vec::new();
-        for (slot, map) in rule.state_maps().into_iter().enumerate() {
+        for (slot, map) in rule.state_maps(family).into_iter().enumerate() {
             let state = match block_size {
                 Some(block_size) => {
                     let codes = src.take_tensor(prefix, &slot_key(slot, "codes"))?;

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use burn::optim::OptimizerRecord;
 use burn::tensor::{Bytes, DType, Shape, TensorData};
-use burn_8bit_ops::{MapKind, StepRule, cpu, num_words};
+use burn_8bit_ops::{MapFamily, MapKind, StepRule, cpu, num_words};
 use burn_pack::{Reader, Scalar, Writer};
 
 use crate::engine::UpdateRule;
 use crate::error::LoadError;
 use crate::record::split_key;
-use crate::state::{BLOCK_SIZE, KIND, OptimizerKind, RANK, RULE, SKIPPED, TIME, dim_key, slot_key};
+use crate::state::{BLOCK_SIZE, KIND, MAP_FAMILY, OptimizerKind, RANK, RULE, SKIPPED, TIME, dim_key, slot_key};
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
 /// twin: `AdamConfig` ↔ `Adam8bitConfig`, `AdamWConfig` ↔ `AdamW8bitConfig`, `SgdConfig` with
@@ -165,7 +165,7 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
         };
         let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
         let mut converted = BTreeMap::new();
-        for (slot, (key, map)) in layout.slots.iter().zip(rule.state_maps()).enumerate() {
+        for (slot, (key, map)) in layout.slots.iter().zip(rule.state_maps(settings.map_family)).enumerate() {
             let values = f32_values(tensors.get(*key).ok_or_else(|| missing(key))?, param_id, key)?;
             match block_size {
                 Some(block_size) => {
@@ -192,6 +192,7 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
             scalars.insert(dim_key(axis), Scalar::from(dim));
         }
         scalars.insert(BLOCK_SIZE.to_string(), Scalar::from(block_size.map_or(0, |b| b.get())));
+        scalars.insert(MAP_FAMILY.to_string(), Scalar::from(settings.map_family.code()));
         *tensors = converted;
     }
     write(entries)
@@ -222,8 +223,13 @@ pub(crate) fn to_burn<R: UpdateRule>(record: OptimizerRecord) -> Result<Optimize
         let len: usize = dims.iter().product();
         let time = scalar(TIME)?;
         let block_size = scalar(BLOCK_SIZE)? as usize;
+        let family = match scalars.get(MAP_FAMILY) {
+            None => Some(MapFamily::Dynamic),
+            Some(&code) => u64::try_from(code).ok().and_then(MapFamily::from_code),
+        }
+        .ok_or_else(|| LoadError::Corrupt { param_id, reason: "unknown map family".into() })?;
         let mut decoded = Vec::new();
-        for (slot, map) in rule.state_maps().into_iter().enumerate() {
+        for (slot, map) in rule.state_maps(family).into_iter().enumerate() {
             let values = if block_size == 0 {
                 let key = slot_key(slot, "values");
                 f32_values(tensors.get(&key).ok_or_else(|| LoadError::Corrupt { param_id, reason: format!("`{key}` is missing") })?, param_id, &key)?
