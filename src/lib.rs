@@ -8,8 +8,10 @@
 //! - [`ops`]: code maps and block-wise quantization ([`BlockQuantized`]), with CubeCL kernels and
 //!   a CPU twin that produce identical codes;
 //! - [`optim`]: the 8-bit optimizers ([`AdamW8bitConfig`], [`Adam8bitConfig`], [`Sgd8bitConfig`],
-//!   [`RmsProp8bitConfig`], [`AdaGrad8bitConfig`], [`Lion8bitConfig`], [`AdEMAMix8bitConfig`]),
-//!   each the twin of Burn's 32-bit config of the same name;
+//!   [`RmsProp8bitConfig`], [`AdaGrad8bitConfig`], [`Lion8bitConfig`], [`Lamb8bitConfig`],
+//!   [`AdEMAMix8bitConfig`], [`Lars8bitConfig`]), each the twin of Burn's 32-bit config of the
+//!   same name (AdEMAMix and LARS follow bitsandbytes), with checkpoints ([`load_record_checked`],
+//!   [`SwitchRecord`]) and a state-memory report ([`StateReport`]);
 //! - [`nn`]: [`nn::StableEmbedding`], the paper's embedding layer for stable 8-bit training,
 //!   and [`nn::keep_embeddings_32bit`], which keeps its weight on 32-bit state;
 //! - [`conformance`]: replays bitsandbytes' reference vectors and judges the results.
@@ -28,7 +30,8 @@
 //! assert_eq!(y.dims(), [2, 2]);
 //! # Ok::<(), burn_8bit::QuantError>(())
 //! ```
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 pub use burn_8bit_ops as ops;
 pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapFamily, MapKind, QuantError};
@@ -38,8 +41,8 @@ pub use burn_8bit_optim::{
     AdEMAMix8bit, AdEMAMix8bitConfig, AdaGrad8bit, AdaGrad8bitConfig, Adam8bit, Adam8bitConfig,
     AdamW8bit, AdamW8bitConfig, ConfigError, Lamb8bit, Lamb8bitConfig, Lars8bit, Lars8bitConfig,
     LoadError, Lion8bit, Lion8bitConfig, Optim8bitState,
-    OptimizerKind, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig, StateReport,
-    load_record_checked,
+    OptimizerKind, ParamStateReport, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig,
+    StateReport, SwitchRecord, load_record_checked,
 };
 
 pub mod conformance;

@@ -5,7 +5,8 @@
 //!   (computed in `f32`), whose weight keeps **32-bit** optimizer state;
 //! - [`keep_embeddings_32bit`]: the one call that gives every `StableEmbedding` weight of a model
 //!   its own `f32`-state optimizer while the rest of the model trains with 8-bit state.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 mod embedding;
 mod groups;

@@ -15,7 +15,8 @@
 //! assert_eq!(q.unpacked_codes()[2], 127); // 0.0 gets the zero code
 //! assert_eq!(q.absmax_values(), [3.0]);
 //! ```
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 mod block;
 pub mod cpu;

@@ -3,53 +3,36 @@
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_positive};
-use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
-/// the quantization settings. The step size at step `t` is `lr / (1 + (t − 1)·lr_decay)`.
-///
-/// ```
-/// use burn_8bit_optim::AdaGrad8bitConfig;
-///
-/// let optimizer = AdaGrad8bitConfig::new().with_lr_decay(1e-3).init();
-/// # let _ = optimizer;
-/// ```
-#[derive(Config, Debug)]
-pub struct AdaGrad8bitConfig {
-    /// Learning-rate decay per step.
-    #[config(default = 0.)]
-    pub lr_decay: f64,
-    /// Added to the root of the sum of squares.
-    #[config(default = 1e-5)]
-    pub epsilon: f32,
-    /// L2 weight decay, added to the gradient.
-    pub weight_decay: Option<WeightDecayConfig>,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
+    /// the quantization settings. The step size at step `t` is `lr / (1 + (t − 1)·lr_decay)`.
+    ///
+    /// ```
+    /// use burn_8bit_optim::AdaGrad8bitConfig;
+    ///
+    /// let optimizer = AdaGrad8bitConfig::new().with_lr_decay(1e-3).init();
+    /// # let _ = optimizer;
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct AdaGrad8bitConfig {
+        /// Learning-rate decay per step.
+        #[config(default = 0.)]
+        pub lr_decay: f64,
+        /// Added to the root of the sum of squares.
+        #[config(default = 1e-5)]
+        pub epsilon: f32,
+        /// L2 weight decay, added to the gradient.
+        pub weight_decay: Option<WeightDecayConfig>,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub grad_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// Adagrad with an 8-bit block-wise quantized sum of squared gradients.
@@ -72,13 +55,7 @@ impl AdaGrad8bitConfig {
             lr_decay: self.lr_decay,
             epsilon: self.epsilon,
             penalty,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }

@@ -3,60 +3,43 @@
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{bias_corrections, config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
-/// quantization settings.
-///
-/// ```
-/// use burn_8bit_optim::Adam8bitConfig;
-///
-/// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_block_size(128).init();
-/// # let _ = optimizer;
-/// assert!(Adam8bitConfig::new().with_beta_1(1.0).try_init().is_err());
-/// ```
-#[derive(Config, Debug)]
-pub struct Adam8bitConfig {
-    /// Decay rate of the first moment.
-    #[config(default = 0.9)]
-    pub beta_1: f32,
-    /// Decay rate of the second moment.
-    #[config(default = 0.999)]
-    pub beta_2: f32,
-    /// Added to the root of the second moment.
-    #[config(default = 1e-5)]
-    pub epsilon: f32,
-    /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
-    #[config(default = false)]
-    pub amsgrad: bool,
-    /// L2 weight decay, added to the gradient (`g += penalty·p`).
-    pub weight_decay: Option<WeightDecayConfig>,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
+    /// quantization settings.
+    ///
+    /// ```
+    /// use burn_8bit_optim::Adam8bitConfig;
+    ///
+    /// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_block_size(128).init();
+    /// # let _ = optimizer;
+    /// assert!(Adam8bitConfig::new().with_beta_1(1.0).try_init().is_err());
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct Adam8bitConfig {
+        /// Decay rate of the first moment.
+        #[config(default = 0.9)]
+        pub beta_1: f32,
+        /// Decay rate of the second moment.
+        #[config(default = 0.999)]
+        pub beta_2: f32,
+        /// Added to the root of the second moment.
+        #[config(default = 1e-5)]
+        pub epsilon: f32,
+        /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
+        #[config(default = false)]
+        pub amsgrad: bool,
+        /// L2 weight decay, added to the gradient (`g += penalty·p`).
+        pub weight_decay: Option<WeightDecayConfig>,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub grad_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// Adam with 8-bit block-wise quantized moments (Dettmers et al., 2022).
@@ -84,13 +67,7 @@ impl Adam8bitConfig {
             epsilon: self.epsilon,
             amsgrad: self.amsgrad,
             penalty,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }

@@ -2,64 +2,47 @@
 
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::adam::adam_scalars;
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
-/// quantization settings.
-///
-/// ```
-/// use burn_8bit_optim::AdamW8bitConfig;
-///
-/// let optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
-/// # let _ = optimizer;
-/// ```
-#[derive(Config, Debug)]
-pub struct AdamW8bitConfig {
-    /// Decay rate of the first moment.
-    #[config(default = 0.9)]
-    pub beta_1: f32,
-    /// Decay rate of the second moment.
-    #[config(default = 0.999)]
-    pub beta_2: f32,
-    /// Added to the root of the second moment.
-    #[config(default = 1e-5)]
-    pub epsilon: f32,
-    /// Decoupled weight decay: `p *= 1 − lr·weight_decay` before the update.
-    #[config(default = 1e-4)]
-    pub weight_decay: f32,
-    /// Decay only where the parameter and the first moment have the same sign.
-    #[config(default = false)]
-    pub cautious_weight_decay: bool,
-    /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
-    #[config(default = false)]
-    pub amsgrad: bool,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
+    /// quantization settings.
+    ///
+    /// ```
+    /// use burn_8bit_optim::AdamW8bitConfig;
+    ///
+    /// let optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
+    /// # let _ = optimizer;
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct AdamW8bitConfig {
+        /// Decay rate of the first moment.
+        #[config(default = 0.9)]
+        pub beta_1: f32,
+        /// Decay rate of the second moment.
+        #[config(default = 0.999)]
+        pub beta_2: f32,
+        /// Added to the root of the second moment.
+        #[config(default = 1e-5)]
+        pub epsilon: f32,
+        /// Decoupled weight decay: `p *= 1 − lr·weight_decay` before the update.
+        #[config(default = 1e-4)]
+        pub weight_decay: f32,
+        /// Decay only where the parameter and the first moment have the same sign.
+        #[config(default = false)]
+        pub cautious_weight_decay: bool,
+        /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
+        #[config(default = false)]
+        pub amsgrad: bool,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub grad_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// AdamW with 8-bit block-wise quantized moments.
@@ -88,13 +71,7 @@ impl AdamW8bitConfig {
             weight_decay: self.weight_decay,
             cautious_weight_decay: self.cautious_weight_decay,
             amsgrad: self.amsgrad,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }

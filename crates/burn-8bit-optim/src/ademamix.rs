@@ -3,70 +3,53 @@
 
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{bias_corrections, config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
-/// settings.
-///
-/// ```
-/// use burn_8bit_optim::AdEMAMix8bitConfig;
-///
-/// let optimizer = AdEMAMix8bitConfig::new()
-///     .with_t_alpha(Some(10_000))
-///     .with_t_beta3(Some(10_000))
-///     .init();
-/// # let _ = optimizer;
-/// ```
-#[derive(Config, Debug)]
-pub struct AdEMAMix8bitConfig {
-    /// Decay rate of the fast EMA.
-    #[config(default = 0.9)]
-    pub beta_1: f32,
-    /// Decay rate of the second moment.
-    #[config(default = 0.999)]
-    pub beta_2: f32,
-    /// Decay rate of the slow EMA (reached at `t_beta3` when scheduled).
-    #[config(default = 0.9999)]
-    pub beta_3: f32,
-    /// Weight of the slow EMA (reached at `t_alpha` when scheduled).
-    #[config(default = 5.0)]
-    pub alpha: f32,
-    /// Added to the root of the second moment.
-    #[config(default = 1e-8)]
-    pub epsilon: f32,
-    /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
-    #[config(default = 1e-2)]
-    pub weight_decay: f32,
-    /// Steps of the linear warm-up of α (none: α from the start).
-    pub t_alpha: Option<usize>,
-    /// Steps of the warm-up of β3 (none: β3 from the start).
-    pub t_beta3: Option<usize>,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
+    /// settings.
+    ///
+    /// ```
+    /// use burn_8bit_optim::AdEMAMix8bitConfig;
+    ///
+    /// let optimizer = AdEMAMix8bitConfig::new()
+    ///     .with_t_alpha(Some(10_000))
+    ///     .with_t_beta3(Some(10_000))
+    ///     .init();
+    /// # let _ = optimizer;
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct AdEMAMix8bitConfig {
+        /// Decay rate of the fast EMA.
+        #[config(default = 0.9)]
+        pub beta_1: f32,
+        /// Decay rate of the second moment.
+        #[config(default = 0.999)]
+        pub beta_2: f32,
+        /// Decay rate of the slow EMA (reached at `t_beta3` when scheduled).
+        #[config(default = 0.9999)]
+        pub beta_3: f32,
+        /// Weight of the slow EMA (reached at `t_alpha` when scheduled).
+        #[config(default = 5.0)]
+        pub alpha: f32,
+        /// Added to the root of the second moment.
+        #[config(default = 1e-8)]
+        pub epsilon: f32,
+        /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
+        #[config(default = 1e-2)]
+        pub weight_decay: f32,
+        /// Steps of the linear warm-up of α (none: α from the start).
+        pub t_alpha: Option<usize>,
+        /// Steps of the warm-up of β3 (none: β3 from the start).
+        pub t_beta3: Option<usize>,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub grad_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// AdEMAMix with 8-bit block-wise quantized fast EMA, slow EMA and second moment.
@@ -110,13 +93,7 @@ impl AdEMAMix8bitConfig {
             weight_decay: self.weight_decay,
             t_alpha: self.t_alpha,
             t_beta3: self.t_beta3,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }

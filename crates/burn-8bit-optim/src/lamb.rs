@@ -2,64 +2,47 @@
 
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, Trust, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`Lamb8bit`]: every field and default of Burn's `LambConfig`, plus the
-/// 8-bit settings.
-///
-/// The step is two passes over the tensor: the first computes the norms of the parameter and
-/// of the update direction (states decoded, nothing written), the second is the fused step with
-/// the trust ratio `‖p‖ / ‖u‖` as a device scalar.
-///
-/// ```
-/// use burn_8bit_optim::Lamb8bitConfig;
-///
-/// let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).init();
-/// # let _ = optimizer;
-/// ```
-#[derive(Config, Debug)]
-pub struct Lamb8bitConfig {
-    /// Decay rate of the first moment.
-    #[config(default = 0.9)]
-    pub beta_1: f32,
-    /// Decay rate of the second moment.
-    #[config(default = 0.999)]
-    pub beta_2: f32,
-    /// Added to the root of the bias-corrected second moment.
-    #[config(default = 1e-6)]
-    pub epsilon: f32,
-    /// Weight decay added to the update direction (`u += weight_decay·p`).
-    #[config(default = 0.0)]
-    pub weight_decay: f32,
-    /// Scale the update by the trust ratio `‖p‖ / ‖u‖` (1 when either norm is 0).
-    #[config(default = true)]
-    pub use_trust_ratio: bool,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`Lamb8bit`]: every field and default of Burn's `LambConfig`, plus the
+    /// 8-bit settings.
+    ///
+    /// The step is two passes over the tensor: the first computes the norms of the parameter and
+    /// of the update direction (states decoded, nothing written), the second is the fused step with
+    /// the trust ratio `‖p‖ / ‖u‖` as a device scalar.
+    ///
+    /// ```
+    /// use burn_8bit_optim::Lamb8bitConfig;
+    ///
+    /// let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).init();
+    /// # let _ = optimizer;
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct Lamb8bitConfig {
+        /// Decay rate of the first moment.
+        #[config(default = 0.9)]
+        pub beta_1: f32,
+        /// Decay rate of the second moment.
+        #[config(default = 0.999)]
+        pub beta_2: f32,
+        /// Added to the root of the bias-corrected second moment.
+        #[config(default = 1e-6)]
+        pub epsilon: f32,
+        /// Weight decay added to the update direction (`u += weight_decay·p`).
+        #[config(default = 0.0)]
+        pub weight_decay: f32,
+        /// Scale the update by the trust ratio `‖p‖ / ‖u‖` (1 when either norm is 0).
+        #[config(default = true)]
+        pub use_trust_ratio: bool,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub grad_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// LAMB with 8-bit block-wise quantized moments.
@@ -86,13 +69,7 @@ impl Lamb8bitConfig {
             epsilon: self.epsilon,
             weight_decay: self.weight_decay,
             use_trust_ratio: self.use_trust_ratio,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }

@@ -2,61 +2,44 @@
 
 use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, Trust, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_positive, check_range};
-use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`Lars8bit`], after bitsandbytes' `LARS8bit` (Burn has no LARS): momentum
-/// `m = μ·m + (1 − dampening)·g` (`m = g` on the first step), L2 weight decay, and the step
-/// `p −= lr·s·m` with `s = min(1, max_unorm·‖p‖ / ‖m‖)`.
-///
-/// The step is two passes over the tensor: norms first, then the fused step with `s` as a
-/// device scalar.
-///
-/// ```
-/// use burn_8bit_optim::Lars8bitConfig;
-///
-/// let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).init();
-/// # let _ = optimizer;
-/// ```
-#[derive(Config, Debug)]
-pub struct Lars8bitConfig {
-    /// Momentum μ.
-    #[config(default = 0.9)]
-    pub momentum: f32,
-    /// Dampening of the gradient in the momentum.
-    #[config(default = 0.0)]
-    pub dampening: f32,
-    /// L2 weight decay, added to the gradient.
-    #[config(default = 0.0)]
-    pub weight_decay: f32,
-    /// The largest update norm, relative to the parameter norm.
-    #[config(default = 0.02)]
-    pub max_unorm: f32,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`Lars8bit`], after bitsandbytes' `LARS8bit` (Burn has no LARS): momentum
+    /// `m = μ·m + (1 − dampening)·g` (`m = g` on the first step), L2 weight decay, and the step
+    /// `p −= lr·s·m` with `s = min(1, max_unorm·‖p‖ / ‖m‖)`.
+    ///
+    /// The step is two passes over the tensor: norms first, then the fused step with `s` as a
+    /// device scalar.
+    ///
+    /// ```
+    /// use burn_8bit_optim::Lars8bitConfig;
+    ///
+    /// let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).init();
+    /// # let _ = optimizer;
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct Lars8bitConfig {
+        /// Momentum μ.
+        #[config(default = 0.9)]
+        pub momentum: f32,
+        /// Dampening of the gradient in the momentum.
+        #[config(default = 0.0)]
+        pub dampening: f32,
+        /// L2 weight decay, added to the gradient.
+        #[config(default = 0.0)]
+        pub weight_decay: f32,
+        /// The largest update norm, relative to the parameter norm.
+        #[config(default = 0.02)]
+        pub max_unorm: f32,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub grad_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// LARS with an 8-bit block-wise quantized momentum.
@@ -81,13 +64,7 @@ impl Lars8bitConfig {
             dampening: self.dampening,
             weight_decay: self.weight_decay,
             max_unorm: self.max_unorm,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! 8-bit optimizers for [Burn](https://burn.dev): Adam, AdamW, SGD with momentum, RMSprop,
 //! Adagrad, Lion, AdEMAMix, LAMB and LARS whose states are block-wise quantized to 8 bits (Dettmers et al.,
-//! *8-bit Optimizers via Block-wise StateSettings*, ICLR 2022).
+//! *8-bit Optimizers via Block-wise Quantization*, ICLR 2022).
 //!
 //! Each config mirrors the Burn config of the same name (`AdamWConfig` → [`AdamW8bitConfig`]),
 //! so switching is one line; each optimizer implements `burn::optim::Optimizer` and runs one
@@ -73,7 +73,23 @@
 //!     .with_group(ParamGroup::from_predicate("encoder"), base.clone().with_block_size(64).build(), None);
 //! # let _ = optim;
 //! ```
-#![warn(missing_docs)]
+//!
+//! # Ablation settings
+//!
+//! Two config fields reproduce the paper's ablations and should stay at their defaults for
+//! training: `map_family` ([`MapFamily::Dynamic`], or [`MapFamily::Linear`] for evenly spaced
+//! codes) and `whole_tensor_block` (`false`; `true` quantizes each state against one absmax for
+//! the whole tensor, in two passes with `f32` temporaries instead of the fused step):
+//!
+//! ```
+//! use burn_8bit_optim::{AdamW8bitConfig, MapFamily};
+//!
+//! let linear = AdamW8bitConfig::new().with_map_family(MapFamily::Linear).init();
+//! let one_block = AdamW8bitConfig::new().with_whole_tensor_block(true).init();
+//! # let _ = (linear, one_block);
+//! ```
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 mod adagrad;
 mod adam;
@@ -96,6 +112,7 @@ pub use adagrad::{AdaGrad8bit, AdaGrad8bitConfig};
 pub use adam::{Adam8bit, Adam8bitConfig};
 pub use adamw::{AdamW8bit, AdamW8bitConfig};
 pub use ademamix::{AdEMAMix8bit, AdEMAMix8bitConfig};
+pub use burn_8bit_ops::MapFamily;
 pub use engine::StateSettings;
 pub use error::{ConfigError, LoadError};
 pub use lamb::{Lamb8bit, Lamb8bitConfig};

@@ -1,5 +1,37 @@
-//! What the seven optimizer files share: the Burn `Optimizer` impl over the common engine and
-//! the `build`/`init` family of every config.
+//! What the nine optimizer files share: the quantization fields of every config, the Burn
+//! `Optimizer` impl over the common engine and the `build`/`init` family of every config.
+
+/// A config struct (`#[derive(Config)]`, its own fields as written) followed by the
+/// quantization fields every 8-bit config shares, with their defaults and documentation.
+macro_rules! config_8bit {
+    ($(#[$meta:meta])* pub struct $name:ident { $($fields:tt)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($fields)*
+            /// Elements per quantization block: a power of two in 64..=4096.
+            #[config(default = 256)]
+            pub block_size: usize,
+            /// Tensors with fewer elements keep `f32` states.
+            #[config(default = 4096)]
+            pub min_8bit_size: usize,
+            /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
+            /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
+            #[config(default = 100)]
+            pub percentile_clipping: usize,
+            /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's
+            /// method; `Linear` reproduces its linear-quantization ablation (less precise for
+            /// small values).
+            #[config(default = "burn_8bit_ops::MapFamily::Dynamic")]
+            pub map_family: burn_8bit_ops::MapFamily,
+            /// Ablation setting: one absmax per tensor instead of one per block (the paper's
+            /// ablation without block-wise scaling). Runs in two passes with `f32` temporaries —
+            /// decode, update, re-encode against the new whole-tensor absmax — instead of the
+            /// fused step.
+            #[config(default = false)]
+            pub whole_tensor_block: bool,
+        }
+    };
+}
 
 /// Implements `burn::optim::Optimizer` for an 8-bit optimizer through [`crate::engine::step`].
 macro_rules! impl_optimizer {
@@ -80,11 +112,22 @@ macro_rules! impl_config_builders {
             pub fn validate(&self) -> Result<(), $crate::ConfigError> {
                 self.try_build().map(|_| ())
             }
+
+            /// The quantization fields, validated.
+            fn state_settings(&self) -> Result<$crate::engine::StateSettings, $crate::ConfigError> {
+                $crate::optimizer::settings(
+                    self.block_size,
+                    self.min_8bit_size,
+                    self.percentile_clipping,
+                    self.map_family,
+                    self.whole_tensor_block,
+                )
+            }
         }
     };
 }
 
-pub(crate) use {impl_config_builders, impl_optimizer};
+pub(crate) use {config_8bit, impl_config_builders, impl_optimizer};
 
 use burn_8bit_ops::{BlockSize, MapFamily};
 

@@ -4,52 +4,35 @@ use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_non_negative, check_range};
-use crate::optimizer::{impl_config_builders, impl_optimizer, settings};
+use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
-/// Configuration of [`Sgd8bit`]: the fields of Burn's `SgdConfig`, except that momentum is
-/// required (plain SGD has no state to quantize), plus the quantization settings.
-///
-/// ```
-/// use burn::optim::momentum::MomentumConfig;
-/// use burn_8bit_optim::Sgd8bitConfig;
-///
-/// let momentum = MomentumConfig::new().with_dampening(0.0).with_nesterov(true);
-/// let optimizer = Sgd8bitConfig::new().with_momentum(momentum).init();
-/// # let _ = optimizer;
-/// ```
-#[derive(Config, Debug)]
-pub struct Sgd8bitConfig {
-    /// L2 weight decay, added to the gradient.
-    pub weight_decay: Option<WeightDecayConfig>,
-    /// Momentum μ, dampening and Nesterov (Burn's defaults: 0.9, 0.1, false).
-    #[config(default = "MomentumConfig::new()")]
-    pub momentum: MomentumConfig,
-    /// Gradient clipping applied by the module optimizer before the step.
-    pub gradient_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-    /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's method;
-    /// `Linear` reproduces its linear-quantization ablation (less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation
-    /// without block-wise scaling). Runs in two passes with `f32` temporaries — decode, update,
-    /// re-encode against the new whole-tensor absmax — instead of the fused step.
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+config_8bit! {
+    /// Configuration of [`Sgd8bit`]: the fields of Burn's `SgdConfig`, except that momentum is
+    /// required (plain SGD has no state to quantize), plus the quantization settings.
+    ///
+    /// ```
+    /// use burn::optim::momentum::MomentumConfig;
+    /// use burn_8bit_optim::Sgd8bitConfig;
+    ///
+    /// let momentum = MomentumConfig::new().with_dampening(0.0).with_nesterov(true);
+    /// let optimizer = Sgd8bitConfig::new().with_momentum(momentum).init();
+    /// # let _ = optimizer;
+    /// ```
+    #[derive(Config, Debug)]
+    pub struct Sgd8bitConfig {
+        /// L2 weight decay, added to the gradient.
+        pub weight_decay: Option<WeightDecayConfig>,
+        /// Momentum μ, dampening and Nesterov (Burn's defaults: 0.9, 0.1, false).
+        #[config(default = "MomentumConfig::new()")]
+        pub momentum: MomentumConfig,
+        /// Gradient clipping applied by the module optimizer before the step.
+        pub gradient_clipping: Option<GradientClippingConfig>,
+    }
 }
 
 /// SGD with an 8-bit block-wise quantized momentum buffer.
@@ -74,13 +57,7 @@ impl Sgd8bitConfig {
             dampening: self.momentum.dampening as f32,
             nesterov: self.momentum.nesterov,
             penalty,
-            settings: settings(
-                self.block_size,
-                self.min_8bit_size,
-                self.percentile_clipping,
-                self.map_family,
-                self.whole_tensor_block,
-            )?,
+            settings: self.state_settings()?,
         })
     }
 }
