@@ -183,6 +183,7 @@ macro_rules! fused_step_families {
         }
     };
 }
+#[cfg(feature = "cube")]
 pub(crate) use fused_step_families;
 
 /// Block-wise 8-bit quantization on a backend's own buffers.
