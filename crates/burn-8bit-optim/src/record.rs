@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
-use burn::tensor::{Bytes, Tensor};
+use burn::tensor::{Bytes, Tensor, TensorData};
 use burn_8bit_ops::{BlockSize, StepRule, fnv1a64, num_words};
 use burn_pack::{Reader, Scalar};
 
@@ -231,47 +231,64 @@ impl ParamEntries {
     }
 }
 
-/// A record's entries grouped by parameter id (keys are `"{id}.{leaf}"`).
+/// Per parameter id: its scalars and its tensors by leaf name (keys are `"{id}.{leaf}"`).
+pub(crate) type ParamRecord = (BTreeMap<String, Scalar>, BTreeMap<String, TensorData>);
+
+/// A record's entries grouped by parameter id, plus what belongs to no parameter.
+pub(crate) struct Entries {
+    pub params: BTreeMap<u64, ParamRecord>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads every entry of a record's bytes, grouped by parameter id: the one reader behind the
+/// state report, the checked load and the switch between Burn's optimizers and ours.
+pub(crate) fn read_entries(bytes: Bytes) -> Result<Entries, LoadError> {
+    let unreadable = |e: &dyn std::fmt::Display| LoadError::Unreadable(e.to_string());
+    let reader = Reader::from_bytes(bytes).map_err(|e| unreadable(&e))?;
+    let metadata = reader.metadata().clone();
+    let mut params: BTreeMap<u64, ParamRecord> = BTreeMap::new();
+    for (name, value) in reader.scalars() {
+        if let Some((id, leaf)) = split_key(name) {
+            params.entry(id).or_default().0.insert(leaf.to_string(), *value);
+        }
+    }
+    for tensor in reader.into_tensors().map_err(|e| unreadable(&e))? {
+        let (name, dtype, shape, _, bytes) = tensor.into_parts().map_err(|e| unreadable(&e))?;
+        if let Some((id, leaf)) = split_key(&name) {
+            params.entry(id).or_default().1.insert(leaf.to_string(), TensorData::from_bytes(bytes, shape, dtype));
+        }
+    }
+    Ok(Entries { params, metadata })
+}
+
+/// A record's entries as the report and the checked load need them: scalars, tensor sizes and
+/// a content fingerprint per parameter id.
 struct ParsedRecord {
     params: BTreeMap<u64, ParamEntries>,
 }
 
 impl ParsedRecord {
     fn parse(bytes: Bytes) -> Result<Self, LoadError> {
-        let reader = Reader::from_bytes(bytes).map_err(|e| LoadError::Unreadable(e.to_string()))?;
-        let mut params: BTreeMap<u64, ParamEntries> = BTreeMap::new();
-        for (name, value) in reader.scalars() {
-            if let Some((id, leaf)) = split_key(name)
-                && leaf != "__rank"
-            {
-                params.entry(id).or_default().scalars.insert(leaf.to_string(), *value);
-            }
-        }
-        let mut contents: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for name in reader.tensor_names() {
-            if let Some((id, _)) = split_key(name) {
-                let bytes = reader.tensor_data(name).map_err(|e| LoadError::Unreadable(e.to_string()))?;
-                contents.entry(id).or_default().extend(bytes);
-            }
-        }
-        for (id, mut bytes) in contents {
-            let param = params.entry(id).or_default();
-            bytes.extend(param.scalar("time").unwrap_or(0).to_le_bytes());
-            param.fingerprint = fnv1a64(bytes);
-        }
-        let tensors = reader.into_tensors().map_err(|e| LoadError::Unreadable(e.to_string()))?;
-        for tensor in tensors {
-            if let Some((id, leaf)) = split_key(&tensor.name) {
-                let elements = tensor.shape.num_elements() as u64;
-                params.entry(id).or_default().tensors.insert(
-                    leaf.to_string(),
-                    TensorInfo {
-                        elements,
-                        bytes: elements * tensor.dtype.size() as u64,
-                    },
-                );
-            }
-        }
+        let params = read_entries(bytes)?
+            .params
+            .into_iter()
+            .map(|(id, (mut scalars, tensors))| {
+                scalars.remove("__rank");
+                let mut param = ParamEntries { scalars, ..ParamEntries::default() };
+                // Tensors in leaf-name order, then the step count.
+                let mut content: Vec<u8> = tensors.values().flat_map(|data| data.as_bytes().iter().copied()).collect();
+                content.extend(param.scalar("time").unwrap_or(0).to_le_bytes());
+                param.fingerprint = fnv1a64(content);
+                param.tensors = tensors
+                    .into_iter()
+                    .map(|(leaf, data)| {
+                        let info = TensorInfo { elements: data.num_elements() as u64, bytes: data.as_bytes().len() as u64 };
+                        (leaf, info)
+                    })
+                    .collect();
+                (id, param)
+            })
+            .collect();
         Ok(Self { params })
     }
 }

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use burn::optim::OptimizerRecord;
 use burn::tensor::{Bytes, DType, Shape, TensorData};
 use burn_8bit_ops::{MapFamily, MapKind, StepRule, cpu, num_words};
-use burn_pack::{Reader, Scalar, Writer};
+use burn_pack::{Scalar, Writer};
 
 use crate::engine::UpdateRule;
 use crate::error::LoadError;
-use crate::record::split_key;
+use crate::record::{Entries, read_entries};
 use crate::state::{BLOCK_SIZE, KIND, MAP_FAMILY, OptimizerKind, RANK, RULE, SKIPPED, TIME, dim_key, slot_key};
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
@@ -87,33 +87,6 @@ fn burn_layout(kind: OptimizerKind, rule: StepRule) -> Result<BurnLayout, LoadEr
     })
 }
 
-/// A record's entries grouped by parameter id, plus what belongs to no parameter.
-struct Entries {
-    params: BTreeMap<u64, (BTreeMap<String, Scalar>, BTreeMap<String, TensorData>)>,
-    metadata: BTreeMap<String, String>,
-}
-
-fn read(record: OptimizerRecord) -> Result<Entries, LoadError> {
-    let unreadable = |e: &dyn std::fmt::Display| LoadError::Unreadable(e.to_string());
-    let bytes = record.into_bytes().map_err(|e| unreadable(&e))?;
-    let reader = Reader::from_bytes(bytes).map_err(|e| unreadable(&e))?;
-    let metadata = reader.metadata().clone();
-    let mut params: BTreeMap<u64, (BTreeMap<String, Scalar>, BTreeMap<String, TensorData>)> = BTreeMap::new();
-    for (name, value) in reader.scalars() {
-        if let Some((id, leaf)) = split_key(name) {
-            params.entry(id).or_default().0.insert(leaf.to_string(), *value);
-        }
-    }
-    for tensor in reader.into_tensors().map_err(|e| unreadable(&e))? {
-        let (name, dtype, shape, _, bytes) = tensor.into_parts().map_err(|e| unreadable(&e))?;
-        if let Some((id, leaf)) = split_key(&name) {
-            let data = TensorData::from_bytes(bytes, shape, dtype);
-            params.entry(id).or_default().1.insert(leaf.to_string(), data);
-        }
-    }
-    Ok(Entries { params, metadata })
-}
-
 fn write(entries: Entries) -> Result<OptimizerRecord, LoadError> {
     let mut tensors = Vec::new();
     let mut scalars = Vec::new();
@@ -148,7 +121,7 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
     let rule = optimizer.step_rule();
     let layout = burn_layout(R::KIND, rule)?;
     let settings = optimizer.settings();
-    let mut entries = read(record)?;
+    let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
     for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
         let missing = |name: &str| LoadError::Corrupt {
             param_id,
@@ -199,7 +172,7 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
 }
 
 pub(crate) fn to_burn<R: UpdateRule>(record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
-    let mut entries = read(record)?;
+    let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
     for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
         let scalar = |key: &str| -> Result<u64, LoadError> {
             scalars
