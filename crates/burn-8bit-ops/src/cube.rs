@@ -103,18 +103,7 @@ fn quantize_kernel(
         let mut shared_max = Shared::<[u32]>::new_slice(units);
         shared_max[UNIT_POS as usize] = local_max;
         sync_cube();
-        let levels = comptime![units.trailing_zeros() as usize];
-        #[unroll]
-        for level in 0..levels {
-            let stride = comptime![units >> (level + 1)];
-            if (UNIT_POS as usize) < stride {
-                let other = shared_max[UNIT_POS as usize + stride];
-                let mine = shared_max[UNIT_POS as usize];
-                shared_max[UNIT_POS as usize] = select(other > mine, other, mine);
-            }
-            sync_cube();
-        }
-        shared_max[0]
+        reduce_max(&mut shared_max, 0usize, units)
     };
     let absmax_bits = select(max_bits > INFINITY_BITS, CANONICAL_NAN_BITS, max_bits);
     let scale = f32::reinterpret(absmax_bits);
@@ -202,8 +191,9 @@ fn dequantize_kernel(
 }
 
 
-/// The runtime scalars of a step inside a kernel (see [`StepScalars`]).
-#[derive(CubeType, Clone, Copy)]
+/// The runtime scalars of a step inside a kernel (see [`StepScalars`]), one launch argument
+/// shared by the fused step and the update-norm pass.
+#[derive(CubeLaunch, CubeType)]
 struct Hyper {
     lr: f32,
     beta1: f32,
@@ -404,18 +394,7 @@ fn fused_step_kernel(
     skipped: &mut [Atomic<u32>],
     len: usize,
     num_blocks: usize,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    beta3: f32,
-    alpha: f32,
-    eps: f32,
-    correction1: f32,
-    correction2: f32,
-    decay: f32,
-    penalty: f32,
-    first_step: u32,
-    weight_decay: f32,
+    h: &Hyper,
     zero_code1: u32,
     zero_code2: u32,
     zero_code3: u32,
@@ -428,20 +407,6 @@ fn fused_step_kernel(
     if block >= num_blocks {
         terminate!();
     }
-    let h = Hyper {
-        lr,
-        beta1,
-        beta2,
-        beta3,
-        alpha,
-        eps,
-        correction1,
-        correction2,
-        decay,
-        penalty,
-        first_step,
-        weight_decay,
-    };
     let words_per_block = comptime![block_size / 4];
     let words_per_unit = comptime![block_size / 4 / units];
     let first_word = block * words_per_block + UNIT_POS as usize;
@@ -489,7 +454,7 @@ fn fused_step_kernel(
                     if comptime![num_states > 2] {
                         s3 = decode_code(tables, 2usize, w3, e, old3);
                     }
-                    let u = update_element(&h, lr, param[i], grad[i] * scale, s1, s2, s3, rule);
+                    let u = update_element(h, lr, param[i], grad[i] * scale, s1, s2, s3, rule);
                     local_skipped += select(u.applied, 0u32, 1u32);
                     let b1 = u32::reinterpret(u.s1) & ABS_MASK;
                     let b2 = u32::reinterpret(u.s2) & ABS_MASK;
@@ -572,7 +537,7 @@ fn fused_step_kernel(
                     if comptime![num_states > 2] {
                         s3 = decode_code(tables, 2usize, w3, e, old3);
                     }
-                    let u = update_element(&h, lr, param[i], grad[i] * scale, s1, s2, s3, rule);
+                    let u = update_element(h, lr, param[i], grad[i] * scale, s1, s2, s3, rule);
                     param[i] = u.p;
                     let shift = comptime![8 * e as u32];
                     packed1 |= encode_code(&thresholds, 0usize, u.s1, degenerate1, zero_code1) << shift;
@@ -611,18 +576,7 @@ fn update_norms_kernel(
     sums: &mut [f32],
     len: usize,
     num_blocks: usize,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    beta3: f32,
-    alpha: f32,
-    eps: f32,
-    correction1: f32,
-    correction2: f32,
-    decay: f32,
-    penalty: f32,
-    first_step: u32,
-    weight_decay: f32,
+    h: &Hyper,
     #[comptime] rule: StepRule,
     #[comptime] num_states: usize,
     #[comptime] block_size: usize,
@@ -632,20 +586,6 @@ fn update_norms_kernel(
     if block >= num_blocks {
         terminate!();
     }
-    let h = Hyper {
-        lr,
-        beta1,
-        beta2,
-        beta3,
-        alpha,
-        eps,
-        correction1,
-        correction2,
-        decay,
-        penalty,
-        first_step,
-        weight_decay,
-    };
     let words_per_block = comptime![block_size / 4];
     let words_per_unit = comptime![block_size / 4 / units];
     let first_word = block * words_per_block + UNIT_POS as usize;
@@ -677,7 +617,7 @@ fn update_norms_kernel(
                         s2 = decode_code(tables, 1usize, w2, e, old2);
                     }
                     let p = param[i];
-                    let u = update_element(&h, h.lr, p, grad[i] * scale, s1, s2, 0.0f32, rule);
+                    let u = update_element(h, h.lr, p, grad[i] * scale, s1, s2, 0.0f32, rule);
                     direction2 += u.direction * u.direction;
                     param2 += p * p;
                 }
@@ -704,6 +644,24 @@ fn update_norms_kernel(
         sums[2 * block] = shared[0];
         sums[2 * block + 1] = shared[comptime![units]];
     }
+}
+
+/// The step scalars as the kernels' launch argument.
+fn hyper_arg(s: &StepScalars) -> HyperLaunch {
+    HyperLaunch::new(
+        s.lr,
+        s.beta1,
+        s.beta2,
+        s.beta3,
+        s.alpha,
+        s.eps,
+        s.correction1,
+        s.correction2,
+        s.decay,
+        s.penalty,
+        s.first_step,
+        s.weight_decay,
+    )
 }
 
 fn upload(client: &Client, values: &[f32]) -> cubecl::server::Handle {
@@ -790,18 +748,7 @@ fn update_norms(
                 BufferArg::from_raw_parts(sums.handle.clone(), 2 * num_blocks),
                 len,
                 num_blocks,
-                scalars.lr,
-                scalars.beta1,
-                scalars.beta2,
-                scalars.beta3,
-                scalars.alpha,
-                scalars.eps,
-                scalars.correction1,
-                scalars.correction2,
-                scalars.decay,
-                scalars.penalty,
-                scalars.first_step,
-                scalars.weight_decay,
+                hyper_arg(&scalars),
                 rule,
                 maps.len(),
                 block_size,
@@ -884,18 +831,7 @@ fn fused_step(
                 BufferArg::from_raw_parts(skipped.handle.clone(), 1),
                 len,
                 num_blocks,
-                scalars.lr,
-                scalars.beta1,
-                scalars.beta2,
-                scalars.beta3,
-                scalars.alpha,
-                scalars.eps,
-                scalars.correction1,
-                scalars.correction2,
-                scalars.decay,
-                scalars.penalty,
-                scalars.first_step,
-                scalars.weight_decay,
+                hyper_arg(&scalars),
                 zero_code1,
                 zero_code2,
                 zero_code3,
