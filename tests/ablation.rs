@@ -3,22 +3,18 @@
 
 mod common;
 
-use burn::optim::{ModuleOptimizer, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::{Device, Tensor};
 use burn_8bit::optim::StateSlot;
 use burn_8bit::{
     Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, Optim8bitState,
     OptimizerKind, Sgd8bitConfig, load_record_checked,
 };
-use common::{Rng, devices};
+use common::{Rng, devices, distance, model, train, values, weights};
 
 type State = Optim8bitState<1>;
 
 const LEN: usize = 5000;
-
-fn values(t: &Tensor<1>) -> Vec<f32> {
-    t.clone().into_data().try_to_vec::<f32>().unwrap()
-}
 
 fn quantized(state: &State, slot: usize) -> &BlockQuantized {
     match &state.slots()[slot] {
@@ -177,18 +173,6 @@ fn ablation_states_agree_across_backends_over_many_steps() {
     }
 }
 
-fn model(device: &Device) -> burn::nn::Linear {
-    burn::nn::LinearConfig::new(96, 80).init(device)
-}
-
-fn train(model: burn::nn::Linear, optim: &mut ModuleOptimizer, device: &Device) -> burn::nn::Linear {
-    use burn::optim::GradientsParams;
-    let x = Tensor::<1>::from_floats(Rng::new(5).normals(16 * 96).as_slice(), device).reshape([16, 96]);
-    let loss = model.forward(x).powi_scalar(2).mean();
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    optim.step(1e-3, model, grads)
-}
-
 #[test]
 fn checkpoints_keep_the_map_family_and_loading_converts_it() {
     let device = Device::flex().autodiff();
@@ -196,7 +180,7 @@ fn checkpoints_keep_the_map_family_and_loading_converts_it() {
         .with_min_8bit_size(1024)
         .with_map_family(MapFamily::Linear)
         .init();
-    let net = train(model(&device), &mut linear, &device);
+    let net = train(model(&device), &mut linear, &device, 1, 5);
     let record = || linear.to_record();
 
     let mut reloaded = load_record_checked(
@@ -218,12 +202,10 @@ fn checkpoints_keep_the_map_family_and_loading_converts_it() {
     )
     .expect("a linear-map record loads into a dynamic-map optimizer");
     let mut fresh = Adam8bitConfig::new().with_min_8bit_size(1024).init();
-    let weights = |net: burn::nn::Linear| values(&net.weight.val().flatten::<1>(0, 1));
-    let continued = weights(train(net.clone(), &mut reloaded, &device));
-    let converted = weights(train(net.clone(), &mut converted, &device));
-    let restarted = weights(train(net, &mut fresh, &device));
-    let gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
-    let (converted_gap, restart_gap) = (gap(&converted, &continued), gap(&restarted, &continued));
+    let continued = weights(&train(net.clone(), &mut reloaded, &device, 1, 5));
+    let converted = weights(&train(net.clone(), &mut converted, &device, 1, 5));
+    let restarted = weights(&train(net, &mut fresh, &device, 1, 5));
+    let (converted_gap, restart_gap) = (distance(&converted, &continued), distance(&restarted, &continued));
     println!("‖converted − continued‖ {converted_gap:.3e}, ‖restarted − continued‖ {restart_gap:.3e}");
     // The converted run continues from the same decoded moments (re-encoded with the dynamic
     // map); a restart from zero state does not.

@@ -4,9 +4,9 @@
 
 mod common;
 
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer};
+use burn::optim::{ModuleOptimizer, Optimizer};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use burn_8bit::optim::{ConfigError, StateSlot};
 use burn_8bit::{
@@ -14,7 +14,7 @@ use burn_8bit::{
     Lars8bitConfig, LoadError, Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
     load_record_checked,
 };
-use common::{Rng, devices};
+use common::{Rng, devices, distance, model, train, values, weights};
 
 type State = Optim8bitState<1>;
 
@@ -40,10 +40,6 @@ fn optimizers() -> Vec<(&'static str, Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Opti
     ]
 }
 
-fn values(t: &Tensor<1>) -> Vec<f32> {
-    t.clone().cast(FloatDType::F32).into_data().try_to_vec::<f32>().unwrap()
-}
-
 fn codes(state: &State) -> Vec<Vec<u8>> {
     state
         .slots()
@@ -53,10 +49,6 @@ fn codes(state: &State) -> Vec<Vec<u8>> {
             StateSlot::Full(_) => panic!("expected 8-bit states"),
         })
         .collect()
-}
-
-fn norm(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
 }
 
 struct Run {
@@ -101,8 +93,8 @@ fn trajectories_agree_across_backends() {
             let p0 = &base.params[0];
             let mut worst = 0f64;
             for t in 1..=steps {
-                let moved = norm(&base.params[t], p0);
-                worst = worst.max(norm(&base.params[t], &other.params[t]) / moved);
+                let moved = distance(&base.params[t], p0);
+                worst = worst.max(distance(&base.params[t], &other.params[t]) / moved);
                 for (slot, (a, b)) in base.codes[t - 1].iter().zip(&other.codes[t - 1]).enumerate() {
                     let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
                     let far = a.iter().zip(b).filter(|(x, y)| x.abs_diff(**y) > 1).count();
@@ -250,26 +242,6 @@ fn invalid_configs_are_typed_errors() {
     assert!(message.contains("block size"), "{message}");
 }
 
-fn model(device: &Device) -> Linear {
-    LinearConfig::new(96, 80).init(device)
-}
-
-fn train(model: Linear, optim: &mut ModuleOptimizer, device: &Device, steps: usize, seed: u64) -> Linear {
-    let mut model = model;
-    let mut rng = Rng::new(seed);
-    for _ in 0..steps {
-        let x = Tensor::<1>::from_floats(rng.normals(16 * 96).as_slice(), device).reshape([16, 96]);
-        let loss = model.forward(x).powi_scalar(2).mean();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-2, model, grads);
-    }
-    model
-}
-
-fn weights(model: &Linear) -> Vec<f32> {
-    model.weight.val().inner().reshape([-1]).into_data().try_to_vec::<f32>().unwrap()
-}
-
 /// Save → load → continue equals an uninterrupted run: bit for bit on the CPU backends, codes
 /// equal and parameters within 1e-6 on the kernels.
 #[test]
@@ -404,8 +376,8 @@ fn percentile_clipping_follows_the_ring_rule() {
             let (c, r, raw) = (values(&p_clipped), values(&p_reference), values(&p_raw));
             let label = format!("[{device_name}] n={len}");
             assert!(clipped_steps >= 3, "{label}: only {clipped_steps} steps clipped");
-            let off = norm(&c, &r);
-            let effect = norm(&c, &raw);
+            let off = distance(&c, &r);
+            let effect = distance(&c, &raw);
             println!("{label}: ‖clipped − host-scaled‖ = {off:.3e}, ‖clipped − unclipped‖ = {effect:.3e}");
             assert!(off <= 1e-3 * effect, "{label}: {off} vs {effect}");
             assert_eq!(s_clipped.unwrap().size_bytes(), s_reference.unwrap().size_bytes() + 400);

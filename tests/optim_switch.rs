@@ -2,39 +2,18 @@
 
 mod common;
 
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{
-    AdaGradConfig, AdamConfig, AdamWConfig, GradientsParams, LambConfig, LionConfig, ModuleOptimizer,
+    AdaGradConfig, AdamConfig, AdamWConfig, LambConfig, LionConfig, ModuleOptimizer,
     OptimizerRecord, RmsPropConfig, SgdConfig,
 };
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use burn_8bit::optim::SwitchRecord;
 use burn_8bit::{
     AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig,
     LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport, load_record_checked,
 };
-use common::Rng;
-
-fn train(model: Linear, optim: &mut ModuleOptimizer, device: &Device, steps: usize, seed: u64) -> Linear {
-    let mut model = model;
-    let mut rng = Rng::new(seed);
-    for _ in 0..steps {
-        let x = Tensor::<1>::from_floats(rng.normals(16 * 96).as_slice(), device).reshape([16, 96]);
-        let loss = model.forward(x).powi_scalar(2).mean();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-2, model, grads);
-    }
-    model
-}
-
-fn weights(model: &Linear) -> Vec<f32> {
-    model.weight.val().inner().reshape([-1]).into_data().try_to_vec::<f32>().unwrap()
-}
-
-fn distance(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
-}
+use common::{distance, model, train, weights};
 
 struct Pair {
     name: &'static str,
@@ -78,7 +57,7 @@ fn pairs() -> Vec<Pair> {
 fn runs_switch_between_32_and_8_bit_state_without_restarting() {
     let device = Device::flex().autodiff();
     for pair in pairs() {
-        let start = LinearConfig::new(96, 80).init(&device);
+        let start = model(&device);
         let mut burn = (pair.burn)();
         let halfway = train(start, &mut burn, &device, 4, 1);
         let record = || burn.to_record();
@@ -119,7 +98,7 @@ fn runs_switch_between_32_and_8_bit_state_without_restarting() {
 fn optimizers_without_a_burn_twin_and_foreign_records_are_errors() {
     let device = Device::flex().autodiff();
     let mut burn = AdamConfig::new().init();
-    let _ = train(LinearConfig::new(96, 80).init(&device), &mut burn, &device, 1, 1);
+    let _ = train(model(&device), &mut burn, &device, 1, 1);
     assert!(Lars8bitConfig::new().build().from_burn_record(burn.to_record()).is_err());
     assert!(matches!(Sgd8bitConfig::new().build().from_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. })));
     assert!(matches!(Adam8bitConfig::new().build().to_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. } | LoadError::OptimizerMismatch { .. })));

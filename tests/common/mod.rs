@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 /// Where the bitsandbytes reference vectors are: `$BURN8BIT_VECTORS`, else `../shared/vectors`
 /// beside the workspace.
@@ -112,4 +114,38 @@ impl Rng {
     pub fn uniforms(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.uniform()).collect()
     }
+}
+
+/// The elements of a flat tensor as `f32` (cast first when it is `f16` or `bf16`).
+pub fn values(t: &Tensor<1>) -> Vec<f32> {
+    t.clone().cast(FloatDType::F32).into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Euclidean distance, accumulated in `f64`.
+pub fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
+}
+
+/// The small model the checkpoint and switching tests train: one 96 → 80 linear layer.
+pub fn model(device: &Device) -> Linear {
+    LinearConfig::new(96, 80).init(device)
+}
+
+/// `steps` steps of `optim` at learning rate 1e-2 on the mean square of the model's output for
+/// batches of 16 normal inputs drawn from `seed`.
+pub fn train(model: Linear, optim: &mut ModuleOptimizer, device: &Device, steps: usize, seed: u64) -> Linear {
+    let mut model = model;
+    let mut rng = Rng::new(seed);
+    for _ in 0..steps {
+        let x = Tensor::<1>::from_floats(rng.normals(16 * 96).as_slice(), device).reshape([16, 96]);
+        let loss = model.forward(x).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    model
+}
+
+/// The model's weight matrix, flat.
+pub fn weights(model: &Linear) -> Vec<f32> {
+    model.weight.val().inner().reshape([-1]).into_data().try_to_vec::<f32>().unwrap()
 }
