@@ -276,9 +276,9 @@ impl ParsedRecord {
                 scalars.remove("__rank");
                 let mut param = ParamEntries { scalars, ..ParamEntries::default() };
                 // Tensors in leaf-name order, then the step count.
-                let mut content: Vec<u8> = tensors.values().flat_map(|data| data.as_bytes().iter().copied()).collect();
-                content.extend(param.scalar("time").unwrap_or(0).to_le_bytes());
-                param.fingerprint = fnv1a64(content);
+                let time = param.scalar("time").unwrap_or(0).to_le_bytes();
+                let content = tensors.values().flat_map(|data| data.as_bytes().iter().copied());
+                param.fingerprint = fnv1a64(content.chain(time));
                 param.tensors = tensors
                     .into_iter()
                     .map(|(leaf, data)| {
