@@ -1,8 +1,9 @@
 //! Replays bitsandbytes reference vectors on a device and judges the results.
 //!
 //! ```text
-//! cargo run --release --features wgpu,ndarray --example conformance -- --device flex|ndarray|wgpu DIR
+//! cargo run --release --features wgpu,ndarray --example conformance -- --device flex|ndarray|wgpu [DIR]
 //! ```
+//! DIR defaults to `$BURN8BIT_VECTORS`, else the repository's `tests/data/bitsandbytes-0.50.2`.
 //! One line per `.safetensors` file of DIR, in file-name order:
 //! `<file stem> <kind> PASS|FAIL <key>=<value> … hash=<16 hex digits>`, then `N passed, M failed`.
 //! The exit status is non-zero when a case failed.
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {
             eprintln!("conformance: {message}");
-            eprintln!("usage: conformance [--device flex|ndarray|wgpu|vulkan|cuda|cpu] DIR");
+            eprintln!("usage: conformance [--device flex|ndarray|wgpu|vulkan|cuda|cpu] [DIR]");
             ExitCode::from(2)
         }
     }
@@ -37,9 +38,12 @@ fn run(args: Vec<String>) -> Result<bool, String> {
             _ => dir = Some(arg),
         }
     }
-    let dir = dir.ok_or("no vector directory given")?;
+    let dir = dir.map_or_else(VectorFile::default_dir, Into::into);
     let device = common::device_from_name(&device_name)?;
     let files = VectorFile::list(&dir).map_err(|error| error.to_string())?;
+    if files.is_empty() {
+        return Err(format!("no .safetensors files in {}", dir.display()));
+    }
     let (mut passed, mut failed) = (0, 0);
     for path in files {
         let line = match VectorFile::open(&path) {

@@ -1,5 +1,6 @@
 //! Conformance with bitsandbytes: replays reference vectors (safetensors files whose metadata
-//! describes the case, as in `shared/vectors/README.md`) on any device and judges the result.
+//! describes the case, as `tests/data/bitsandbytes-0.50.2/README.md` explains) on any device and
+//! judges the result.
 //!
 //! The `conformance` example is a command-line front end to [`run_case`]; the test suite calls
 //! the same function, so the runner and `cargo test` apply one set of criteria.
@@ -8,7 +9,7 @@
 //! use burn::tensor::Device;
 //! use burn_8bit::conformance::{VectorFile, run_case};
 //!
-//! let file = VectorFile::open("../shared/vectors/maps.safetensors")?;
+//! let file = VectorFile::open(VectorFile::default_dir().join("maps.safetensors"))?;
 //! let report = run_case(&file, &Device::default());
 //! println!("{}", report.line());
 //! # Ok::<(), burn_8bit::conformance::VectorError>(())
@@ -70,6 +71,16 @@ impl VectorFile {
             bytes,
             metadata,
         })
+    }
+
+    /// Where the reference vectors are: `$BURN8BIT_VECTORS` when set, else the repository's
+    /// `tests/data/bitsandbytes-0.50.2` (present in a checkout of the repository; the published
+    /// package leaves test data out).
+    pub fn default_dir() -> PathBuf {
+        match std::env::var_os("BURN8BIT_VECTORS") {
+            Some(dir) => PathBuf::from(dir),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bitsandbytes-0.50.2"),
+        }
     }
 
     /// Every `.safetensors` file of a directory, in file-name order.

@@ -339,7 +339,7 @@ fn states_move_between_devices() {
 }
 
 /// Percentile clipping equals feeding the unclipped optimizer gradients scaled on the host by
-/// the ring rule of ALGORITHM.md §3.3, on the 8-bit and the `f32` path, on every backend.
+/// the ring rule of docs/algorithm.md §3.6, on the 8-bit and the `f32` path, on every backend.
 #[test]
 fn percentile_clipping_follows_the_ring_rule() {
     let percentile = 5;

@@ -210,7 +210,7 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// bitsandbytes' LARS in 32-bit tensor arithmetic (ALGORITHM.md §3.2), as `Lars8bitConfig`
+/// bitsandbytes' LARS in 32-bit tensor arithmetic (docs/algorithm.md §3.4), as `Lars8bitConfig`
 /// above: momentum 0.9, dampening 0, L2 decay 1e-4, max_unorm 0.02.
 fn lars_reference(lr: f64, p: Tensor<2>, g: Tensor<2>, s: Option<&State>) -> (Tensor<2>, Vec<Tensor<2>>) {
     let g = g + p.clone() * 1e-4;
@@ -227,7 +227,7 @@ fn lars_reference(lr: f64, p: Tensor<2>, g: Tensor<2>, s: Option<&State>) -> (Te
     (p, vec![m])
 }
 
-/// AdEMAMix in 32-bit tensor arithmetic (ALGORITHM.md §3.2), defaults of `AdEMAMix8bitConfig`.
+/// AdEMAMix in 32-bit tensor arithmetic (docs/algorithm.md §3.4), defaults of `AdEMAMix8bitConfig`.
 fn ademamix_reference(lr: f64, p: Tensor<2>, g: Tensor<2>, s: Option<&State>) -> (Tensor<2>, Vec<Tensor<2>>) {
     let (b1, b2, b3, alpha, eps, wd) = (0.9f64, 0.999f64, 0.9999f64, 5.0f64, 1e-8f64, 1e-2f64);
     let (time, m1, m2, nu) = match s {

@@ -7,18 +7,10 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, FloatDType, Tensor};
 
-/// Where the bitsandbytes reference vectors are: `$BURN8BIT_VECTORS`, else `../shared/vectors`
-/// beside the workspace.
-pub fn vectors_dir() -> PathBuf {
-    match std::env::var_os("BURN8BIT_VECTORS") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors"),
-    }
-}
-
-/// Every `.safetensors` vector file, in name order; fails loudly when there are none.
+/// Every `.safetensors` vector file (of `VectorFile::default_dir`), in name order; fails loudly
+/// when there are none.
 pub fn vector_files() -> Vec<PathBuf> {
-    let dir = vectors_dir();
+    let dir = burn_8bit::conformance::VectorFile::default_dir();
     let files = burn_8bit::conformance::VectorFile::list(&dir)
         .unwrap_or_else(|error| panic!("reference vectors not found ({error}); set BURN8BIT_VECTORS"));
     assert!(!files.is_empty(), "no vectors in {}", dir.display());

@@ -196,7 +196,7 @@ pub(crate) use fused_step_families;
     Fusion: cfg(feature = "cube")
 )]
 pub trait BlockwiseOps: Backend {
-    /// Per-block absmax and packed codes of a flat `f32` tensor (ALGORITHM.md §2).
+    /// Per-block absmax and packed codes of a flat `f32` tensor (docs/algorithm.md §2).
     #[fusion(meta = fusion_meta::quantize)]
     fn blockwise_quantize(
         input: FloatTensor<Self>,
@@ -229,7 +229,7 @@ pub trait BlockwiseOps: Backend {
 
     /// The fused optimizer step of a one-state rule, in place where the buffers are unshared:
     /// per block, decode → update (parameter included) → new absmax → encode
-    /// (ALGORITHM.md §3). `grad` is flat `f32` of the parameter's length; every gradient element
+    /// (docs/algorithm.md §3.1). `grad` is flat `f32` of the parameter's length; every gradient element
     /// is multiplied by `grad_scale` (`f32`, one element, on the device: percentile clipping's
     /// factor, 1 otherwise) before the update, and the step size by `update_scale` (one element:
     /// LAMB's or LARS's trust ratio from [`BlockwiseOps::update_norms_one_state`], 1 otherwise).

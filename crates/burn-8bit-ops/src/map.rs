@@ -1,4 +1,4 @@
-//! Code maps: the 256 sorted `f32` values an 8-bit code stands for (ALGORITHM.md §1).
+//! Code maps: the 256 sorted `f32` values an 8-bit code stands for (docs/algorithm.md §1).
 //!
 //! The maps are computed, not embedded, with the same `f32` arithmetic as bitsandbytes'
 //! `create_dynamic_map` / `create_linear_map` (which build on `torch.linspace`), so that they equal
@@ -205,7 +205,7 @@ impl CodeMap {
     }
 
     /// Midpoints of consecutive values, `(v[k] + v[k + 1]) * 0.5` in `f32`: the encode thresholds
-    /// (ALGORITHM.md §2). Code of `x` in a block with `absmax` is the number of `k` with
+    /// (docs/algorithm.md §2). Code of `x` in a block with `absmax` is the number of `k` with
     /// `x > midpoints[k] * absmax`.
     pub fn midpoints(&self) -> [f32; MAP_LEN - 1] {
         std::array::from_fn(|k| (self.values[k] + self.values[k + 1]) * 0.5)

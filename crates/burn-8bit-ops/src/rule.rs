@@ -1,4 +1,4 @@
-//! The few numeric rules every backend shares (ALGORITHM.md §2), stated once.
+//! The few numeric rules every backend shares (docs/algorithm.md §2), stated once.
 
 /// Clears the sign bit: `bits(|x|)`.
 pub const ABS_MASK: u32 = 0x7fff_ffff;

@@ -1,4 +1,4 @@
-//! The update rules of the fused optimizer step (ALGORITHM.md §3.2), stated once for the CPU twin;
+//! The update rules of the fused optimizer step (docs/algorithm.md §3.4), stated once for the CPU twin;
 //! `cube.rs` spells the same arithmetic, in the same order, for the kernels.
 //!
 //! A rule is chosen at compile time of the kernel ([`StepRule`], a few variants), while every

@@ -169,7 +169,7 @@ impl<const D: usize> Optim8bitState<D> {
         }
     }
 
-    /// Percentile clipping's factor for this step's gradient, on the device (ALGORITHM.md §3.3):
+    /// Percentile clipping's factor for this step's gradient, on the device (docs/algorithm.md §3.6):
     /// the squared norm enters the ring (every slot on step 1, slot `t mod 100` after), the clip
     /// is the root of the ring's `percentile`-th smallest entry, and the factor is
     /// `clip / ‖g‖` when `‖g‖` exceeds it, else 1. Call after `time` was advanced.
