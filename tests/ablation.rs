@@ -189,7 +189,8 @@ fn checkpoints_keep_the_map_family_and_loading_converts_it() {
         &net,
         OptimizerKind::Adam,
     )
-    .expect("a linear-map record loads");
+    .expect("a linear-map record loads")
+    .optimizer;
     let before = burn_8bit::StateReport::of(&reloaded).unwrap();
     let original = burn_8bit::StateReport::of(&linear).unwrap();
     assert_eq!(before, original, "the record round trip keeps every state bit");
@@ -200,7 +201,8 @@ fn checkpoints_keep_the_map_family_and_loading_converts_it() {
         &net,
         OptimizerKind::Adam,
     )
-    .expect("a linear-map record loads into a dynamic-map optimizer");
+    .expect("a linear-map record loads into a dynamic-map optimizer")
+    .optimizer;
     let mut fresh = Adam8bitConfig::new().with_min_8bit_size(1024).init();
     let continued = weights(&train(net.clone(), &mut reloaded, &device, 1, 5));
     let converted = weights(&train(net.clone(), &mut converted, &device, 1, 5));

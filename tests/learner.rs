@@ -150,7 +150,8 @@ fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
     let optim_checkpoint = dir.join("checkpoint").join("optim-2.bpk");
     let record = OptimizerRecord::load(&optim_checkpoint).expect("optimizer checkpoint");
     let loaded = load_record_checked(AdamW8bitConfig::new().init(), record, &first.model, OptimizerKind::AdamW)
-        .expect("the checkpoint holds AdamW8bit state for this model");
+        .expect("the checkpoint holds AdamW8bit state for this model")
+        .optimizer;
     let report = StateReport::of(&loaded).unwrap();
     let hidden = report.parameters.iter().find(|p| p.elements == Some((INPUTS * 96) as u64)).expect("hidden weight state");
     assert!(hidden.quantized && hidden.optimizer == Some(OptimizerKind::AdamW), "{hidden:?}");

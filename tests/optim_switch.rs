@@ -69,7 +69,8 @@ fn runs_switch_between_32_and_8_bit_state_without_restarting() {
 
         let imported = (pair.import)(record()).unwrap_or_else(|e| panic!("{}: {e}", pair.name));
         let mut eight = load_record_checked((pair.eight)(), imported, &halfway, pair.kind)
-            .unwrap_or_else(|e| panic!("{}: {e}", pair.name));
+            .unwrap_or_else(|e| panic!("{}: {e}", pair.name))
+            .optimizer;
         let report = StateReport::of(&eight).unwrap();
         assert!(report.parameters.iter().any(|p| p.quantized), "{}: no 8-bit state after import", pair.name);
         let switched_model = train(halfway.clone(), &mut eight, &device, 2, 2);

@@ -198,8 +198,11 @@ fn state_bytes(arm: &Arm, dir: &Path, epochs: usize, model: &TransformerLm) -> R
     let record = OptimizerRecord::load(&path).map_err(|e| format!("{}: {e:?}", path.display()))?;
     let optim = match arm.optim {
         Optim::Burn32 => optimizer(arm, model).load_record(record),
-        Optim::Bits8 { .. } => load_record_checked(optimizer(arm, model), record, model, OptimizerKind::AdamW)
-            .map_err(|e| e.to_string())?,
+        Optim::Bits8 { .. } => {
+            load_record_checked(optimizer(arm, model), record, model, OptimizerKind::AdamW)
+                .map_err(|e| e.to_string())?
+                .optimizer
+        }
     };
     let report = StateReport::of(&optim).map_err(|e| e.to_string())?;
     Ok(report.total_bytes())

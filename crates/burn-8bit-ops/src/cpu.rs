@@ -126,7 +126,7 @@ pub fn fused_step(
     grad: &[f32],
     states: &mut [StateBuffers<'_>],
     block_size: usize,
-) -> u32 {
+) -> u64 {
     let lr = scalars.lr * update_scale;
     assert_eq!(param.len(), grad.len(), "parameter and gradient lengths differ");
     assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
@@ -155,7 +155,7 @@ pub fn fused_step(
     tasks
         .into_par_iter()
         .map(|(param, grad, mut states)| {
-            step_blocks(rule, scalars, lr, grad_scale, param, grad, &mut states, &encoders, block_size)
+            u64::from(step_blocks(rule, scalars, lr, grad_scale, param, grad, &mut states, &encoders, block_size))
         })
         .sum()
 }

@@ -19,7 +19,7 @@ use cubecl::prelude::*;
 use crate::block::{CODES_PER_WORD, num_words};
 use crate::ext::{BlockwiseOps, PackedBlocks, StepBuffers, fused_step_families};
 use crate::map::{MAP_LEN, MapKind};
-use crate::rule::{ABS_MASK, CANONICAL_NAN_BITS, INFINITY_BITS};
+use crate::rule::{self, ABS_MASK, CANONICAL_NAN_BITS, INFINITY_BITS};
 use crate::step::{StepRule, StepScalars};
 
 /// Most units per cube: within every device's limit (WebGPU guarantees 256).
@@ -467,7 +467,12 @@ fn fused_step_kernel(
         }
     }
     if local_skipped > 0 {
-        skipped[0].fetch_add(local_skipped);
+        // A 64-bit count in [low, high] words (rule::add_to_count): the add that wraps the low
+        // word carries into the high one.
+        let before = skipped[0].fetch_add(local_skipped);
+        if before > 0xFFFF_FFFFu32 - local_skipped {
+            skipped[1].fetch_add(1u32);
+        }
     }
 
     let mut shared_max = Shared::<[u32]>::new_slice(comptime![3 * units]);
@@ -828,7 +833,7 @@ fn fused_step(
                 BufferArg::from_raw_parts(tables, 3 * TABLE_STRIDE),
                 BufferArg::from_raw_parts(grad_scale.handle.clone(), 1),
                 BufferArg::from_raw_parts(update_scale.handle.clone(), 1),
-                BufferArg::from_raw_parts(skipped.handle.clone(), 1),
+                BufferArg::from_raw_parts(skipped.handle.clone(), rule::COUNT_WORDS),
                 len,
                 num_blocks,
                 hyper_arg(&scalars),

@@ -24,13 +24,13 @@ pub struct PackedBlocks<B: Backend> {
 }
 
 /// What a one-state fused step reads and rewrites: the flat `f32` parameter, the running count
-/// of skipped (non-finite) elements (`u32`, one element) and the quantized state.
+/// of skipped (non-finite) elements (a 64-bit count in two `u32` words) and the quantized state.
 #[derive(ExtensionType)]
 #[extension_type(fusion: cfg(feature = "cube"))]
 pub struct OneState<B: Backend> {
     /// Flat `f32` parameter.
     pub param: FloatTensor<B>,
-    /// `u32[1]`: elements skipped so far.
+    /// `u32[2]`: elements skipped so far, a 64-bit count as `[low, high]` words.
     pub skipped: IntTensor<B>,
     /// State slot 0.
     #[extension_type]
@@ -43,7 +43,7 @@ pub struct OneState<B: Backend> {
 pub struct TwoStates<B: Backend> {
     /// Flat `f32` parameter.
     pub param: FloatTensor<B>,
-    /// `u32[1]`: elements skipped so far.
+    /// `u32[2]`: elements skipped so far, a 64-bit count as `[low, high]` words.
     pub skipped: IntTensor<B>,
     /// State slot 0.
     #[extension_type]
@@ -59,7 +59,7 @@ pub struct TwoStates<B: Backend> {
 pub struct ThreeStates<B: Backend> {
     /// Flat `f32` parameter.
     pub param: FloatTensor<B>,
-    /// `u32[1]`: elements skipped so far.
+    /// `u32[2]`: elements skipped so far, a 64-bit count as `[low, high]` words.
     pub skipped: IntTensor<B>,
     /// State slot 0.
     #[extension_type]
@@ -408,6 +408,7 @@ mod flex {
 
     use super::{BlockwiseOps, PackedBlocks, StepBuffers};
     use crate::cpu::{self, StateBuffers};
+    use crate::rule;
     use crate::map::MapKind;
     use crate::step::{StepRule, StepScalars};
 
@@ -507,8 +508,9 @@ mod flex {
             block_size,
         );
         drop(views);
-        let count = &mut elements_mut::<u32>(&mut skipped)[0];
-        *count = count.wrapping_add(newly_skipped);
+        let count: &mut [u32; rule::COUNT_WORDS] =
+            elements_mut::<u32>(&mut skipped).try_into().expect("a two-word skip counter");
+        *count = rule::add_to_count(*count, newly_skipped);
         StepBuffers {
             param,
             skipped,
@@ -580,6 +582,7 @@ mod ndarray {
 
     use super::{BlockwiseOps, PackedBlocks, StepBuffers};
     use crate::cpu::{self, StateBuffers};
+    use crate::rule;
     use crate::map::MapKind;
     use crate::step::{StepRule, StepScalars};
 
@@ -662,10 +665,10 @@ mod ndarray {
             cpu::fused_step(rule, &scalars, grad_scale, update_scale, &mut param, grad, &mut views, block_size)
         });
         drop(views);
-        let skipped = u32_values(&buffers.skipped)[0].wrapping_add(newly_skipped);
+        let count = u32_values(&buffers.skipped).try_into().expect("a two-word skip counter");
         StepBuffers {
             param: flat(param),
-            skipped: flat(vec![skipped]),
+            skipped: flat(rule::add_to_count(count, newly_skipped).to_vec()),
             states: states
                 .into_iter()
                 .map(|(codes, absmax)| PackedBlocks { codes: flat(codes), absmax: flat(absmax) })

@@ -185,6 +185,10 @@ impl BlockQuantized {
                 reason: format!("asked for rank {D}, the tensor has rank {}", self.shape.num_dims()),
             });
         }
+        if self.is_empty() {
+            // Burn's `reshape` reads a 0 in the target shape as "keep this dimension".
+            return Ok(Tensor::empty(self.shape.clone(), (&self.device(), DType::F32)));
+        }
         Ok(self.dequantize_flat().reshape(self.shape.clone()))
     }
 

@@ -122,7 +122,7 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
             &device,
         ),
     };
-    state.time += 1;
+    state.time = state.time.saturating_add(1);
     if len == 0 {
         return (tensor, Some(state));
     }
@@ -214,7 +214,7 @@ fn fused<const D: usize>(
         })
         .collect();
     let param = param.into_dispatch();
-    let skipped = state.skipped.into_dispatch();
+    let skipped = state.skipped.take().expect("a non-empty tensor has a skip counter").into_dispatch();
     let grad = grad.into_dispatch();
     let grad_scale = grad_scale.into_dispatch();
     let update_scale = update_scale.into_dispatch();
@@ -264,7 +264,7 @@ fn fused<const D: usize>(
         }
         n => unreachable!("rules have 1 to 3 states, not {n}"),
     };
-    state.skipped = Tensor::from_dispatch(skipped);
+    state.skipped = Some(Tensor::from_dispatch(skipped));
     state.slots = packed
         .into_iter()
         .zip(maps)
@@ -306,7 +306,7 @@ fn update_norms<const D: usize>(
         })
         .collect();
     let param = param.clone().into_dispatch();
-    let skipped = state.skipped.clone().into_dispatch();
+    let skipped = state.skipped.clone().expect("a non-empty tensor has a skip counter").into_dispatch();
     let (grad, grad_scale) = (grad.clone().into_dispatch(), grad_scale.clone().into_dispatch());
     let (rule, size) = (state.rule, block_size.get());
     let sums = match packed.len() {

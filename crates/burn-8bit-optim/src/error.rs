@@ -53,15 +53,15 @@ pub enum LoadError {
         /// The parameter id in the record.
         param_id: u64,
     },
-    /// The state was written for a tensor of another number of elements.
-    #[error("parameter {param_id}: the record's state is for {recorded} elements, the parameter has {expected}")]
+    /// The state was written for a tensor of another shape.
+    #[error("parameter {param_id}: the record's state is for shape {recorded:?}, the parameter has {expected:?}")]
     ShapeMismatch {
         /// The parameter id.
         param_id: u64,
-        /// Elements in the record.
-        recorded: u64,
-        /// Elements of the module's parameter.
-        expected: u64,
+        /// The shape in the record.
+        recorded: Vec<usize>,
+        /// The module's parameter's shape.
+        expected: Vec<usize>,
     },
     /// The state was written by another optimizer.
     #[error("parameter {param_id}: the record's state is {recorded}'s, this optimizer is {expected}")]
@@ -73,7 +73,8 @@ pub enum LoadError {
         /// The optimizer loading it.
         expected: String,
     },
-    /// The state of a parameter is incomplete or inconsistent.
+    /// The state of a parameter is incomplete, inconsistent, out of range or fails its
+    /// checksum: the record was damaged or edited.
     #[error("parameter {param_id}: {reason}")]
     Corrupt {
         /// The parameter id.

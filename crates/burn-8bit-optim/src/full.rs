@@ -1,7 +1,7 @@
 //! The `f32`-state path for tensors under `min_8bit_size`: the rules of `burn_8bit_ops`'s fused
 //! step written with tensor operations (a few thousand elements: launch-bound, not memory-bound).
 
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{Trust, trust_scale};
@@ -48,8 +48,24 @@ pub(crate) fn step<const D: usize>(
         .map(|(new, old)| StateSlot::Full(new.mask_where(rejected.clone(), old)))
         .collect();
     let newly_skipped = rejected.int().sum().cast(DType::U32);
-    state.skipped = state.skipped + newly_skipped;
+    let counter = state.skipped.take().expect("a non-empty tensor has a skip counter");
+    state.skipped = Some(add_to_counter(counter, newly_skipped));
     (param, state)
+}
+
+/// `[low, high] + n` on the device, the high word taking the carry: the tensor-op twin of
+/// `burn_8bit_ops::add_to_count`, written without any intermediate that could overflow `u32`.
+fn add_to_counter(counter: Tensor<1, Int>, n: Tensor<1, Int>) -> Tensor<1, Int> {
+    let low = counter.clone().slice([0..1]);
+    let high = counter.slice([1..2]);
+    let room = low.clone().ones_like().mul_scalar(u32::MAX) - low.clone();
+    let fits = n.clone().min_pair(room);
+    let excess = n - fits.clone();
+    let carry = excess.clone().greater_elem(0);
+    let wrapped = excess.clamp_min(1).sub_scalar(1);
+    let low = (low + fits).mask_where(carry.clone(), wrapped);
+    let high = high + carry.int().cast(DType::U32);
+    Tensor::cat(vec![low, high], 0)
 }
 
 /// The new states and the parameter's `(decayed, direction)`: `p_new = decayed − lr·direction`.

@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use burn::tensor::{Bytes, Tensor, TensorData};
-use burn_8bit_ops::{BlockSize, StepRule, fnv1a64, num_words};
+use burn_8bit_ops::fnv1a64;
 use burn_pack::{Reader, Scalar};
 
 use crate::error::LoadError;
-use crate::state::{KIND, OptimizerKind, RANK, dim_key};
+use crate::format::{RecordChecksum, StateFields, key};
+use crate::state::OptimizerKind;
 
 /// One parameter's optimizer state as a record holds it.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,6 +32,9 @@ pub struct ParamStateReport {
     /// FNV-1a 64 over the state's tensors (bytes, in name order) and step count: equal
     /// fingerprints mean equal states, whatever the parameter's id.
     pub fingerprint: u64,
+    /// Whether the state's checksum was verified ([`RecordChecksum::Absent`] for records written
+    /// before checksums existed, and for states of other optimizers).
+    pub checksum: RecordChecksum,
 }
 
 /// The optimizer-state memory of a [`ModuleOptimizer`], per parameter.
@@ -63,20 +67,32 @@ impl StateReport {
     /// not every step).
     pub fn of(optim: &ModuleOptimizer) -> Result<Self, LoadError> {
         let bytes = optim.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
-        Ok(Self::from_parsed(&ParsedRecord::parse(bytes)?))
+        Ok(Self::of_entries(&read_entries(bytes)?))
     }
 
-    fn from_parsed(record: &ParsedRecord) -> Self {
-        let parameters = record
+    fn of_entries(entries: &Entries) -> Self {
+        let parameters = entries
             .params
             .iter()
-            .map(|(&param_id, param)| ParamStateReport {
-                param_id,
-                optimizer: param.kind(),
-                elements: param.elements(),
-                bytes: param.tensors.values().map(|t| t.bytes).sum(),
-                quantized: param.scalar("block_size").is_some_and(|b| b > 0),
-                fingerprint: param.fingerprint,
+            .map(|(&param_id, (scalars, tensors))| {
+                let scalar = |key: &str| scalars.get(key).and_then(|&value| u64::try_from(value).ok());
+                let checksum = match StateFields::read(&mut (scalars.clone(), tensors.clone())) {
+                    Ok((_, checksum)) => checksum,
+                    Err(_) => RecordChecksum::Absent,
+                };
+                let elements = scalar(key::RANK).and_then(|rank| (0..rank as usize).map(|axis| scalar(&key::dim(axis))).product());
+                // Tensors in leaf-name order, then the step count.
+                let time = scalar(key::TIME).unwrap_or(0).to_le_bytes();
+                let content = tensors.values().flat_map(|data| data.as_bytes().iter().copied());
+                ParamStateReport {
+                    param_id,
+                    optimizer: scalar(key::KIND).and_then(OptimizerKind::from_code),
+                    elements,
+                    bytes: tensors.values().map(|data| data.as_bytes().len() as u64).sum(),
+                    quantized: scalar(key::BLOCK_SIZE).is_some_and(|size| size > 0),
+                    fingerprint: fnv1a64(content.chain(time)),
+                    checksum,
+                }
             })
             .collect();
         Self { parameters }
@@ -93,10 +109,23 @@ impl StateReport {
     }
 }
 
-/// Loads `record` into `optim` after checking it against `module` and the expected optimizer:
-/// every state must be `expected`'s, for a parameter of `module` with the same number of
-/// elements, and complete. A state written with another block size is accepted and is
-/// re-quantized to the optimizer's block size at its next step.
+/// An optimizer loaded by [`load_record_checked`], with the report of the record it was loaded
+/// from (which says, per parameter, whether its checksum was verified).
+pub struct CheckedLoad {
+    /// The optimizer with every state of the record.
+    pub optimizer: ModuleOptimizer,
+    /// The record's states, as [`StateReport::of`] would report them.
+    pub report: StateReport,
+}
+
+/// Loads `record` into `optim` after checking it against `module` and the expected optimizer.
+///
+/// Every entry must belong to a parameter of `module` and be readable by the state reader
+/// (docs/algorithm.md §4): each state is `expected`'s, has the parameter's exact shape and path,
+/// every field present with its type, length and range, `f32` values and absmax finite (absmax
+/// non-negative), and its checksum matches. A state written with another block size or map
+/// family is accepted and re-quantized at its next step. Records written before checksums
+/// existed load too; the returned report says [`RecordChecksum::Absent`] for them.
 ///
 /// ```
 /// use burn::nn::LinearConfig;
@@ -123,111 +152,82 @@ pub fn load_record_checked<M: Module>(
     record: OptimizerRecord,
     module: &M,
     expected: OptimizerKind,
-) -> Result<ModuleOptimizer, LoadError> {
+) -> Result<CheckedLoad, LoadError> {
     let bytes = record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
-    let parsed = ParsedRecord::parse(bytes.clone())?;
-    let mut shapes = ParamElements::default();
-    module.visit(&mut shapes);
-    for (&param_id, param) in &parsed.params {
-        let expected_elements =
-            *shapes.elements.get(&param_id).ok_or(LoadError::UnknownParameter { param_id })?;
-        match param.kind() {
-            Some(kind) if kind == expected => {}
+    let entries = read_entries(bytes.clone())?;
+    if let Some(name) = entries.stray.first() {
+        return Err(LoadError::Unreadable(format!("entry `{name}` belongs to no parameter")));
+    }
+    let mut params = ModuleParams::default();
+    module.visit(&mut params);
+    for (&param_id, (scalars, tensors)) in &entries.params {
+        let param = params.by_id.get(&param_id).ok_or(LoadError::UnknownParameter { param_id })?;
+        let corrupt = |reason: String| LoadError::Corrupt { param_id, reason };
+        let recorded_kind = scalars.get(key::KIND).and_then(|&code| u64::try_from(code).ok());
+        match recorded_kind.map(|code| (code, OptimizerKind::from_code(code))) {
+            Some((_, Some(kind))) if kind == expected => {}
+            Some((code, None)) => return Err(corrupt(format!("unknown optimizer code {code}"))),
             recorded => {
                 return Err(LoadError::OptimizerMismatch {
                     param_id,
-                    recorded: recorded.map_or("not a burn-8bit optimizer", OptimizerKind::name).to_string(),
+                    recorded: recorded
+                        .and_then(|(_, kind)| kind)
+                        .map_or("not a burn-8bit optimizer", OptimizerKind::name)
+                        .to_string(),
                     expected: expected.name().to_string(),
                 });
             }
         }
-        let elements = param.elements().ok_or_else(|| corrupt(param_id, "no shape"))?;
-        if elements != expected_elements {
-            return Err(LoadError::ShapeMismatch {
-                param_id,
-                recorded: elements,
-                expected: expected_elements,
-            });
+        let mut source = (scalars.clone(), tensors.clone());
+        let (fields, _) = StateFields::read(&mut source).map_err(corrupt)?;
+        let burn_rank = source.0.remove(key::BURN_RANK).and_then(|rank| u64::try_from(rank).ok());
+        if burn_rank != Some(fields.shape.len() as u64) {
+            return Err(corrupt(format!("`{}` is {burn_rank:?}, the state has rank {}", key::BURN_RANK, fields.shape.len())));
         }
-        param.check_complete(param_id, elements)?;
+        if let Some(leaf) = source.0.keys().chain(source.1.keys()).next() {
+            return Err(corrupt(format!("unexpected entry `{leaf}`")));
+        }
+        if fields.shape != param.shape {
+            return Err(LoadError::ShapeMismatch { param_id, recorded: fields.shape, expected: param.shape.clone() });
+        }
+        match entries.paths.get(&param_id) {
+            Some(path) if *path == param.path => {}
+            Some(path) => return Err(corrupt(format!("recorded for `{path}`, the module has it at `{}`", param.path))),
+            None => return Err(corrupt(format!("no module path is recorded (the module has it at `{}`)", param.path))),
+        }
     }
+    if let Some(id) = entries.paths.keys().find(|id| !entries.params.contains_key(id)) {
+        return Err(LoadError::Unreadable(format!("a path is recorded for parameter {id}, which has no state")));
+    }
+    let report = StateReport::of_entries(&entries);
     let record = OptimizerRecord::from_bytes(bytes).map_err(|e| LoadError::Unreadable(e.to_string()))?;
-    Ok(optim.load_record(record))
+    Ok(CheckedLoad { optimizer: optim.load_record(record), report })
 }
 
-fn corrupt(param_id: u64, reason: impl Into<String>) -> LoadError {
-    LoadError::Corrupt {
-        param_id,
-        reason: reason.into(),
-    }
-}
-
+/// What the checked load compares a record with: each float parameter's shape and module path.
 #[derive(Default)]
-struct ParamElements {
-    elements: BTreeMap<u64, u64>,
+struct ModuleParams {
+    path: Vec<String>,
+    by_id: BTreeMap<u64, ParamInfo>,
 }
 
-impl ModuleVisitor for ParamElements {
+struct ParamInfo {
+    shape: Vec<usize>,
+    path: String,
+}
+
+impl ModuleVisitor for ModuleParams {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.elements.insert(param.id.val(), param.lazy_shape().num_elements() as u64);
-    }
-}
-
-struct TensorInfo {
-    elements: u64,
-    bytes: u64,
-}
-
-#[derive(Default)]
-struct ParamEntries {
-    scalars: BTreeMap<String, Scalar>,
-    tensors: BTreeMap<String, TensorInfo>,
-    fingerprint: u64,
-}
-
-impl ParamEntries {
-    fn scalar(&self, key: &str) -> Option<u64> {
-        u64::try_from(*self.scalars.get(key)?).ok()
-    }
-
-    fn kind(&self) -> Option<OptimizerKind> {
-        OptimizerKind::from_code(self.scalar(KIND)?)
-    }
-
-    fn elements(&self) -> Option<u64> {
-        let rank = self.scalar(RANK)?;
-        (0..rank as usize).map(|axis| self.scalar(&dim_key(axis))).product()
-    }
-
-    fn check_complete(&self, param_id: u64, elements: u64) -> Result<(), LoadError> {
-        let rule = self
-            .scalar("rule")
-            .and_then(StepRule::from_code)
-            .ok_or_else(|| corrupt(param_id, "unknown update rule"))?;
-        let block_size = self.scalar("block_size").ok_or_else(|| corrupt(param_id, "no block size"))?;
-        let len = elements as usize;
-        let expect = |name: String, count: u64| match self.tensors.get(&name) {
-            Some(tensor) if tensor.elements == count => Ok(()),
-            Some(tensor) => Err(corrupt(param_id, format!("{name} has {} elements, expected {count}", tensor.elements))),
-            None => Err(corrupt(param_id, format!("{name} is missing"))),
-        };
-        for slot in 0..rule.num_states() {
-            if block_size == 0 {
-                expect(format!("state{slot}.values"), elements)?;
-            } else {
-                let block_size = BlockSize::new(block_size as usize)
-                    .map_err(|e| corrupt(param_id, e.to_string()))?;
-                expect(format!("state{slot}.codes"), num_words(len) as u64)?;
-                expect(format!("state{slot}.absmax"), block_size.num_blocks(len) as u64)?;
-            }
-        }
-        expect("skipped".to_string(), 1)?;
-        match self.tensors.get("gnorms") {
-            Some(ring) if ring.elements != 100 => {
-                Err(corrupt(param_id, format!("gnorms has {} entries, expected 100", ring.elements)))
-            }
-            _ => Ok(()),
-        }
+        let info = ParamInfo { shape: param.lazy_shape().iter().copied().collect(), path: self.path.join(".") };
+        self.by_id.insert(param.id.val(), info);
     }
 }
 
@@ -237,7 +237,11 @@ pub(crate) type ParamRecord = (BTreeMap<String, Scalar>, BTreeMap<String, Tensor
 /// A record's entries grouped by parameter id, plus what belongs to no parameter.
 pub(crate) struct Entries {
     pub params: BTreeMap<u64, ParamRecord>,
-    pub metadata: BTreeMap<String, String>,
+    /// Each parameter's module path (Burn's group routing), by id.
+    pub paths: BTreeMap<u64, String>,
+    /// Names of entries that belong to no parameter: a key without an id, or a tensor whose
+    /// parameter id differs from its key's.
+    pub stray: Vec<String>,
 }
 
 /// Reads every entry of a record's bytes, grouped by parameter id: the one reader behind the
@@ -245,52 +249,36 @@ pub(crate) struct Entries {
 pub(crate) fn read_entries(bytes: Bytes) -> Result<Entries, LoadError> {
     let unreadable = |e: &dyn std::fmt::Display| LoadError::Unreadable(e.to_string());
     let reader = Reader::from_bytes(bytes).map_err(|e| unreadable(&e))?;
-    let metadata = reader.metadata().clone();
+    let mut stray = Vec::new();
+    let mut paths = BTreeMap::new();
+    for (name, path) in reader.metadata() {
+        match name.parse::<u64>() {
+            Ok(id) => {
+                paths.insert(id, path.clone());
+            }
+            Err(_) => stray.push(name.clone()),
+        }
+    }
     let mut params: BTreeMap<u64, ParamRecord> = BTreeMap::new();
     for (name, value) in reader.scalars() {
-        if let Some((id, leaf)) = split_key(name) {
-            params.entry(id).or_default().0.insert(leaf.to_string(), *value);
+        match split_key(name) {
+            Some((id, leaf)) => {
+                params.entry(id).or_default().0.insert(leaf.to_string(), *value);
+            }
+            None => stray.push(name.clone()),
         }
     }
     for tensor in reader.into_tensors().map_err(|e| unreadable(&e))? {
-        let (name, dtype, shape, _, bytes) = tensor.into_parts().map_err(|e| unreadable(&e))?;
-        if let Some((id, leaf)) = split_key(&name) {
-            params.entry(id).or_default().1.insert(leaf.to_string(), TensorData::from_bytes(bytes, shape, dtype));
+        let (name, dtype, shape, param_id, bytes) = tensor.into_parts().map_err(|e| unreadable(&e))?;
+        match split_key(&name) {
+            Some((id, leaf)) if param_id == Some(id) => {
+                let data = TensorData::try_from_bytes(bytes, shape, dtype).map_err(|e| unreadable(&e))?;
+                params.entry(id).or_default().1.insert(leaf.to_string(), data);
+            }
+            _ => stray.push(name),
         }
     }
-    Ok(Entries { params, metadata })
-}
-
-/// A record's entries as the report and the checked load need them: scalars, tensor sizes and
-/// a content fingerprint per parameter id.
-struct ParsedRecord {
-    params: BTreeMap<u64, ParamEntries>,
-}
-
-impl ParsedRecord {
-    fn parse(bytes: Bytes) -> Result<Self, LoadError> {
-        let params = read_entries(bytes)?
-            .params
-            .into_iter()
-            .map(|(id, (mut scalars, tensors))| {
-                scalars.remove("__rank");
-                let mut param = ParamEntries { scalars, ..ParamEntries::default() };
-                // Tensors in leaf-name order, then the step count.
-                let time = param.scalar("time").unwrap_or(0).to_le_bytes();
-                let content = tensors.values().flat_map(|data| data.as_bytes().iter().copied());
-                param.fingerprint = fnv1a64(content.chain(time));
-                param.tensors = tensors
-                    .into_iter()
-                    .map(|(leaf, data)| {
-                        let info = TensorInfo { elements: data.num_elements() as u64, bytes: data.as_bytes().len() as u64 };
-                        (leaf, info)
-                    })
-                    .collect();
-                (id, param)
-            })
-            .collect();
-        Ok(Self { params })
-    }
+    Ok(Entries { params, paths, stray })
 }
 
 /// A record key `"{param_id}.{leaf}"` split into the id and the leaf.

@@ -2,8 +2,12 @@
 
 use burn::optim::{RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
-use burn_8bit_ops::{BlockQuantized, BlockSize, MapFamily, MapKind, StepRule};
+use burn_8bit_ops::{
+    BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, StepRule, count_value, count_words, num_words,
+};
 use burn_pack::Scalar;
+
+use crate::format::{FieldSource, RING_LEN, SlotData, StateFields};
 
 /// Which optimizer wrote a state; recorded so that a checkpoint of one optimizer is never read
 /// as another's.
@@ -30,7 +34,8 @@ pub enum OptimizerKind {
 }
 
 impl OptimizerKind {
-    const ALL: [OptimizerKind; 9] = [
+    /// Every optimizer, in the order of their record codes.
+    pub const ALL: [OptimizerKind; 9] = [
         OptimizerKind::Adam,
         OptimizerKind::AdamW,
         OptimizerKind::Sgd,
@@ -57,12 +62,39 @@ impl OptimizerKind {
         }
     }
 
-    pub(crate) fn code(self) -> u64 {
-        Self::ALL.iter().position(|&k| k == self).expect("listed") as u64 + 1
+    /// The code records store for this optimizer (docs/algorithm.md §4). The codes are part of
+    /// the record format: they never change, and a new optimizer takes a new one.
+    pub fn code(self) -> u64 {
+        match self {
+            OptimizerKind::Adam => 1,
+            OptimizerKind::AdamW => 2,
+            OptimizerKind::Sgd => 3,
+            OptimizerKind::RmsProp => 4,
+            OptimizerKind::AdaGrad => 5,
+            OptimizerKind::Lion => 6,
+            OptimizerKind::AdEMAMix => 7,
+            OptimizerKind::Lamb => 8,
+            OptimizerKind::Lars => 9,
+        }
     }
 
-    pub(crate) fn from_code(code: u64) -> Option<Self> {
-        Self::ALL.get(usize::try_from(code).ok()?.checked_sub(1)?).copied()
+    /// The optimizer of [`OptimizerKind::code`]; `None` for an unknown code.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.code() == code)
+    }
+
+    /// Whether this optimizer steps with `rule` (any of its flags).
+    pub(crate) fn takes(self, rule: StepRule) -> bool {
+        matches!(
+            (self, rule),
+            (OptimizerKind::Adam | OptimizerKind::AdamW, StepRule::Adam { .. })
+                | (OptimizerKind::Sgd | OptimizerKind::Lars, StepRule::Momentum { .. })
+                | (OptimizerKind::RmsProp, StepRule::RmsProp { .. })
+                | (OptimizerKind::AdaGrad, StepRule::AdaGrad)
+                | (OptimizerKind::Lion, StepRule::Lion)
+                | (OptimizerKind::AdEMAMix, StepRule::AdEMAMix)
+                | (OptimizerKind::Lamb, StepRule::Lamb)
+        )
     }
 }
 
@@ -104,11 +136,23 @@ impl StateSlot {
             StateSlot::Full(t) => t.device(),
         }
     }
+
+    /// The slot's data, read back to the host.
+    fn to_record(&self) -> SlotData {
+        match self {
+            StateSlot::Quantized(q) => SlotData::Quantized {
+                words: q.codes().to_data().convert::<u32>().try_into_vec::<u32>().expect("u32 codes"),
+                absmax: q.absmax_values(),
+            },
+            StateSlot::Full(t) => SlotData::Full(t.to_data().try_into_vec::<f32>().expect("f32 state")),
+        }
+    }
 }
 
 /// The optimizer state of one parameter tensor: step count, one [`StateSlot`] per state of the
 /// update rule, and the on-device count of elements skipped for non-finite gradients.
 ///
+/// A parameter without elements has no slots and no device buffers at all.
 /// [`Optim8bitState::decoded`] gives the states as `f32` tensors of the parameter's shape, for
 /// inspection and tests; [`Optim8bitState::skipped`] reads the skip count (a device → host read,
 /// done only when asked).
@@ -118,8 +162,11 @@ pub struct Optim8bitState<const D: usize> {
     pub(crate) rule: StepRule,
     pub(crate) time: usize,
     pub(crate) shape: Shape,
+    /// Block size and map family of 8-bit states; `None` for `f32` states.
+    pub(crate) layout: Option<(BlockSize, MapFamily)>,
     pub(crate) slots: Vec<StateSlot>,
-    pub(crate) skipped: Tensor<1, Int>,
+    /// The skip count as `[low, high]` `u32` words; `None` for a parameter without elements.
+    pub(crate) skipped: Option<Tensor<1, Int>>,
     /// Percentile clipping's ring of the last 100 squared gradient norms (when on).
     pub(crate) gnorms: Option<Tensor<1>>,
 }
@@ -133,9 +180,15 @@ pub struct DecodedState<const D: usize> {
     pub values: Tensor<D>,
 }
 
+fn skip_counter(count: u64, device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(count_words(count).to_vec(), [COUNT_WORDS]), (device, DType::U32))
+}
+
 impl<const D: usize> Optim8bitState<D> {
     /// Fresh zero states for a parameter of `shape`: quantized in blocks of the given size with
-    /// maps of the given family, or `f32` when `layout` is `None`.
+    /// maps of the given family, or `f32` when `layout` is `None`. A parameter without elements
+    /// gets no device buffers (Burn 0.22's fusion mishandles zero-length tensors; see
+    /// docs/checkpoints.md).
     pub(crate) fn new(
         kind: OptimizerKind,
         rule: StepRule,
@@ -145,40 +198,43 @@ impl<const D: usize> Optim8bitState<D> {
     ) -> Self {
         let len = shape.num_elements();
         let family = layout.map_or(MapFamily::Dynamic, |(_, family)| family);
-        let slots = rule
-            .state_maps(family)
-            .into_iter()
-            .map(|map| match layout {
-                Some((block_size, _)) => StateSlot::Quantized(BlockQuantized::zeros(
-                    [len].into(),
-                    map,
-                    block_size,
-                    device,
-                )),
-                None => StateSlot::Full(Tensor::zeros([len], (device, DType::F32))),
-            })
-            .collect();
+        let slots = match len {
+            0 => Vec::new(),
+            _ => rule
+                .state_maps(family)
+                .into_iter()
+                .map(|map| match layout {
+                    Some((block_size, _)) => {
+                        StateSlot::Quantized(BlockQuantized::zeros([len].into(), map, block_size, device))
+                    }
+                    None => StateSlot::Full(Tensor::zeros([len], (device, DType::F32))),
+                })
+                .collect(),
+        };
         Self {
             kind,
             rule,
             time: 0,
             shape,
+            layout,
             slots,
-            skipped: Tensor::from_data(TensorData::new(vec![0u32], [1]), (device, DType::U32)),
+            skipped: (len > 0).then(|| skip_counter(0, device)),
             gnorms: None,
         }
     }
 
-    /// Percentile clipping's factor for this step's gradient, on the device (docs/algorithm.md §3.6):
-    /// the squared norm enters the ring (every slot on step 1, slot `t mod 100` after), the clip
-    /// is the root of the ring's `percentile`-th smallest entry, and the factor is
+    /// Percentile clipping's factor for this step's gradient, on the device (docs/algorithm.md
+    /// §3.6): the squared norm of the gradient's finite elements (capped at `f32::MAX`, so no NaN
+    /// or ∞ ever enters the ring) enters the ring (every slot on step 1, slot `t mod 100` after),
+    /// the clip is the root of the ring's `percentile`-th smallest entry, and the factor is
     /// `clip / ‖g‖` when `‖g‖` exceeds it, else 1. Call after `time` was advanced.
     pub(crate) fn clip_scale(&mut self, grad: &Tensor<1>, percentile: usize) -> Tensor<1> {
-        let norm2 = grad.clone().square().sum();
-        let slot = self.time % 100;
+        let not_finite = grad.clone().is_finite().bool_not();
+        let norm2 = grad.clone().square().mask_fill(not_finite, 0.0).sum().clamp_max(f32::MAX);
+        let slot = self.time % RING_LEN;
         let ring = match self.gnorms.take() {
             Some(ring) if self.time > 1 => ring.slice_assign([slot..slot + 1], norm2.clone()),
-            _ => norm2.clone().repeat_dim(0, 100),
+            _ => norm2.clone().repeat_dim(0, RING_LEN),
         };
         let clip = ring.clone().sort(0).slice([percentile..percentile + 1]).sqrt();
         let norm = norm2.sqrt();
@@ -203,28 +259,33 @@ impl<const D: usize> Optim8bitState<D> {
         self.time
     }
 
-    /// The state slots, in the rule's order.
+    /// The state slots, in the rule's order (none for a parameter without elements).
     pub fn slots(&self) -> &[StateSlot] {
         &self.slots
     }
 
     /// Whether the states are 8-bit (`false`: `f32`, the tensor being under `min_8bit_size`).
     pub fn is_quantized(&self) -> bool {
-        matches!(self.slots.first(), Some(StateSlot::Quantized(_)))
+        self.layout.is_some()
     }
 
     /// The block size of quantized states.
     pub fn block_size(&self) -> Option<BlockSize> {
-        match self.slots.first() {
-            Some(StateSlot::Quantized(q)) => Some(q.block_size()),
-            _ => None,
-        }
+        self.layout.map(|(block_size, _)| block_size)
     }
 
     /// Every state decoded to `f32`, with the parameter's shape.
     pub fn decoded(&self) -> Vec<DecodedState<D>> {
-        self.rule
-            .state_names()
+        let names = self.rule.state_names();
+        if self.shape.num_elements() == 0 {
+            // Burn's `reshape` reads a 0 in the target shape as "keep this dimension".
+            let device = Device::default();
+            return names
+                .into_iter()
+                .map(|name| DecodedState { name, values: Tensor::empty(self.shape.clone(), (&device, DType::F32)) })
+                .collect();
+        }
+        names
             .into_iter()
             .zip(&self.slots)
             .map(|(name, slot)| DecodedState {
@@ -235,28 +296,27 @@ impl<const D: usize> Optim8bitState<D> {
     }
 
     /// Elements whose update was skipped so far because their gradient (or the update) was not
-    /// finite. Reads one number back from the device.
+    /// finite: a 64-bit count. Reads two words back from the device.
     pub fn skipped(&self) -> u64 {
-        let values = self.skipped.clone().into_data().convert::<u32>();
-        u64::from(values.as_slice::<u32>().map(|v| v[0]).unwrap_or(0))
+        self.skipped.as_ref().map_or(0, |words| {
+            let words = words.clone().into_data().convert::<u32>().try_into_vec::<u32>().expect("u32 counter");
+            count_value(words.try_into().expect("a two-word counter"))
+        })
     }
 
     /// Bytes of device memory the state holds (codes, absmax or `f32` values, skip counter, and
     /// percentile clipping's ring of 100 norms when on).
     pub fn size_bytes(&self) -> usize {
         let ring = self.gnorms.as_ref().map_or(0, |ring| 4 * ring.shape().num_elements());
-        self.slots.iter().map(StateSlot::size_bytes).sum::<usize>() + 4 + ring
-    }
-
-    pub(crate) fn device(&self) -> Device {
-        self.skipped.device()
+        let counter = self.skipped.as_ref().map_or(0, |_| 4 * COUNT_WORDS);
+        self.slots.iter().map(StateSlot::size_bytes).sum::<usize>() + counter + ring
     }
 
     /// Moves every tensor of the state to `device`.
     pub fn to_device(self, device: &Device) -> Self {
         Self {
             slots: self.slots.into_iter().map(|s| s.to_device(device)).collect(),
-            skipped: self.skipped.to_device(device),
+            skipped: self.skipped.map(|words| words.to_device(device)),
             gnorms: self.gnorms.map(|ring| ring.to_device(device)),
             ..self
         }
@@ -264,10 +324,7 @@ impl<const D: usize> Optim8bitState<D> {
 
     /// The family of the quantized states' maps (dynamic for `f32` states).
     pub fn map_family(&self) -> MapFamily {
-        match self.slots.first() {
-            Some(StateSlot::Quantized(q)) => MapFamily::of(q.map()),
-            _ => MapFamily::Dynamic,
-        }
+        self.layout.map_or(MapFamily::Dynamic, |(_, family)| family)
     }
 
     /// Each slot's map (the rule's dynamic maps for `f32` states).
@@ -294,121 +351,101 @@ impl<const D: usize> Optim8bitState<D> {
                 *q = BlockQuantized::quantize(q.dequantize_flat(), map, block_size);
             }
         }
+        self.layout = Some((block_size, family));
         self
     }
 
+    /// Whether every buffer of the state lives on `device` (trivially so without buffers).
     pub(crate) fn slot_devices_match(&self, device: &Device) -> bool {
-        self.device() == *device && self.slots.iter().all(|s| s.device() == *device)
+        self.skipped.iter().all(|words| words.device() == *device) && self.slots.iter().all(|s| s.device() == *device)
+    }
+
+    /// The state as its record holds it (a device → host copy of every buffer).
+    pub(crate) fn to_fields(&self) -> StateFields {
+        StateFields {
+            kind: self.kind,
+            rule: self.rule,
+            time: self.time,
+            shape: self.shape.iter().copied().collect(),
+            layout: self.layout,
+            slots: self.slots.iter().map(StateSlot::to_record).collect(),
+            skipped: self.skipped(),
+            gnorms: self.gnorms.as_ref().map(|ring| ring.to_data().try_into_vec::<f32>().expect("f32 ring")),
+        }
+    }
+
+    /// The state of validated record fields, on `device`; `None` when the record's rank is not `D`.
+    pub(crate) fn from_fields(fields: StateFields, device: &Device) -> Option<Self> {
+        if fields.shape.len() != D {
+            return None;
+        }
+        let len = fields.len();
+        let maps = fields.rule.state_maps(fields.layout.map_or(MapFamily::Dynamic, |(_, family)| family));
+        let slots = fields
+            .slots
+            .into_iter()
+            .zip(maps)
+            .map(|(slot, map)| match (slot, fields.layout) {
+                (SlotData::Quantized { words, absmax }, Some((block_size, _))) => {
+                    let blocks = absmax.len();
+                    let codes = Tensor::<1, Int>::from_data(TensorData::new(words, [num_words(len)]), (device, DType::U32));
+                    let absmax = Tensor::<1>::from_data(TensorData::new(absmax, [blocks]), (device, DType::F32));
+                    BlockQuantized::from_parts(codes, absmax, [len].into(), block_size, map)
+                        .ok()
+                        .map(StateSlot::Quantized)
+                }
+                (SlotData::Full(values), None) => {
+                    Some(StateSlot::Full(Tensor::from_data(TensorData::new(values, [len]), (device, DType::F32))))
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            kind: fields.kind,
+            rule: fields.rule,
+            time: fields.time,
+            shape: Shape::from(fields.shape),
+            layout: fields.layout,
+            slots,
+            skipped: (len > 0).then(|| skip_counter(fields.skipped, device)),
+            gnorms: fields
+                .gnorms
+                .map(|ring| Tensor::from_data(TensorData::new(ring, [RING_LEN]), (device, DType::F32))),
+        })
     }
 }
 
-pub(crate) const KIND: &str = "kind";
-pub(crate) const RULE: &str = "rule";
-pub(crate) const TIME: &str = "time";
-pub(crate) const BLOCK_SIZE: &str = "block_size";
-pub(crate) const RANK: &str = "rank";
-pub(crate) const SKIPPED: &str = "skipped";
-pub(crate) const MAP_FAMILY: &str = "map_family";
-const GNORMS: &str = "gnorms";
-
-pub(crate) fn dim_key(axis: usize) -> String {
-    format!("dim{axis}")
+/// The entries under one parameter's prefix of a Burn `StateSource`.
+struct Prefixed<'a> {
+    prefix: &'a str,
+    source: &'a mut StateSource,
 }
 
-pub(crate) fn slot_key(slot: usize, part: &str) -> String {
-    format!("state{slot}.{part}")
+impl FieldSource for Prefixed<'_> {
+    fn scalar(&mut self, key: &str) -> Option<Scalar> {
+        self.source.take_scalar(self.prefix, key)
+    }
+
+    fn tensor(&mut self, key: &str) -> Option<TensorData> {
+        self.source.take_tensor(self.prefix, key)
+    }
 }
 
 impl<const D: usize> RecordState for Optim8bitState<D> {
     fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
-        out.push_scalar(prefix, KIND, Scalar::from(self.kind.code()));
-        out.push_scalar(prefix, RULE, Scalar::from(self.rule.code()));
-        out.push_scalar(prefix, TIME, Scalar::from(self.time));
-        out.push_scalar(prefix, RANK, Scalar::from(self.shape.num_dims()));
-        for (axis, &dim) in self.shape.iter().enumerate() {
-            out.push_scalar(prefix, &dim_key(axis), Scalar::from(dim));
+        let (scalars, tensors) = self.to_fields().entries();
+        for (key, value) in scalars {
+            out.push_scalar(prefix, &key, value);
         }
-        out.push_scalar(
-            prefix,
-            BLOCK_SIZE,
-            Scalar::from(self.block_size().map_or(0, BlockSize::get)),
-        );
-        out.push_scalar(prefix, MAP_FAMILY, Scalar::from(self.map_family().code()));
-        for (slot, state) in self.slots.iter().enumerate() {
-            match state {
-                StateSlot::Quantized(q) => {
-                    out.push_tensor(prefix, &slot_key(slot, "codes"), q.codes().to_data());
-                    out.push_tensor(prefix, &slot_key(slot, "absmax"), q.absmax().to_data());
-                }
-                StateSlot::Full(t) => out.push_tensor(prefix, &slot_key(slot, "values"), t.to_data()),
-            }
-        }
-        out.push_tensor(prefix, SKIPPED, self.skipped.to_data());
-        if let Some(ring) = &self.gnorms {
-            out.push_tensor(prefix, GNORMS, ring.to_data());
+        for (key, data) in tensors {
+            out.push_tensor(prefix, &key, data);
         }
     }
 
+    /// The state of a record that [`StateFields::read`] accepts (the reader the checked load
+    /// uses too); `None` for anything else, which Burn's `load_record` drops.
     fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
-        let scalar = |src: &mut StateSource, key: &str| -> Option<u64> {
-            u64::try_from(src.take_scalar(prefix, key)?).ok()
-        };
-        let kind = OptimizerKind::from_code(scalar(&mut *src, KIND)?)?;
-        let rule = StepRule::from_code(scalar(&mut *src, RULE)?)?;
-        let time = usize::try_from(scalar(&mut *src, TIME)?).ok()?;
-        let rank = usize::try_from(scalar(&mut *src, RANK)?).ok()?;
-        if rank != D {
-            return None;
-        }
-        let dims = (0..rank)
-            .map(|axis| scalar(&mut *src, &dim_key(axis)).and_then(|d| usize::try_from(d).ok()))
-            .collect::<Option<Vec<usize>>>()?;
-        let shape = Shape::from(dims);
-        let len = shape.num_elements();
-        let block_size = match scalar(&mut *src, BLOCK_SIZE)? {
-            0 => None,
-            size => Some(BlockSize::new(usize::try_from(size).ok()?).ok()?),
-        };
-        // Records written before the ablation settings hold dynamic maps and no family.
-        let family = match src.take_scalar(prefix, MAP_FAMILY) {
-            Some(code) => MapFamily::from_code(u64::try_from(code).ok()?)?,
-            None => MapFamily::Dynamic,
-        };
-        let mut slots = Vec::new();
-        for (slot, map) in rule.state_maps(family).into_iter().enumerate() {
-            let state = match block_size {
-                Some(block_size) => {
-                    let codes = src.take_tensor(prefix, &slot_key(slot, "codes"))?;
-                    let absmax = src.take_tensor(prefix, &slot_key(slot, "absmax"))?;
-                    let codes = Tensor::<1, Int>::from_data(codes, (device, DType::U32));
-                    let absmax = Tensor::<1>::from_data(absmax, (device, DType::F32));
-                    StateSlot::Quantized(
-                        BlockQuantized::from_parts(codes, absmax, [len].into(), block_size, map)
-                            .ok()?,
-                    )
-                }
-                None => {
-                    let values = src.take_tensor(prefix, &slot_key(slot, "values"))?;
-                    if values.num_elements() != len {
-                        return None;
-                    }
-                    StateSlot::Full(Tensor::from_data(values, (device, DType::F32)))
-                }
-            };
-            slots.push(state);
-        }
-        let skipped = src.take_tensor(prefix, SKIPPED)?;
-        let gnorms = src
-            .take_tensor(prefix, GNORMS)
-            .map(|ring| Tensor::from_data(ring, (device, DType::F32)));
-        Some(Self {
-            kind,
-            rule,
-            time,
-            shape,
-            slots,
-            skipped: Tensor::from_data(skipped, (device, DType::U32)),
-            gnorms,
-        })
+        let (fields, _) = StateFields::read(&mut Prefixed { prefix, source: src }).ok()?;
+        Self::from_fields(fields, device)
     }
 }

@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 
 use burn::optim::OptimizerRecord;
-use burn::tensor::{Bytes, DType, Shape, TensorData};
-use burn_8bit_ops::{MapFamily, MapKind, StepRule, cpu, num_words};
+use burn::tensor::{Bytes, TensorData};
+use burn_8bit_ops::{MapFamily, StepRule, cpu};
 use burn_pack::{Scalar, Writer};
 
 use crate::engine::UpdateRule;
 use crate::error::LoadError;
+use crate::format::{SlotData, StateFields, key};
 use crate::record::{Entries, read_entries};
-use crate::state::{BLOCK_SIZE, KIND, MAP_FAMILY, OptimizerKind, RANK, RULE, SKIPPED, TIME, dim_key, slot_key};
+use crate::state::OptimizerKind;
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
 /// twin: `AdamConfig` ↔ `Adam8bitConfig`, `AdamWConfig` ↔ `AdamW8bitConfig`, `SgdConfig` with
@@ -103,8 +104,8 @@ fn write(entries: Entries) -> Result<OptimizerRecord, LoadError> {
     for (key, value) in scalars {
         writer = writer.with_scalar(&key, value);
     }
-    for (key, value) in &entries.metadata {
-        writer = writer.with_metadata(key, value);
+    for (id, path) in &entries.paths {
+        writer = writer.with_metadata(&id.to_string(), path);
     }
     let bytes: Bytes = writer.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
     OptimizerRecord::from_bytes(bytes).map_err(|e| LoadError::Unreadable(e.to_string()))
@@ -115,6 +116,15 @@ fn f32_values(data: &TensorData, param_id: u64, name: &str) -> Result<Vec<f32>, 
         param_id,
         reason: format!("{name}: {e:?}"),
     })
+}
+
+/// Replaces a parameter's entries with `fields`' (Burn's `__rank` kept).
+fn replace_entries(scalars: &mut BTreeMap<String, Scalar>, tensors: &mut BTreeMap<String, TensorData>, fields: (Vec<(String, Scalar)>, Vec<(String, TensorData)>)) {
+    let rank = scalars.remove(key::BURN_RANK);
+    scalars.clear();
+    scalars.extend(rank.map(|rank| (key::BURN_RANK.to_string(), rank)));
+    scalars.extend(fields.0);
+    *tensors = fields.1.into_iter().collect();
 }
 
 pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
@@ -128,8 +138,8 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
             reason: format!("not a record of {}'s 32-bit twin: `{name}` is missing", R::KIND.name()),
         };
         let first = tensors.get(layout.slots[0]).ok_or_else(|| missing(layout.slots[0]))?;
-        let shape: Shape = first.shape().clone();
-        let len = shape.num_elements();
+        let shape: Vec<usize> = first.shape().iter().copied().collect();
+        let len: usize = shape.iter().product();
         let time = match layout.time {
             Some(key) => u64::try_from(*scalars.get(key).ok_or_else(|| missing(key))?)
                 .map_err(|_| missing(key))?,
@@ -137,36 +147,31 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
             None => 1,
         };
         let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
-        let mut converted = BTreeMap::new();
-        for (slot, (key, map)) in layout.slots.iter().zip(rule.state_maps(settings.map_family)).enumerate() {
+        let mut slots = Vec::new();
+        for (key, map) in layout.slots.iter().zip(rule.state_maps(settings.map_family)) {
             let values = f32_values(tensors.get(*key).ok_or_else(|| missing(key))?, param_id, key)?;
-            match block_size {
+            if len == 0 {
+                continue;
+            }
+            slots.push(match block_size {
                 Some(block_size) => {
                     let (words, absmax) = cpu::quantize(&values, map, block_size.get());
-                    converted.insert(slot_key(slot, "codes"), TensorData::new(words, [num_words(len)]));
-                    converted.insert(slot_key(slot, "absmax"), TensorData::new(absmax.clone(), [absmax.len()]));
+                    SlotData::Quantized { words, absmax }
                 }
-                None => {
-                    converted.insert(slot_key(slot, "values"), TensorData::new(values, [len]));
-                }
-            }
+                None => SlotData::Full(values),
+            });
         }
-        converted.insert(SKIPPED.to_string(), TensorData::new(vec![0u32], [1]));
-        let rank = scalars.get("__rank").copied();
-        scalars.clear();
-        if let Some(rank) = rank {
-            scalars.insert("__rank".to_string(), rank);
-        }
-        scalars.insert(KIND.to_string(), Scalar::from(R::KIND.code()));
-        scalars.insert(RULE.to_string(), Scalar::from(rule.code()));
-        scalars.insert(TIME.to_string(), Scalar::from(time));
-        scalars.insert(RANK.to_string(), Scalar::from(shape.num_dims()));
-        for (axis, &dim) in shape.iter().enumerate() {
-            scalars.insert(dim_key(axis), Scalar::from(dim));
-        }
-        scalars.insert(BLOCK_SIZE.to_string(), Scalar::from(block_size.map_or(0, |b| b.get())));
-        scalars.insert(MAP_FAMILY.to_string(), Scalar::from(settings.map_family.code()));
-        *tensors = converted;
+        let fields = StateFields {
+            kind: R::KIND,
+            rule,
+            time: usize::try_from(time).map_err(|_| missing("a step count in range"))?,
+            shape,
+            layout: block_size.map(|size| (size, settings.map_family)),
+            slots,
+            skipped: 0,
+            gnorms: None,
+        };
+        replace_entries(scalars, tensors, fields.entries());
     }
     write(entries)
 }
@@ -174,13 +179,7 @@ pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -
 pub(crate) fn to_burn<R: UpdateRule>(record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
     let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
     for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
-        let scalar = |key: &str| -> Result<u64, LoadError> {
-            scalars
-                .get(key)
-                .and_then(|v| u64::try_from(*v).ok())
-                .ok_or_else(|| LoadError::Corrupt { param_id, reason: format!("`{key}` is missing") })
-        };
-        let kind = OptimizerKind::from_code(scalar(KIND)?);
+        let kind = scalars.get(key::KIND).and_then(|&code| u64::try_from(code).ok()).and_then(OptimizerKind::from_code);
         if kind != Some(R::KIND) {
             return Err(LoadError::OptimizerMismatch {
                 param_id,
@@ -188,78 +187,41 @@ pub(crate) fn to_burn<R: UpdateRule>(record: OptimizerRecord) -> Result<Optimize
                 expected: R::KIND.name().to_string(),
             });
         }
-        let rule = StepRule::from_code(scalar(RULE)?)
-            .ok_or_else(|| LoadError::Corrupt { param_id, reason: "unknown update rule".into() })?;
-        let layout = burn_layout(R::KIND, rule)?;
-        let rank = scalar(RANK)? as usize;
-        let dims = (0..rank).map(|axis| scalar(&dim_key(axis)).map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
-        let len: usize = dims.iter().product();
-        let time = scalar(TIME)?;
-        let block_size = scalar(BLOCK_SIZE)? as usize;
-        let family = match scalars.get(MAP_FAMILY) {
-            None => Some(MapFamily::Dynamic),
-            Some(&code) => u64::try_from(code).ok().and_then(MapFamily::from_code),
-        }
-        .ok_or_else(|| LoadError::Corrupt { param_id, reason: "unknown map family".into() })?;
-        let mut decoded = Vec::new();
-        for (slot, map) in rule.state_maps(family).into_iter().enumerate() {
-            let values = if block_size == 0 {
-                let key = slot_key(slot, "values");
-                f32_values(tensors.get(&key).ok_or_else(|| LoadError::Corrupt { param_id, reason: format!("`{key}` is missing") })?, param_id, &key)?
-            } else {
-                decode(tensors, slot, map, block_size, len, param_id)?
-            };
-            decoded.push(values);
-        }
+        let (fields, _) = StateFields::read(&mut (scalars.clone(), tensors.clone()))
+            .map_err(|reason| LoadError::Corrupt { param_id, reason })?;
+        let layout = burn_layout(R::KIND, fields.rule)?;
+        let len = fields.len();
+        let family = fields.layout.map_or(MapFamily::Dynamic, |(_, family)| family);
+        let decoded: Vec<Vec<f32>> = match len {
+            0 => vec![Vec::new(); fields.rule.num_states()],
+            _ => fields
+                .slots
+                .iter()
+                .zip(fields.rule.state_maps(family))
+                .map(|(slot, map)| match slot {
+                    SlotData::Quantized { words, absmax } => {
+                        let (block_size, _) = fields.layout.expect("8-bit slots come with their layout");
+                        cpu::dequantize(words, absmax, map, block_size.get(), len)
+                    }
+                    SlotData::Full(values) => values.clone(),
+                })
+                .collect(),
+        };
+        let dims = fields.shape.clone();
         let mut converted = BTreeMap::new();
         for (key, values) in layout.slots.iter().zip(&decoded) {
             converted.insert(key.to_string(), TensorData::new(values.clone(), dims.clone()));
         }
         if layout.centered_avg {
-            let centered = matches!(rule, StepRule::RmsProp { centered: true, .. });
+            let centered = matches!(fields.rule, StepRule::RmsProp { centered: true, .. });
             let avg: Vec<f32> = match centered {
                 true => decoded[0].iter().zip(decoded.last().expect("grad_avg")).map(|(s, m)| s - m * m).collect(),
                 false => decoded[0].clone(),
             };
             converted.insert("centered.avg".to_string(), TensorData::new(avg, dims.clone()));
         }
-        let rank_scalar = scalars.get("__rank").copied();
-        scalars.clear();
-        if let Some(rank) = rank_scalar {
-            scalars.insert("__rank".to_string(), rank);
-        }
-        if let Some(key) = layout.time {
-            scalars.insert(key.to_string(), Scalar::from(time));
-        }
-        *tensors = converted;
+        let time_entry = layout.time.map(|key| (key.to_string(), Scalar::from(fields.time)));
+        replace_entries(scalars, tensors, (time_entry.into_iter().collect(), converted.into_iter().collect()));
     }
     write(entries)
-}
-
-fn decode(
-    tensors: &BTreeMap<String, TensorData>,
-    slot: usize,
-    map: MapKind,
-    block_size: usize,
-    len: usize,
-    param_id: u64,
-) -> Result<Vec<f32>, LoadError> {
-    let corrupt = |reason: String| LoadError::Corrupt { param_id, reason };
-    let codes_key = slot_key(slot, "codes");
-    let absmax_key = slot_key(slot, "absmax");
-    let codes = tensors.get(&codes_key).ok_or_else(|| corrupt(format!("`{codes_key}` is missing")))?;
-    let absmax = tensors.get(&absmax_key).ok_or_else(|| corrupt(format!("`{absmax_key}` is missing")))?;
-    if codes.dtype() != DType::U32 && codes.dtype() != DType::I32 {
-        return Err(corrupt(format!("`{codes_key}` is {:?}", codes.dtype())));
-    }
-    let words: Vec<u32> = codes
-        .as_bytes()
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let absmax = f32_values(absmax, param_id, &absmax_key)?;
-    if words.len() != num_words(len) || absmax.len() != len.div_ceil(block_size) {
-        return Err(corrupt(format!("state {slot} does not fit {len} elements")));
-    }
-    Ok(cpu::dequantize(&words, &absmax, map, block_size, len))
 }
