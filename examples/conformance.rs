@@ -1,7 +1,7 @@
 //! Replays bitsandbytes reference vectors on a device and judges the results.
 //!
 //! ```text
-//! cargo run --release --features wgpu,ndarray --example conformance -- --device flex|ndarray|wgpu [DIR]
+//! cargo run --features wgpu,ndarray --example conformance -- --device flex|ndarray|wgpu [DIR]
 //! ```
 //! DIR defaults to `$BURN8BIT_VECTORS`, else the repository's `tests/data/bitsandbytes-0.50.2`.
 //! One line per `.safetensors` file of DIR, in file-name order:
