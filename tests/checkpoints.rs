@@ -528,6 +528,8 @@ fn the_skip_count_carries_past_u32() {
         let model = golden_model(&device.clone().autodiff());
         let _ = optim.step(1e-2, model, gradients(4, &device, Some((0x7fc0_0000, 5))));
         assert_eq!(recorded_skips(&optim), [u64::from(u32::MAX) + 3; 2], "[{device_name}]");
+        let report = StateReport::of(&optim).unwrap();
+        assert_eq!(report.total_skipped(), 2 * (u64::from(u32::MAX) + 3), "[{device_name}] {report:?}");
     }
 }
 
@@ -625,5 +627,44 @@ fn an_empty_parameter_leaves_its_neighbours_alone() {
     let _alone = one_at_a_time();
     for (device_name, device) in devices() {
         assert_eq!(step(&device, true), step(&device, false), "[{device_name}]");
+    }
+}
+
+/// A record of the same optimizer written with other settings — precision, rule flags, block
+/// size — converts at the next step instead of restarting (docs/checkpoints.md).
+#[test]
+fn records_of_other_settings_convert_instead_of_restarting() {
+    type Make = fn() -> ModuleOptimizer;
+    let cases: [(&str, OptimizerKind, Make, Make, [bool; 2], usize); 5] = [
+        ("f32 → 8-bit", OptimizerKind::AdamW, || AdamW8bitConfig::new().f32_states().init(), || {
+            AdamW8bitConfig::new().with_min_8bit_size(256).init()
+        }, [true, false], 2),
+        ("8-bit → f32", OptimizerKind::AdamW, || AdamW8bitConfig::new().with_min_8bit_size(256).init(), || {
+            AdamW8bitConfig::new().f32_states().init()
+        }, [false, false], 2),
+        ("AMSGrad added", OptimizerKind::Adam, || Adam8bitConfig::new().with_min_8bit_size(256).init(), || {
+            Adam8bitConfig::new().with_min_8bit_size(256).with_amsgrad(true).init()
+        }, [true, false], 3),
+        ("RMSprop centred", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_min_8bit_size(256).init(), || {
+            RmsProp8bitConfig::new().with_min_8bit_size(256).with_centered(true).init()
+        }, [true, false], 3),
+        ("block 64 → 256", OptimizerKind::Adam, || Adam8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init(), || {
+            Adam8bitConfig::new().with_min_8bit_size(256).init()
+        }, [true, false], 2),
+    ];
+    let device = Device::flex().autodiff();
+    for (what, kind, before, after, quantized, states) in cases {
+        let mut first = before();
+        let model = run(golden_model(&device), &mut first, &Device::flex(), 1..4);
+        let mut second = load_record_checked(after(), first.to_record(), &model, kind).unwrap_or_else(|e| panic!("{what}: {e}")).optimizer;
+        let _ = run(model, &mut second, &Device::flex(), 4..5);
+        let report = StateReport::of(&second).unwrap();
+        for (param, quantized) in report.parameters.iter().zip(quantized) {
+            assert_eq!(param.steps, Some(4), "{what}: parameter {} restarted", param.param_id);
+            assert_eq!(param.quantized, quantized, "{what}: parameter {}", param.param_id);
+        }
+        let weight = &report.parameters[0];
+        let per_state = if quantized[0] { 512 + 4 * 512 / 256 } else { 4 * 512 };
+        assert_eq!(weight.bytes as usize, states * per_state, "{what}: {report:?}");
     }
 }

@@ -7,7 +7,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 use burn_8bit::nn::{StableEmbedding, StableEmbeddingConfig, StableEmbeddingError, keep_embeddings_32bit};
-use burn_8bit::{AdamW8bitConfig, StateReport};
+use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, load_record_checked};
 use common::devices;
 
 #[derive(Module, Debug)]
@@ -167,4 +167,26 @@ fn any_group_can_get_its_own_block_size_and_hyper_parameters() {
     let embedding = report.parameters.iter().find(|p| p.elements == Some(100 * 64)).unwrap();
     // The rest keeps the default block of 256.
     assert_eq!(embedding.bytes, 2 * (6400 + 4 * 25), "{report:?}");
+}
+
+/// The trap of loading a `keep_embeddings_32bit` run into a plain 8-bit optimizer: the
+/// embedding's `f32` state is quantized at its next step and keeps its step count, instead of
+/// restarting from zero.
+#[test]
+fn an_f32_embedding_state_converts_when_loaded_into_a_plain_optimizer() {
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let model = TinyLm::new(&device);
+        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let mut grouped = keep_embeddings_32bit(config.init(), &model, config.clone().f32_states().build());
+        let (model, _) = train(model, &mut grouped, &device, 2);
+        let loaded = load_record_checked(config.init(), grouped.to_record(), &model, OptimizerKind::AdamW)
+            .unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let mut plain = loaded.optimizer;
+        let (_, _) = train(model, &mut plain, &device, 1);
+        let report = StateReport::of(&plain).unwrap();
+        let embedding = report.parameters.iter().find(|p| p.elements == Some(100 * 64)).unwrap();
+        assert!(embedding.quantized, "[{name}] the plain optimizer keeps 8-bit state: {report:?}");
+        assert_eq!(embedding.steps, Some(3), "[{name}] the embedding's state restarted: {report:?}");
+    }
 }

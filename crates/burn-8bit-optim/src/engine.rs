@@ -81,9 +81,10 @@ pub(crate) fn trust_scale(trust: Trust, direction_norm: Tensor<1>, param_norm: T
 
 /// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract).
 ///
-/// A state written by another optimizer, for another shape, or with the other precision is
-/// replaced by fresh zero states; a state with another block size or map family is re-quantized
-/// on the device; a state on another device is moved to the parameter's.
+/// A state written by another optimizer or for another shape is replaced by fresh zero states
+/// (`load_record_checked` refuses such records); a state of this optimizer written with other
+/// settings — block size, map family, precision, rule flags — is converted on the device
+/// (`Optim8bitState::adapted`); a state on another device is moved to the parameter's.
 pub(crate) fn step<R: UpdateRule, const D: usize>(
     rule: &R,
     lr: f64,
@@ -97,30 +98,17 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let settings = rule.settings();
     let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
     let step_rule = rule.step_rule();
+    let layout = block_size.map(|size| (size, settings.map_family));
     let mut state = match state {
-        Some(state)
-            if state.kind == R::KIND
-                && state.rule == step_rule
-                && state.shape == shape
-                && state.is_quantized() == block_size.is_some() =>
-        {
+        Some(state) if state.kind == R::KIND && state.shape == shape => {
             let state = if state.slot_devices_match(&device) {
                 state
             } else {
                 state.to_device(&device)
             };
-            match block_size {
-                Some(block_size) => state.with_layout(block_size, settings.map_family),
-                None => state,
-            }
+            state.adapted(step_rule, layout)
         }
-        _ => Optim8bitState::new(
-            R::KIND,
-            step_rule,
-            shape.clone(),
-            block_size.map(|size| (size, settings.map_family)),
-            &device,
-        ),
+        _ => Optim8bitState::new(R::KIND, step_rule, shape.clone(), layout, &device),
     };
     state.time = state.time.saturating_add(1);
     if len == 0 {

@@ -35,6 +35,10 @@ pub struct ParamStateReport {
     /// Whether the state's checksum was verified ([`RecordChecksum::Absent`] for records written
     /// before checksums existed, and for states of other optimizers).
     pub checksum: RecordChecksum,
+    /// Steps the state has taken (burn-8bit states).
+    pub steps: Option<u64>,
+    /// Elements whose update was skipped for a non-finite gradient so far (burn-8bit states).
+    pub skipped: Option<u64>,
 }
 
 /// The optimizer-state memory of a [`ModuleOptimizer`], per parameter.
@@ -76,10 +80,8 @@ impl StateReport {
             .iter()
             .map(|(&param_id, (scalars, tensors))| {
                 let scalar = |key: &str| scalars.get(key).and_then(|&value| u64::try_from(value).ok());
-                let checksum = match StateFields::read(&mut (scalars.clone(), tensors.clone())) {
-                    Ok((_, checksum)) => checksum,
-                    Err(_) => RecordChecksum::Absent,
-                };
+                let fields = StateFields::read(&mut (scalars.clone(), tensors.clone())).ok();
+                let checksum = fields.as_ref().map_or(RecordChecksum::Absent, |(_, checksum)| *checksum);
                 let elements = scalar(key::RANK).and_then(|rank| (0..rank as usize).map(|axis| scalar(&key::dim(axis))).product());
                 // Tensors in leaf-name order, then the step count.
                 let time = scalar(key::TIME).unwrap_or(0).to_le_bytes();
@@ -92,6 +94,8 @@ impl StateReport {
                     quantized: scalar(key::BLOCK_SIZE).is_some_and(|size| size > 0),
                     fingerprint: fnv1a64(content.chain(time)),
                     checksum,
+                    steps: fields.as_ref().map(|(fields, _)| fields.time as u64),
+                    skipped: fields.as_ref().map(|(fields, _)| fields.skipped),
                 }
             })
             .collect();
@@ -106,6 +110,12 @@ impl StateReport {
     /// Elements of all parameters with a burn-8bit state.
     pub fn total_elements(&self) -> u64 {
         self.parameters.iter().filter_map(|p| p.elements).sum()
+    }
+
+    /// Elements skipped for non-finite gradients so far, over all parameters: what
+    /// `Optim8bitState::skipped` gives per tensor, for `ModuleOptimizer` and `Learner` users.
+    pub fn total_skipped(&self) -> u64 {
+        self.parameters.iter().filter_map(|p| p.skipped).sum()
     }
 }
 
@@ -123,8 +133,9 @@ pub struct CheckedLoad {
 /// Every entry must belong to a parameter of `module` and be readable by the state reader
 /// (docs/algorithm.md §4): each state is `expected`'s, has the parameter's exact shape and path,
 /// every field present with its type, length and range, `f32` values and absmax finite (absmax
-/// non-negative), and its checksum matches. A state written with another block size or map
-/// family is accepted and re-quantized at its next step. Records written before checksums
+/// non-negative), and its checksum matches. A state written with other settings of the same
+/// optimizer (block size, map family, `f32` or 8-bit precision, rule flags) is accepted and
+/// converted at its next step, keeping its step count. Records written before checksums
 /// existed load too; the returned report says [`RecordChecksum::Absent`] for them.
 ///
 /// ```

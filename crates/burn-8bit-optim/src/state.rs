@@ -340,19 +340,48 @@ impl<const D: usize> Optim8bitState<D> {
             .collect()
     }
 
-    /// Re-quantizes 8-bit states whose block size or map family differs from the optimizer's
-    /// (after loading a record written with other settings), on the device.
-    pub(crate) fn with_layout(mut self, block_size: BlockSize, family: MapFamily) -> Self {
-        let maps = self.rule.state_maps(family);
-        for (slot, map) in self.slots.iter_mut().zip(maps) {
-            if let StateSlot::Quantized(q) = slot
-                && (q.block_size() != block_size || q.map() != map)
-            {
-                *q = BlockQuantized::quantize(q.dequantize_flat(), map, block_size);
-            }
+    /// The state for `rule` with `layout` (block size and map family of 8-bit states, `None` for
+    /// `f32` states), from a state of the same optimizer and shape written with other settings —
+    /// a record of another block size, map family, precision (`min_8bit_size`, `f32_states()`,
+    /// `keep_embeddings_32bit`) or rule flags (docs/checkpoints.md). Slots are matched by name and
+    /// converted on the device: 8-bit states decoded, `f32` states quantized, 8-bit states of
+    /// another layout re-quantized. A slot the new rule adds starts from zero, except AMSGrad's
+    /// `max_moment_2`, which starts from `moment_2`. Unchanged settings return the state as is.
+    pub(crate) fn adapted(mut self, rule: StepRule, layout: Option<(BlockSize, MapFamily)>) -> Self {
+        let len = self.shape.num_elements();
+        let family = layout.map_or(MapFamily::Dynamic, |(_, family)| family);
+        let maps = rule.state_maps(family);
+        let unchanged = |slot: &StateSlot, map: MapKind| match (slot, layout) {
+            (StateSlot::Quantized(q), Some((block_size, _))) => q.block_size() == block_size && q.map() == map,
+            (StateSlot::Full(_), None) => true,
+            _ => false,
+        };
+        if (rule == self.rule && self.slots.iter().zip(&maps).all(|(slot, &map)| unchanged(slot, map))) || len == 0 {
+            return Self { rule, layout, ..self };
         }
-        self.layout = Some((block_size, family));
-        self
+        let mut old: Vec<(&'static str, StateSlot)> = self.rule.state_names().into_iter().zip(std::mem::take(&mut self.slots)).collect();
+        let mut take = |name: &str| old.iter().position(|(n, _)| *n == name).map(|i| old.swap_remove(i).1);
+        let device = self.skipped.as_ref().map_or_else(Device::default, |words| words.device());
+        let names = rule.state_names();
+        let mut decoded: Vec<Option<StateSlot>> = names.iter().map(|name| take(name)).collect();
+        if let Some(i) = names.iter().position(|&n| n == "max_moment_2")
+            && decoded[i].is_none()
+        {
+            let moment_2 = names.iter().position(|&n| n == "moment_2").and_then(|j| decoded[j].clone());
+            decoded[i] = moment_2;
+        }
+        self.slots = decoded
+            .into_iter()
+            .zip(maps)
+            .map(|(slot, map)| match (slot, layout) {
+                (Some(slot), _) if unchanged(&slot, map) => slot,
+                (Some(slot), Some((block_size, _))) => StateSlot::Quantized(BlockQuantized::quantize(slot.decoded(), map, block_size)),
+                (Some(slot), None) => StateSlot::Full(slot.decoded()),
+                (None, Some((block_size, _))) => StateSlot::Quantized(BlockQuantized::zeros([len].into(), map, block_size, &device)),
+                (None, None) => StateSlot::Full(Tensor::zeros([len], (&device, DType::F32))),
+            })
+            .collect();
+        Self { rule, layout, ..self }
     }
 
     /// Whether every buffer of the state lives on `device` (trivially so without buffers).
