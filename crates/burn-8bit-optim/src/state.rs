@@ -471,8 +471,8 @@ impl<const D: usize> RecordState for Optim8bitState<D> {
         }
     }
 
-    /// The state of a record that [`StateFields::read`] accepts (the reader the checked load
-    /// uses too); `None` for anything else, which Burn's `load_record` drops.
+    /// The state of a record that the record reader accepts (the one `load_record_checked` uses
+    /// too, docs/algorithm.md §4); `None` for anything else, which Burn's `load_record` drops.
     fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
         let (fields, _) = StateFields::read(&mut Prefixed { prefix, source: src }).ok()?;
         Self::from_fields(fields, device)
