@@ -41,6 +41,29 @@ pub struct ParamStateReport {
     pub skipped: Option<u64>,
 }
 
+impl ParamStateReport {
+    /// The report of one parameter's entries; `read` is what the record reader made of them
+    /// (`None` for states it refuses, e.g. Burn's own).
+    fn new(param_id: u64, (scalars, tensors): &ParamRecord, read: Option<&(StateFields, RecordChecksum)>) -> Self {
+        let scalar = |key: &str| scalars.get(key).and_then(|&value| u64::try_from(value).ok());
+        let elements = scalar(key::RANK).and_then(|rank| (0..rank as usize).map(|axis| scalar(&key::dim(axis))).product());
+        // Tensors in leaf-name order, then the step count.
+        let time = scalar(key::TIME).unwrap_or(0).to_le_bytes();
+        let content = tensors.values().flat_map(|data| data.as_bytes().iter().copied());
+        Self {
+            param_id,
+            optimizer: scalar(key::KIND).and_then(OptimizerKind::from_code),
+            elements,
+            bytes: tensors.values().map(|data| data.as_bytes().len() as u64).sum(),
+            quantized: scalar(key::BLOCK_SIZE).is_some_and(|size| size > 0),
+            fingerprint: fnv1a64(content.chain(time)),
+            checksum: read.map_or(RecordChecksum::Absent, |(_, checksum)| *checksum),
+            steps: read.map(|(fields, _)| fields.time as u64),
+            skipped: read.map(|(fields, _)| fields.skipped),
+        }
+    }
+}
+
 /// The optimizer-state memory of a [`ModuleOptimizer`], per parameter.
 ///
 /// ```
@@ -78,25 +101,9 @@ impl StateReport {
         let parameters = entries
             .params
             .iter()
-            .map(|(&param_id, (scalars, tensors))| {
-                let scalar = |key: &str| scalars.get(key).and_then(|&value| u64::try_from(value).ok());
-                let fields = StateFields::read(&mut (scalars.clone(), tensors.clone())).ok();
-                let checksum = fields.as_ref().map_or(RecordChecksum::Absent, |(_, checksum)| *checksum);
-                let elements = scalar(key::RANK).and_then(|rank| (0..rank as usize).map(|axis| scalar(&key::dim(axis))).product());
-                // Tensors in leaf-name order, then the step count.
-                let time = scalar(key::TIME).unwrap_or(0).to_le_bytes();
-                let content = tensors.values().flat_map(|data| data.as_bytes().iter().copied());
-                ParamStateReport {
-                    param_id,
-                    optimizer: scalar(key::KIND).and_then(OptimizerKind::from_code),
-                    elements,
-                    bytes: tensors.values().map(|data| data.as_bytes().len() as u64).sum(),
-                    quantized: scalar(key::BLOCK_SIZE).is_some_and(|size| size > 0),
-                    fingerprint: fnv1a64(content.chain(time)),
-                    checksum,
-                    steps: fields.as_ref().map(|(fields, _)| fields.time as u64),
-                    skipped: fields.as_ref().map(|(fields, _)| fields.skipped),
-                }
+            .map(|(&param_id, record)| {
+                let read = StateFields::read(&mut record.clone()).ok();
+                ParamStateReport::new(param_id, record, read.as_ref())
             })
             .collect();
         Self { parameters }
@@ -171,7 +178,9 @@ pub fn load_record_checked<M: Module>(
     }
     let mut params = ModuleParams::default();
     module.visit(&mut params);
-    for (&param_id, (scalars, tensors)) in &entries.params {
+    let mut report = StateReport::default();
+    for (&param_id, record) in &entries.params {
+        let (scalars, tensors) = record;
         let param = params.by_id.get(&param_id).ok_or(LoadError::UnknownParameter { param_id })?;
         let corrupt = |reason: String| LoadError::Corrupt { param_id, reason };
         let recorded_kind = scalars.get(key::KIND).and_then(|&code| u64::try_from(code).ok());
@@ -190,7 +199,8 @@ pub fn load_record_checked<M: Module>(
             }
         }
         let mut source = (scalars.clone(), tensors.clone());
-        let (fields, _) = StateFields::read(&mut source).map_err(corrupt)?;
+        let read = StateFields::read(&mut source).map_err(corrupt)?;
+        let fields = &read.0;
         let burn_rank = source.0.remove(key::BURN_RANK).and_then(|rank| u64::try_from(rank).ok());
         if burn_rank != Some(fields.shape.len() as u64) {
             return Err(corrupt(format!("`{}` is {burn_rank:?}, the state has rank {}", key::BURN_RANK, fields.shape.len())));
@@ -199,18 +209,18 @@ pub fn load_record_checked<M: Module>(
             return Err(corrupt(format!("unexpected entry `{leaf}`")));
         }
         if fields.shape != param.shape {
-            return Err(LoadError::ShapeMismatch { param_id, recorded: fields.shape, expected: param.shape.clone() });
+            return Err(LoadError::ShapeMismatch { param_id, recorded: fields.shape.clone(), expected: param.shape.clone() });
         }
         match entries.paths.get(&param_id) {
             Some(path) if *path == param.path => {}
             Some(path) => return Err(corrupt(format!("recorded for `{path}`, the module has it at `{}`", param.path))),
             None => return Err(corrupt(format!("no module path is recorded (the module has it at `{}`)", param.path))),
         }
+        report.parameters.push(ParamStateReport::new(param_id, record, Some(&read)));
     }
     if let Some(id) = entries.paths.keys().find(|id| !entries.params.contains_key(id)) {
         return Err(LoadError::Unreadable(format!("a path is recorded for parameter {id}, which has no state")));
     }
-    let report = StateReport::of_entries(&entries);
     let record = OptimizerRecord::from_bytes(bytes).map_err(|e| LoadError::Unreadable(e.to_string()))?;
     Ok(CheckedLoad { optimizer: optim.load_record(record), report })
 }
