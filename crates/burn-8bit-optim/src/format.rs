@@ -280,10 +280,11 @@ impl StateFields {
                 Some((size.ok_or_else(|| format!("block size {block_size} is not a power of two in 64..=4096"))?, family))
             }
         };
+        // An empty parameter has no slot tensors; version 0 wrote zero-length ones: read and drop them.
+        let recorded_slots = if len > 0 || format == 0 { rule.num_states() } else { 0 };
         let mut slots = Vec::new();
-        for slot in 0..rule.num_states() {
+        for slot in 0..recorded_slots {
             let slot_data = match layout {
-                _ if len == 0 && format > 0 => continue,
                 Some((size, _)) => {
                     let codes_key = key::slot(slot, "codes");
                     let words = words_of(&tensor_bytes(source, &codes_key, &[DType::U32], num_words(len))?);
@@ -301,10 +302,9 @@ impl StateFields {
                     SlotData::Full(checked_floats(&values, &values_key, false)?)
                 }
             };
-            slots.push(slot_data);
-        }
-        if len == 0 {
-            slots.clear();
+            if len > 0 {
+                slots.push(slot_data);
+            }
         }
         let skipped = if format == 0 {
             let bytes = tensor_bytes(source, key::SKIPPED, &[DType::U32], 1)?;
