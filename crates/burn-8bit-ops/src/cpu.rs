@@ -1,5 +1,6 @@
-//! The CPU twin of the block-wise kernels: the same rules as `cube.rs`, on plain slices, parallel
-//! over groups of blocks. Flex and NdArray hand their own buffers to these functions.
+//! The CPU twin of the block-wise kernels: the same rules as `backend/cube/kernels.rs`, on plain
+//! slices, parallel over groups of blocks. Flex and NdArray hand their own buffers to these
+//! functions.
 //!
 //! Every function here computes exactly what the CubeCL kernels compute: absmax from the bits of
 //! `|x|`, codes by the scaled-midpoint rule, decoding by one `f32` product.
@@ -11,7 +12,7 @@ use rayon::prelude::*;
 use crate::block::CODES_PER_WORD;
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
-use crate::step::{StepRule, StepScalars, Updated, update_element};
+use crate::step::{StepRule, StepScalars, update_element};
 
 /// Blocks handled by one rayon task: enough work (≥ 16 Ki elements) to amortise scheduling.
 fn blocks_per_task(block_size: usize) -> usize {
@@ -99,24 +100,112 @@ pub fn dequantize(
     output
 }
 
-/// One quantized optimizer state of a tensor: packed codes, per-block absmax and their map.
-pub struct StateBuffers<'a> {
-    /// Packed codes, `ceil(len / 4)` words.
-    pub words: &'a mut [u32],
-    /// One absmax per block.
-    pub absmax: &'a mut [f32],
-    /// The map the codes index.
-    pub map: MapKind,
+/// One optimizer state of a tensor on the CPU: block-wise codes with their absmax and map, or
+/// plain `f32` values. `W` and `F` are slices of words and floats, shared or mutable.
+pub enum StateSlice<W, F> {
+    /// Packed codes (`ceil(len / 4)` words) and one absmax per block, in `map`.
+    Blockwise {
+        /// Packed codes.
+        words: W,
+        /// One absmax per block.
+        absmax: F,
+        /// The map the codes index.
+        map: MapKind,
+    },
+    /// One `f32` per element.
+    Full(F),
 }
 
-/// The fused optimizer step, in place: per block, decode every state, apply `rule` element by
-/// element (parameter included), take each state's new absmax from its updated values, encode.
-/// Every gradient element is multiplied by `grad_scale` first, and the step size by
+/// A state the fused step rewrites.
+pub type StateMut<'a> = StateSlice<&'a mut [u32], &'a mut [f32]>;
+/// A state the update-norm pass reads.
+pub type StateRef<'a> = StateSlice<&'a [u32], &'a [f32]>;
+
+impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<W, F> {
+    /// Writes block `block` (`output.len()` elements) of this state into `output`.
+    fn read_block(&self, block: usize, block_size: usize, output: &mut [f32]) {
+        let start = block * block_size;
+        match self {
+            StateSlice::Blockwise { words, absmax, map } => {
+                let first = start / CODES_PER_WORD;
+                let words = &words.as_ref()[first..first + output.len().div_ceil(CODES_PER_WORD)];
+                decode_block(words, absmax.as_ref()[block], &Encoder::get(*map).values, output);
+            }
+            StateSlice::Full(values) => output.copy_from_slice(&values.as_ref()[start..start + output.len()]),
+        }
+    }
+}
+
+impl<W, F> StateSlice<W, F> {
+    /// This state, writable.
+    pub fn borrow_mut(&mut self) -> StateMut<'_>
+    where
+        W: AsMut<[u32]>,
+        F: AsMut<[f32]>,
+    {
+        match self {
+            StateSlice::Blockwise { words, absmax, map } => {
+                StateSlice::Blockwise { words: words.as_mut(), absmax: absmax.as_mut(), map: *map }
+            }
+            StateSlice::Full(values) => StateSlice::Full(values.as_mut()),
+        }
+    }
+
+    /// This state, read-only.
+    pub fn borrow(&self) -> StateRef<'_>
+    where
+        W: AsRef<[u32]>,
+        F: AsRef<[f32]>,
+    {
+        match self {
+            StateSlice::Blockwise { words, absmax, map } => {
+                StateSlice::Blockwise { words: words.as_ref(), absmax: absmax.as_ref(), map: *map }
+            }
+            StateSlice::Full(values) => StateSlice::Full(values.as_ref()),
+        }
+    }
+}
+
+impl StateMut<'_> {
+    /// Stores `values` as block `block` of this state: the block's new absmax (`max_bits`, the
+    /// largest `bits(|x|)` in it) and codes, or the values themselves.
+    fn write_block(&mut self, block: usize, block_size: usize, values: &[f32], max_bits: u32, codes: &mut [u8]) {
+        let start = block * block_size;
+        match self {
+            StateSlice::Blockwise { words, absmax, map } => {
+                let scale = rule::absmax_from_bits(max_bits);
+                absmax[block] = scale;
+                let codes = &mut codes[..values.len()];
+                Encoder::get(*map).encode_block(values, scale, codes);
+                let first = start / CODES_PER_WORD;
+                pack(codes, &mut words[first..first + values.len().div_ceil(CODES_PER_WORD)]);
+            }
+            StateSlice::Full(target) => target[start..start + values.len()].copy_from_slice(values),
+        }
+    }
+
+    /// This state cut into the parts of `tasks` consecutive groups of `group` blocks.
+    fn split(&mut self, group: usize, block_size: usize) -> Vec<StateMut<'_>> {
+        match self {
+            StateSlice::Blockwise { words, absmax, map } => words
+                .chunks_mut(group * block_size / CODES_PER_WORD)
+                .zip(absmax.chunks_mut(group))
+                .map(|(words, absmax)| StateSlice::Blockwise { words, absmax, map: *map })
+                .collect(),
+            StateSlice::Full(values) => values.chunks_mut(group * block_size).map(StateSlice::Full).collect(),
+        }
+    }
+}
+
+/// The fused optimizer step, in place: per block, read every state, apply `rule` element by
+/// element (parameter included), then store each state (its new absmax and codes, or its `f32`
+/// values). Every gradient element is multiplied by `grad_scale` first, and the step size by
 /// `update_scale` (a trust ratio; 1 for rules without one). Returns the number of elements
 /// skipped because their gradient or update was not finite (their parameter and states keep
 /// their values).
 ///
 /// Memory beyond the buffers is one block of `f32` per state per rayon task.
+#[allow(clippy::too_many_arguments)]
 pub fn fused_step(
     rule: StepRule,
     scalars: &StepScalars,
@@ -124,30 +213,21 @@ pub fn fused_step(
     update_scale: f32,
     param: &mut [f32],
     grad: &[f32],
-    states: &mut [StateBuffers<'_>],
+    states: &mut [StateMut<'_>],
     block_size: usize,
 ) -> u64 {
     let lr = scalars.lr * update_scale;
     assert_eq!(param.len(), grad.len(), "parameter and gradient lengths differ");
     assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
     let group = blocks_per_task(block_size);
-    let encoders: Vec<&Encoder> = states.iter().map(|state| Encoder::get(state.map)).collect();
-    let mut state_chunks: Vec<_> = states
-        .iter_mut()
-        .map(|state| {
-            state
-                .words
-                .chunks_mut(group * block_size / CODES_PER_WORD)
-                .zip(state.absmax.chunks_mut(group))
-        })
-        .collect();
+    let mut state_parts: Vec<_> = states.iter_mut().map(|state| state.split(group, block_size).into_iter()).collect();
     let tasks: Vec<_> = param
         .chunks_mut(group * block_size)
         .zip(grad.chunks(group * block_size))
         .map(|(param, grad)| {
-            let states: Vec<_> = state_chunks
+            let states: Vec<StateMut<'_>> = state_parts
                 .iter_mut()
-                .map(|chunks| chunks.next().expect("one chunk of each state per task"))
+                .map(|parts| parts.next().expect("one part of each state per task"))
                 .collect();
             (param, grad, states)
         })
@@ -155,117 +235,139 @@ pub fn fused_step(
     tasks
         .into_par_iter()
         .map(|(param, grad, mut states)| {
-            u64::from(step_blocks(rule, scalars, lr, grad_scale, param, grad, &mut states, &encoders, block_size))
+            let step = Step { scalars, lr, grad_scale };
+            u64::from(step.blocks(rule, param, grad, &mut states, block_size))
         })
         .sum()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn step_blocks(
-    rule: StepRule,
-    scalars: &StepScalars,
+/// The per-step values every element of [`fused_step`] shares.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    scalars: &'a StepScalars,
     lr: f32,
     grad_scale: f32,
-    param: &mut [f32],
-    grad: &[f32],
-    states: &mut [(&mut [u32], &mut [f32])],
-    encoders: &[&Encoder],
-    block_size: usize,
-) -> u32 {
-    // Each arm instantiates the loop with the rule (and its number of states) as constants, so
-    // the rule's `match` inside `update_element` folds away and the element loop can vectorize.
-    macro_rules! with_rule {
-        ($rule:expr) => {{
-            const STATES: usize = $rule.num_states();
-            step_blocks_with::<STATES>(
-                |p, g, s: &mut [f32; 3]| update_element($rule, scalars, lr, p, g * grad_scale, s),
-                param,
-                grad,
-                states,
-                encoders,
-                block_size,
-            )
-        }};
-    }
-    match rule {
-        StepRule::Adam { amsgrad: false, cautious: false } => with_rule!(StepRule::Adam { amsgrad: false, cautious: false }),
-        StepRule::Adam { amsgrad: false, cautious: true } => with_rule!(StepRule::Adam { amsgrad: false, cautious: true }),
-        StepRule::Adam { amsgrad: true, cautious: false } => with_rule!(StepRule::Adam { amsgrad: true, cautious: false }),
-        StepRule::Adam { amsgrad: true, cautious: true } => with_rule!(StepRule::Adam { amsgrad: true, cautious: true }),
-        StepRule::Momentum { nesterov: false } => with_rule!(StepRule::Momentum { nesterov: false }),
-        StepRule::Momentum { nesterov: true } => with_rule!(StepRule::Momentum { nesterov: true }),
-        StepRule::RmsProp { centered: false, momentum: false } => with_rule!(StepRule::RmsProp { centered: false, momentum: false }),
-        StepRule::RmsProp { centered: false, momentum: true } => with_rule!(StepRule::RmsProp { centered: false, momentum: true }),
-        StepRule::RmsProp { centered: true, momentum: false } => with_rule!(StepRule::RmsProp { centered: true, momentum: false }),
-        StepRule::RmsProp { centered: true, momentum: true } => with_rule!(StepRule::RmsProp { centered: true, momentum: true }),
-        StepRule::AdaGrad => with_rule!(StepRule::AdaGrad),
-        StepRule::Lion => with_rule!(StepRule::Lion),
-        StepRule::AdEMAMix => with_rule!(StepRule::AdEMAMix),
-        StepRule::Lamb => with_rule!(StepRule::Lamb),
+}
+
+/// Calls `$body` with `$rule` bound to a constant equal to `rule`, so that the rule's `match`
+/// inside [`update_element`] folds away and each element loop is compiled for one rule.
+macro_rules! with_constant_rule {
+    ($value:expr, |$rule:ident| $body:expr) => {
+        match $value {
+            StepRule::Adam { amsgrad: false, cautious: false } => { const $rule: StepRule = StepRule::Adam { amsgrad: false, cautious: false }; $body }
+            StepRule::Adam { amsgrad: false, cautious: true } => { const $rule: StepRule = StepRule::Adam { amsgrad: false, cautious: true }; $body }
+            StepRule::Adam { amsgrad: true, cautious: false } => { const $rule: StepRule = StepRule::Adam { amsgrad: true, cautious: false }; $body }
+            StepRule::Adam { amsgrad: true, cautious: true } => { const $rule: StepRule = StepRule::Adam { amsgrad: true, cautious: true }; $body }
+            StepRule::Momentum { nesterov: false } => { const $rule: StepRule = StepRule::Momentum { nesterov: false }; $body }
+            StepRule::Momentum { nesterov: true } => { const $rule: StepRule = StepRule::Momentum { nesterov: true }; $body }
+            StepRule::RmsProp { centered: false, momentum: false } => { const $rule: StepRule = StepRule::RmsProp { centered: false, momentum: false }; $body }
+            StepRule::RmsProp { centered: false, momentum: true } => { const $rule: StepRule = StepRule::RmsProp { centered: false, momentum: true }; $body }
+            StepRule::RmsProp { centered: true, momentum: false } => { const $rule: StepRule = StepRule::RmsProp { centered: true, momentum: false }; $body }
+            StepRule::RmsProp { centered: true, momentum: true } => { const $rule: StepRule = StepRule::RmsProp { centered: true, momentum: true }; $body }
+            StepRule::AdaGrad => { const $rule: StepRule = StepRule::AdaGrad; $body }
+            StepRule::Lion => { const $rule: StepRule = StepRule::Lion; $body }
+            StepRule::AdEMAMix => { const $rule: StepRule = StepRule::AdEMAMix; $body }
+            StepRule::Lamb => { const $rule: StepRule = StepRule::Lamb; $body }
+        }
+    };
+}
+
+/// `x` is finite, decided on the bits as the kernels decide it (docs/algorithm.md §3.7).
+#[inline(always)]
+fn finite(x: f32) -> bool {
+    x.to_bits() & rule::ABS_MASK < rule::INFINITY_BITS
+}
+
+/// One element of the step: the update, applied only when everything it produces is finite.
+/// Returns the new parameter and states, the direction (0 when skipped) and whether it applied.
+#[inline(always)]
+fn step_element(step: Step<'_>, rule: StepRule, lr: f32, p: f32, g: f32, s: [f32; 3]) -> ([f32; 4], f32, bool) {
+    let g = g * step.grad_scale;
+    let u = update_element(step.scalars, lr, p, g, s[0], s[1], s[2], rule);
+    let applied = finite(g) & finite(u.p) & finite(u.s1) & finite(u.s2) & finite(u.s3);
+    if applied {
+        ([u.p, u.s1, u.s2, u.s3], u.direction, true)
+    } else {
+        ([p, s[0], s[1], s[2]], 0.0, false)
     }
 }
 
-/// The per-block loop of [`fused_step`] for a rule of `N` states: states decoded into one block
-/// of scratch each, updated in place while their new absmax is tracked, then encoded back.
-fn step_blocks_with<const N: usize>(
-    update: impl Fn(f32, f32, &mut [f32; 3]) -> Updated,
-    param: &mut [f32],
-    grad: &[f32],
-    states: &mut [(&mut [u32], &mut [f32])],
-    encoders: &[&Encoder],
-    block_size: usize,
-) -> u32 {
-    debug_assert_eq!(states.len(), N);
-    let mut scratch = vec![0f32; 3 * block_size];
-    let mut codes = vec![0u8; block_size];
-    let mut skipped = 0;
-    let words_per_block = block_size / CODES_PER_WORD;
-    for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
-        let len = param.len();
-        let words = block * words_per_block..block * words_per_block + len.div_ceil(CODES_PER_WORD);
-        let (s0, rest) = scratch.split_at_mut(block_size);
-        let (s1, s2) = rest.split_at_mut(block_size);
-        let (s0, s1, s2) = (&mut s0[..len], &mut s1[..len], &mut s2[..len]);
-        let grad = &grad[..len];
-        for (slot, ((state_words, absmax), encoder)) in states.iter().zip(encoders).enumerate() {
-            let target = match slot {
-                0 => &mut *s0,
-                1 => &mut *s1,
-                _ => &mut *s2,
-            };
-            decode_block(&state_words[words.clone()], absmax[block], &encoder.values, target);
-        }
-        let mut max_bits = [0u32; 3];
-        for i in 0..len {
-            let mut s = [s0[i], s1[i], s2[i]];
-            let updated = update(param[i], grad[i], &mut s);
-            param[i] = updated.p;
-            skipped += u32::from(!updated.applied);
-            s0[i] = s[0];
-            max_bits[0] = max_bits[0].max(s[0].to_bits() & rule::ABS_MASK);
-            if N > 1 {
-                s1[i] = s[1];
-                max_bits[1] = max_bits[1].max(s[1].to_bits() & rule::ABS_MASK);
-            }
-            if N > 2 {
-                s2[i] = s[2];
-                max_bits[2] = max_bits[2].max(s[2].to_bits() & rule::ABS_MASK);
-            }
-        }
-        let slots: [&[f32]; 3] = [s0, s1, s2];
-        for (((slot, (state_words, absmax)), encoder), max) in
-            slots.iter().zip(states.iter_mut()).zip(encoders).zip(max_bits)
-        {
-            absmax[block] = rule::absmax_from_bits(max);
-            encoder.encode_block(slot, absmax[block], &mut codes[..len]);
-            pack(&codes[..len], &mut state_words[words.clone()]);
-        }
+impl Step<'_> {
+    fn blocks(self, rule: StepRule, param: &mut [f32], grad: &[f32], states: &mut [StateMut<'_>], block_size: usize) -> u32 {
+        with_constant_rule!(rule, |RULE| self.blocks_with::<{ RULE.num_states() }>(RULE, param, grad, states, block_size))
     }
-    skipped
+
+    /// The per-block loop of [`fused_step`] for a rule of `N` states: states read into one block
+    /// of scratch each, updated in place while their new absmax is tracked, then stored.
+    #[inline(always)]
+    fn blocks_with<const N: usize>(
+        self,
+        rule: StepRule,
+        param: &mut [f32],
+        grad: &[f32],
+        states: &mut [StateMut<'_>],
+        block_size: usize,
+    ) -> u32 {
+        debug_assert_eq!(states.len(), N);
+        let mut scratch = Scratch::new(block_size);
+        let mut codes = vec![0u8; block_size];
+        let mut skipped = 0;
+        for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
+            let len = param.len();
+            let [s0, s1, s2] = scratch.read(states, block, block_size, len);
+            let grad = &grad[..len];
+            let mut max_bits = [0u32; 3];
+            for i in 0..len {
+                let ([p, a, b, c], _, applied) = step_element(self, rule, self.lr, param[i], grad[i], [s0[i], s1[i], s2[i]]);
+                param[i] = p;
+                skipped += u32::from(!applied);
+                s0[i] = a;
+                max_bits[0] = max_bits[0].max(a.to_bits() & rule::ABS_MASK);
+                if N > 1 {
+                    s1[i] = b;
+                    max_bits[1] = max_bits[1].max(b.to_bits() & rule::ABS_MASK);
+                }
+                if N > 2 {
+                    s2[i] = c;
+                    max_bits[2] = max_bits[2].max(c.to_bits() & rule::ABS_MASK);
+                }
+            }
+            for ((state, values), max) in states.iter_mut().zip([&*s0, &*s1, &*s2]).zip(max_bits) {
+                state.write_block(block, block_size, values, max, &mut codes);
+            }
+        }
+        skipped
+    }
+}
+
+/// One block of `f32` per state slot, in which a block's states are updated.
+struct Scratch(Vec<f32>);
+
+impl Scratch {
+    fn new(block_size: usize) -> Self {
+        Self(vec![0f32; 3 * block_size])
+    }
+
+    /// The first `len` values of each slot, `states` read into them (block `block`).
+    fn read<W: AsRef<[u32]>, F: AsRef<[f32]>>(
+        &mut self,
+        states: &[StateSlice<W, F>],
+        block: usize,
+        block_size: usize,
+        len: usize,
+    ) -> [&mut [f32]; 3] {
+        let (s0, rest) = self.0.split_at_mut(block_size);
+        let (s1, s2) = rest.split_at_mut(block_size);
+        let mut slots = [&mut s0[..len], &mut s1[..len], &mut s2[..len]];
+        for (state, slot) in states.iter().zip(slots.iter_mut()) {
+            state.read_block(block, block_size, slot);
+        }
+        slots
+    }
 }
 
 /// The first pass of LAMB and LARS: per block, the sums of `direction²` and `p²` of the update
-/// `fused_step` would apply (states decoded, nothing written), as `[d₀, p₀, d₁, p₁, …]`.
+/// `fused_step` would apply (states read, nothing written), as `[d₀, p₀, d₁, p₁, …]`.
 /// Skipped elements contribute nothing to the direction's sum.
 pub fn update_norms(
     rule: StepRule,
@@ -273,33 +375,26 @@ pub fn update_norms(
     grad_scale: f32,
     param: &[f32],
     grad: &[f32],
-    states: &[(&[u32], &[f32], MapKind)],
+    states: &[StateRef<'_>],
     block_size: usize,
 ) -> Vec<f32> {
     let num_blocks = param.len().div_ceil(block_size);
-    let words_per_block = block_size / CODES_PER_WORD;
-    let values: Vec<[f32; MAP_LEN]> = states.iter().map(|(_, _, map)| Encoder::get(*map).values).collect();
+    let step = Step { scalars, lr: scalars.lr, grad_scale };
     let mut sums = vec![0f32; 2 * num_blocks];
     sums.par_chunks_mut(2).enumerate().for_each(|(block, sums)| {
         let start = block * block_size;
         let len = block_size.min(param.len() - start);
-        let words = block * words_per_block..block * words_per_block + len.div_ceil(CODES_PER_WORD);
-        let mut decoded = vec![[0f32; 3]; len];
-        let mut scratch = vec![0f32; len];
-        for (slot, ((codes, absmax, _), values)) in states.iter().zip(&values).enumerate() {
-            decode_block(&codes[words.clone()], absmax[block], values, &mut scratch);
-            for (element, &value) in decoded.iter_mut().zip(&scratch) {
-                element[slot] = value;
-            }
-        }
+        let mut scratch = Scratch::new(block_size);
+        let [s0, s1, s2] = scratch.read(states, block, block_size, len);
+        let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
         let (mut direction2, mut param2) = (0f32, 0f32);
-        for i in 0..len {
-            let p = param[start + i];
-            let mut s = decoded[i];
-            let updated = update_element(rule, scalars, scalars.lr, p, grad[start + i] * grad_scale, &mut s);
-            direction2 += updated.direction * updated.direction;
-            param2 += p * p;
-        }
+        with_constant_rule!(rule, |RULE| {
+            for i in 0..len {
+                let (_, direction, _) = step_element(step, RULE, step.lr, param[i], grad[i], [s0[i], s1[i], s2[i]]);
+                direction2 += direction * direction;
+                param2 += param[i] * param[i];
+            }
+        });
         sums[0] = direction2;
         sums[1] = param2;
     });

@@ -18,10 +18,10 @@
 #![deny(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+mod backend;
 mod block;
 pub mod cpu;
-#[cfg(feature = "cube")]
-mod cube;
+mod encode;
 mod error;
 mod ext;
 mod map;
@@ -31,7 +31,7 @@ mod step;
 
 pub use block::{BlockSize, CODES_PER_WORD, num_words};
 pub use error::QuantError;
-pub use ext::{BlockwiseOps, OneState, PackedBlocks, ThreeStates, TwoStates};
+pub use ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
 pub use map::{CodeMap, MAP_LEN, MapFamily, MapKind};
 pub use quantized::BlockQuantized;
 pub use rule::{COUNT_WORDS, add_to_count, count_value, count_words};

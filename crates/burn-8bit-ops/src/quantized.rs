@@ -123,7 +123,9 @@ impl BlockQuantized {
             *last &= u32::MAX >> (8 * (crate::CODES_PER_WORD - used));
         }
         let codes = Tensor::from_data(TensorData::new(words, [num_words(len)]), (device, DType::U32));
-        let absmax = Tensor::zeros([block_size.num_blocks(len)], (device, DType::F32));
+        // Uploaded rather than `Tensor::zeros`, for the reason `Optim8bitState::new` gives.
+        let blocks = block_size.num_blocks(len);
+        let absmax = Tensor::from_data(TensorData::new(vec![0f32; blocks], [blocks]), (device, DType::F32));
         Self {
             codes,
             absmax,

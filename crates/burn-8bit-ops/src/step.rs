@@ -1,10 +1,12 @@
-//! The update rules of the fused optimizer step (docs/algorithm.md §3.4), stated once for the CPU twin;
-//! `cube.rs` spells the same arithmetic, in the same order, for the kernels.
+//! The update rules of the fused optimizer step (docs/algorithm.md §3.4), stated once: the
+//! `#[cube]` function [`update_element`] is expanded into the kernels and, being plain Rust as
+//! well, called element by element by the CPU twin.
 //!
 //! A rule is chosen at compile time of the kernel ([`StepRule`], a few variants), while every
-//! hyper-parameter, learning rate and bias correction is a runtime scalar ([`StepScalars`]): no
-//! kernel is compiled per step or per learning rate.
+//! hyper-parameter, learning rate and bias correction is a runtime scalar ([`StepScalars`], the
+//! kernels' launch argument as it is): no kernel is compiled per step or per learning rate.
 
+use cubecl::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::map::{MapFamily, MapKind};
@@ -142,8 +144,8 @@ impl StepRule {
     }
 }
 
-/// The runtime scalars of one step, computed on the host each step. Each rule reads the fields
-/// its documentation names; the others are ignored:
+/// The runtime scalars of one step, computed on the host each step and passed to the kernels as
+/// they are. Each rule reads the fields its documentation names; the others are ignored:
 ///
 /// | rule | fields read |
 /// |---|---|
@@ -154,7 +156,13 @@ impl StepRule {
 /// | Lion | `lr`, `beta1`, `beta2`, `decay` |
 /// | AdEMAMix | `lr`, `beta1`, `beta2`, `beta3`, `alpha`, `eps`, `correction1`, `correction2`, `decay` |
 /// | LAMB | `lr`, `beta1`, `beta2`, `eps`, `correction1` = 1−β1^t, `correction2` = 1−β2^t, `weight_decay` |
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+///
+/// ```
+/// use burn_8bit_ops::StepScalars;
+/// let scalars = StepScalars { lr: 1e-3, beta1: 0.9, ..StepScalars::default() };
+/// assert_eq!(scalars.penalty, 0.0);
+/// ```
+#[derive(CubeType, CubeLaunch, Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepScalars {
     /// The step size applied to the update direction: Adam `lr·sqrt(1−β2^t)/(1−β1^t)`, Adagrad the
     /// decayed rate, every other rule the learning rate.
@@ -181,134 +189,125 @@ pub struct StepScalars {
     pub first_step: u32,
     /// LAMB's weight decay, added to the direction as `weight_decay·p`.
     pub weight_decay: f32,
-    /// The family of the states' maps (read from a table at run time, like the scalars).
-    pub maps: MapFamily,
 }
 
-/// `true` for finite `x`, decided on the bits (as the kernels do: WGSL compilers may assume NaN
-/// never occurs).
-#[inline(always)]
-pub(crate) fn is_finite_bits(x: f32) -> bool {
-    x.to_bits() & crate::rule::ABS_MASK < crate::rule::INFINITY_BITS
+/// One element after [`update_element`], before the finiteness check (docs/algorithm.md §3.7):
+/// the new parameter, the three state slots (slots past the rule's count are carried through)
+/// and the update direction before the step size.
+#[derive(CubeType, Clone, Copy, Debug)]
+pub(crate) struct Updated {
+    pub p: f32,
+    pub s1: f32,
+    pub s2: f32,
+    pub s3: f32,
+    pub direction: f32,
 }
 
-/// One element of the fused step: the states `s` updated in place, the new parameter
-/// `decayed − lr·direction` (`lr` being the step size times any trust ratio), and whether the
-/// update was applied. It is not (parameter and states keep their values) when the gradient, a
-/// new state or the new parameter is not finite. The update is computed either way and then
-/// selected, branch-free as in the kernels, in the kernels' order of operations.
+/// One element of the fused step: states `s1..s3` (slot order of [`StepRule::state_maps`]) and
+/// the new parameter `decayed − lr·direction`, `lr` being the step size times any trust ratio.
+/// The caller applies the result only when the gradient, the new parameter and every new state
+/// are finite (docs/algorithm.md §3.7), deciding on the bits: WGSL compilers may assume that NaN
+/// never occurs.
+///
+/// The kernels expand this function; the CPU twin calls it as plain Rust with the rule a
+/// constant, so the `match` folds away there too.
+// `decayed` and `direction` start as placeholders for the cube macro: every arm assigns both.
+#[allow(unused_assignments, clippy::too_many_arguments)]
+#[cube]
 #[inline(always)]
 pub(crate) fn update_element(
-    rule: StepRule,
     h: &StepScalars,
     lr: f32,
     p: f32,
-    g: f32,
-    s: &mut [f32; 3],
+    g_raw: f32,
+    s1: f32,
+    s2: f32,
+    s3: f32,
+    #[comptime] rule: StepRule,
 ) -> Updated {
-    let g_raw = g;
-    let g = g + h.penalty * p;
-    let mut n = *s;
-    let (decayed, direction) = match rule {
+    let g = g_raw + h.penalty * p;
+    let mut n1 = s1;
+    let mut n2 = s2;
+    let mut n3 = s3;
+    let mut decayed = p;
+    let mut direction = 0.0f32;
+    match comptime!(rule) {
         StepRule::Adam { amsgrad, cautious } => {
-            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
-            n[1] = h.beta2 * n[1] + (1.0 - h.beta2) * (g * g);
-            let mut v = n[1];
-            if amsgrad {
-                n[2] = if n[1] > n[2] { n[1] } else { n[2] };
-                v = n[2];
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            n2 = h.beta2 * n2 + (1.0 - h.beta2) * (g * g);
+            let mut v = n2;
+            if comptime!(amsgrad) {
+                n3 = select(n2 > n3, n2, n3);
+                v = n3;
             }
-            let direction = n[0] / (v.sqrt() + h.eps);
-            let decayed = if cautious && (p >= 0.0) != (n[0] >= 0.0) {
-                p
-            } else {
-                p * h.decay
-            };
-            (decayed, direction)
+            direction = n1 / (f32::sqrt(v) + h.eps);
+            decayed = p * h.decay;
+            if comptime!(cautious) {
+                let same_sign = (p >= 0.0) == (n1 >= 0.0);
+                decayed = select(same_sign, decayed, p);
+            }
         }
         StepRule::Momentum { nesterov } => {
-            n[0] = if h.first_step != 0 {
-                g
-            } else {
-                h.beta1 * n[0] + h.beta3 * g
-            };
-            (p, if nesterov { g + h.beta1 * n[0] } else { n[0] })
+            n1 = select(h.first_step != 0, g, h.beta1 * n1 + h.beta3 * g);
+            direction = n1;
+            if comptime!(nesterov) {
+                direction = g + h.beta1 * n1;
+            }
         }
         StepRule::RmsProp { centered, momentum } => {
-            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * (g * g);
-            let centered_slot = if momentum { 2 } else { 1 };
-            let mut avg = n[0];
-            if centered {
-                n[centered_slot] = h.beta1 * n[centered_slot] + (1.0 - h.beta1) * g;
-                // Quantization error can push the difference below zero, and sqrt of that is NaN.
-                let difference = n[0] - n[centered_slot] * n[centered_slot];
-                avg = if difference > 0.0 { difference } else { 0.0 };
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * (g * g);
+            let mut avg = n1;
+            if comptime!(centered) {
+                // The gradient average is the last slot: 3 with momentum, else 2. Quantization
+                // error can push the difference below zero, and sqrt of that is NaN.
+                if comptime!(momentum) {
+                    n3 = h.beta1 * n3 + (1.0 - h.beta1) * g;
+                    let difference = n1 - n3 * n3;
+                    avg = select(difference > 0.0, difference, 0.0);
+                } else {
+                    n2 = h.beta1 * n2 + (1.0 - h.beta1) * g;
+                    let difference = n1 - n2 * n2;
+                    avg = select(difference > 0.0, difference, 0.0);
+                }
             }
-            let mut direction = g / (avg.sqrt() + h.eps);
-            if momentum {
-                n[1] = h.beta3 * n[1] + direction;
-                direction = n[1];
+            direction = g / (f32::sqrt(avg) + h.eps);
+            if comptime!(momentum) {
+                n2 = h.beta3 * n2 + direction;
+                direction = n2;
             }
-            (p, direction)
         }
         StepRule::AdaGrad => {
-            n[0] += g * g;
-            (p, g / (n[0].sqrt() + h.eps))
+            n1 += g * g;
+            direction = g / (f32::sqrt(n1) + h.eps);
         }
         StepRule::Lion => {
-            let c = h.beta1 * n[0] + (1.0 - h.beta1) * g;
-            let sign = if c > 0.0 {
-                1.0
-            } else if c < 0.0 {
-                -1.0
-            } else {
-                0.0
-            };
-            n[0] = h.beta2 * n[0] + (1.0 - h.beta2) * g;
-            (p * h.decay, sign)
+            let c = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            direction = select(c > 0.0, 1.0f32, select(c < 0.0, -1.0f32, 0.0f32));
+            n1 = h.beta2 * n1 + (1.0 - h.beta2) * g;
+            decayed = p * h.decay;
         }
         StepRule::AdEMAMix => {
-            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
-            n[1] = h.beta3 * n[1] + (1.0 - h.beta3) * g;
-            n[2] = h.beta2 * n[2] + (1.0 - h.beta2) * (g * g);
-            let direction =
-                (n[0] / h.correction1 + h.alpha * n[1]) / (n[2].sqrt() / h.correction2 + h.eps);
-            (p * h.decay, direction)
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            n2 = h.beta3 * n2 + (1.0 - h.beta3) * g;
+            n3 = h.beta2 * n3 + (1.0 - h.beta2) * (g * g);
+            direction =
+                (n1 / h.correction1 + h.alpha * n2) / (f32::sqrt(n3) / h.correction2 + h.eps);
+            decayed = p * h.decay;
         }
         StepRule::Lamb => {
-            n[0] = h.beta1 * n[0] + (1.0 - h.beta1) * g;
-            n[1] = h.beta2 * n[1] + (1.0 - h.beta2) * (g * g);
-            let direction =
-                (n[0] / h.correction1) / ((n[1] / h.correction2).sqrt() + h.eps) + h.weight_decay * p;
-            (p, direction)
+            n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
+            n2 = h.beta2 * n2 + (1.0 - h.beta2) * (g * g);
+            direction = (n1 / h.correction1) / (f32::sqrt(n2 / h.correction2) + h.eps)
+                + h.weight_decay * p;
         }
-    };
-    let p_new = decayed - lr * direction;
-    let applied = is_finite_bits(g_raw)
-        & is_finite_bits(p_new)
-        & is_finite_bits(n[0])
-        & is_finite_bits(n[1])
-        & is_finite_bits(n[2]);
-    for (state, updated) in s.iter_mut().zip(n) {
-        *state = if applied { updated } else { *state };
     }
     Updated {
-        p: if applied { p_new } else { p },
-        direction: if applied { direction } else { 0.0 },
-        applied,
+        p: decayed - lr * direction,
+        s1: n1,
+        s2: n2,
+        s3: n3,
+        direction,
     }
-}
-
-/// One element after [`update_element`].
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Updated {
-    /// The new parameter (the old one when not applied).
-    pub p: f32,
-    /// The update direction before the step size (0 when not applied): what LAMB's and LARS's
-    /// trust ratios take the norm of.
-    pub direction: f32,
-    /// Whether the update was applied.
-    pub applied: bool,
 }
 
 #[cfg(test)]

@@ -1,13 +1,12 @@
-//! The step every 8-bit optimizer shares: state bookkeeping around one fused op per tensor.
+//! The step every 8-bit optimizer shares: state bookkeeping around one fused op per tensor,
+//! whether its states are 8-bit or `f32`.
 
 use burn::backend::Dispatch;
 use burn::tensor::{DType, FloatDType, Tensor};
 use burn_8bit_ops::{
-    BlockQuantized, BlockSize, BlockwiseOps, MapFamily, OneState, PackedBlocks, StepRule,
-    StepScalars, ThreeStates, TwoStates,
+    BlockQuantized, BlockSize, BlockwiseOps, MapFamily, Scale, StepRule, StepScalars, StepTensors,
 };
 
-use crate::full;
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
 
 /// What every 8-bit config shares: how states are kept and gradients clipped.
@@ -79,7 +78,8 @@ pub(crate) fn trust_scale(trust: Trust, direction_norm: Tensor<1>, param_norm: T
     }
 }
 
-/// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract).
+/// One optimizer step of one parameter tensor (Burn's `Optimizer::step` contract): one fused op
+/// over the flat parameter whatever its states are held in (two for LAMB and LARS).
 ///
 /// A state written by another optimizer or for another shape is replaced by fresh zero states
 /// (`load_record_checked` refuses such records); a state of this optimizer written with other
@@ -96,9 +96,9 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let shape = tensor.shape();
     let len = shape.num_elements();
     let settings = rule.settings();
-    let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
+    let quantized = len >= settings.min_8bit_size;
     let step_rule = rule.step_rule();
-    let layout = block_size.map(|size| (size, settings.map_family));
+    let layout = quantized.then_some((settings.block_size, settings.map_family));
     let mut state = match state {
         Some(state) if state.kind == R::KIND && state.shape == shape => {
             let state = if state.slot_devices_match(&device) {
@@ -114,23 +114,20 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     if len == 0 {
         return (tensor, Some(state));
     }
-    let scalars = StepScalars {
-        maps: settings.map_family,
-        ..rule.scalars(lr, state.time)
+    let step = FusedStep {
+        scalars: rule.scalars(lr, state.time),
+        family: settings.map_family,
+        block_size: settings.block_size,
+        trust: rule.trust(),
     };
     let dtype = tensor.dtype();
     let param = tensor.cast(FloatDType::F32).reshape([len]);
     let grad = grad.cast(FloatDType::F32).reshape([len]);
-    let grad_scale = match settings.percentile {
-        Some(percentile) => state.clip_scale(&grad, percentile),
-        None => Tensor::ones([1], (&device, DType::F32)),
-    };
-    let (param, state) = match block_size {
-        Some(block_size) if settings.whole_tensor_block => {
-            whole_tensor(state, param, grad * grad_scale, &scalars, block_size, rule.trust())
-        }
-        Some(block_size) => fused(state, param, grad, grad_scale, scalars, block_size, rule.trust()),
-        None => full::step(state, param, grad * grad_scale, &scalars, rule.trust()),
+    let grad_scale = settings.percentile.map(|percentile| state.clip_scale(&grad, percentile));
+    let (param, state) = if quantized && settings.whole_tensor_block {
+        step.whole_tensor(state, param, grad, grad_scale)
+    } else {
+        step.apply(state, param, grad, grad_scale)
     };
     let param = param.reshape(shape);
     let param = if dtype == DType::F32 {
@@ -141,183 +138,107 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     (param, Some(state))
 }
 
-/// The whole-tensor ablation: decode every state, update with the `f32` rules, re-encode each
-/// state against its own new absmax (`max |s|`, repeated in every block). Two passes and O(n)
-/// `f32` temporaries, unlike the fused path: an experiment, not a production path.
-fn whole_tensor<const D: usize>(
-    mut state: Optim8bitState<D>,
-    param: Tensor<1>,
-    grad: Tensor<1>,
-    scalars: &StepScalars,
+/// What one step of one tensor applies, whatever its states are held in.
+struct FusedStep {
+    scalars: StepScalars,
+    family: MapFamily,
+    /// Elements per block of quantized states; for `f32` states, the elements one cube (or
+    /// rayon block) steps.
     block_size: BlockSize,
     trust: Option<Trust>,
-) -> (Tensor<1>, Optim8bitState<D>) {
-    let maps = state.slot_maps();
-    state.slots = state.slots.iter().map(|slot| StateSlot::Full(slot.decoded())).collect();
-    let (param, mut state) = full::step(state, param, grad, scalars, trust);
-    state.slots = std::mem::take(&mut state.slots)
-        .into_iter()
-        .zip(maps)
-        .map(|(slot, map)| {
-            StateSlot::Quantized(BlockQuantized::quantize_whole_tensor(slot.decoded(), map, block_size))
-        })
-        .collect();
-    (param, state)
 }
 
-/// The 8-bit path: one fused op (by number of states) over the flat parameter.
-fn fused<const D: usize>(
-    mut state: Optim8bitState<D>,
-    param: Tensor<1>,
-    grad: Tensor<1>,
-    grad_scale: Tensor<1>,
-    scalars: StepScalars,
-    block_size: BlockSize,
-    trust: Option<Trust>,
-) -> (Tensor<1>, Optim8bitState<D>) {
-    let update_scale = match trust {
-        Some(trust) => {
-            let sums = update_norms(&state, &param, &grad, &grad_scale, scalars, block_size);
-            let num_blocks = block_size.num_blocks(param.shape().num_elements());
+impl FusedStep {
+    /// The whole-tensor ablation: decode every state, step the `f32` states, re-encode each
+    /// state against its own new absmax (`max |s|`, repeated in every block). Two passes and
+    /// O(n) `f32` temporaries, unlike the fused path: an experiment, not a production path.
+    fn whole_tensor<const D: usize>(
+        &self,
+        mut state: Optim8bitState<D>,
+        param: Tensor<1>,
+        grad: Tensor<1>,
+        grad_scale: Option<Tensor<1>>,
+    ) -> (Tensor<1>, Optim8bitState<D>) {
+        let maps = state.slot_maps();
+        state.slots = state.slots.iter().map(|slot| StateSlot::Full(slot.decoded())).collect();
+        let (param, mut state) = self.apply(state, param, grad, grad_scale);
+        state.slots = std::mem::take(&mut state.slots)
+            .into_iter()
+            .zip(maps)
+            .map(|(slot, map)| {
+                StateSlot::Quantized(BlockQuantized::quantize_whole_tensor(slot.decoded(), map, self.block_size))
+            })
+            .collect();
+        (param, state)
+    }
+
+    /// The fused op over the flat parameter, after the update-norm pass of a two-pass rule.
+    fn apply<const D: usize>(
+        &self,
+        mut state: Optim8bitState<D>,
+        param: Tensor<1>,
+        grad: Tensor<1>,
+        grad_scale: Option<Tensor<1>>,
+    ) -> (Tensor<1>, Optim8bitState<D>) {
+        let update_scale = self.trust.map(|trust| {
+            let sums = self.update_norms(&state, &param, &grad, grad_scale.as_ref());
+            let num_blocks = self.block_size.num_blocks(param.shape().num_elements());
             let totals = sums.reshape([num_blocks, 2]).sum_dim(0);
             let direction_norm = totals.clone().slice([0..1, 0..1]).reshape([1]).sqrt();
             let param_norm = totals.slice([0..1, 1..2]).reshape([1]).sqrt();
             trust_scale(trust, direction_norm, param_norm)
-        }
-        None => grad_scale.ones_like(),
-    };
-    let len = param.shape().num_elements();
-    let maps = state.slot_maps();
-    let mut packed: Vec<PackedBlocks<Dispatch>> = std::mem::take(&mut state.slots)
-        .into_iter()
-        .map(|slot| match slot {
-            StateSlot::Quantized(q) => {
-                let (codes, absmax) = q.into_parts();
-                PackedBlocks {
-                    codes: codes.into_dispatch(),
-                    absmax: absmax.into_dispatch(),
-                }
-            }
-            StateSlot::Full(_) => unreachable!("8-bit path with f32 states"),
-        })
-        .collect();
-    let param = param.into_dispatch();
-    let skipped = state.skipped.take().expect("a non-empty tensor has a skip counter").into_dispatch();
-    let grad = grad.into_dispatch();
-    let grad_scale = grad_scale.into_dispatch();
-    let update_scale = update_scale.into_dispatch();
-    let (rule, size) = (state.rule, block_size.get());
-    let (param, skipped) = match packed.len() {
-        1 => {
-            let out = Dispatch::fused_step_one_state(
-                OneState { param, skipped, state1: packed.remove(0) },
-                grad,
-                grad_scale,
-                update_scale,
-                rule,
-                scalars,
-                size,
-            );
-            packed = vec![out.state1];
-            (out.param, out.skipped)
-        }
-        2 => {
-            let state2 = packed.remove(1);
-            let out = Dispatch::fused_step_two_states(
-                TwoStates { param, skipped, state1: packed.remove(0), state2 },
-                grad,
-                grad_scale,
-                update_scale,
-                rule,
-                scalars,
-                size,
-            );
-            packed = vec![out.state1, out.state2];
-            (out.param, out.skipped)
-        }
-        3 => {
-            let state3 = packed.remove(2);
-            let state2 = packed.remove(1);
-            let out = Dispatch::fused_step_three_states(
-                ThreeStates { param, skipped, state1: packed.remove(0), state2, state3 },
-                grad,
-                grad_scale,
-                update_scale,
-                rule,
-                scalars,
-                size,
-            );
-            packed = vec![out.state1, out.state2, out.state3];
-            (out.param, out.skipped)
-        }
-        n => unreachable!("rules have 1 to 3 states, not {n}"),
-    };
-    state.skipped = Some(Tensor::from_dispatch(skipped));
-    state.slots = packed
-        .into_iter()
-        .zip(maps)
-        .map(|(blocks, map)| {
-            StateSlot::Quantized(
-                BlockQuantized::from_parts(
-                    Tensor::from_dispatch(blocks.codes),
-                    Tensor::from_dispatch(blocks.absmax),
-                    [len].into(),
-                    block_size,
-                    map,
-                )
-                .expect("the fused step keeps the state's layout"),
-            )
-        })
-        .collect();
-    (Tensor::from_dispatch(param), state)
+        });
+        let len = param.shape().num_elements();
+        let maps = state.slot_maps();
+        let buffers = std::mem::take(&mut state.slots).into_iter().map(StateSlot::into_buffer).collect();
+        let skipped = state.skipped.take().expect("a non-empty tensor has a skip counter");
+        let out = Dispatch::fused_step(
+            StepTensors::new(param.into_dispatch(), skipped.into_dispatch(), buffers),
+            grad.into_dispatch(),
+            device_scale(grad_scale),
+            device_scale(update_scale),
+            state.rule,
+            self.family,
+            self.scalars,
+            self.block_size.get(),
+        );
+        let (param, skipped, buffers) = out.into_parts();
+        state.skipped = Some(Tensor::from_dispatch(skipped));
+        state.slots = buffers
+            .into_iter()
+            .zip(maps)
+            .map(|(buffer, map)| StateSlot::from_buffer(buffer, len, self.block_size, map))
+            .collect();
+        (Tensor::from_dispatch(param), state)
+    }
+
+    /// The first pass of a two-pass rule: per-block sums of the squared direction and
+    /// parameter, `[2 · blocks]`, from clones of the state's handles (nothing is written).
+    fn update_norms<const D: usize>(
+        &self,
+        state: &Optim8bitState<D>,
+        param: &Tensor<1>,
+        grad: &Tensor<1>,
+        grad_scale: Option<&Tensor<1>>,
+    ) -> Tensor<1> {
+        let buffers = state.slots.iter().cloned().map(StateSlot::into_buffer).collect();
+        let skipped = state.skipped.clone().expect("a non-empty tensor has a skip counter");
+        Tensor::from_dispatch(Dispatch::update_norms(
+            StepTensors::new(param.clone().into_dispatch(), skipped.into_dispatch(), buffers),
+            grad.clone().into_dispatch(),
+            device_scale(grad_scale.cloned()),
+            state.rule,
+            self.family,
+            self.scalars,
+            self.block_size.get(),
+        ))
+    }
 }
 
-/// The first pass of a two-pass rule: per-block sums of the squared direction and parameter,
-/// `[2 · blocks]`, from clones of the state's handles (nothing is written).
-fn update_norms<const D: usize>(
-    state: &Optim8bitState<D>,
-    param: &Tensor<1>,
-    grad: &Tensor<1>,
-    grad_scale: &Tensor<1>,
-    scalars: StepScalars,
-    block_size: BlockSize,
-) -> Tensor<1> {
-    let mut packed: Vec<PackedBlocks<Dispatch>> = state
-        .slots
-        .iter()
-        .map(|slot| match slot {
-            StateSlot::Quantized(q) => PackedBlocks {
-                codes: q.codes().clone().into_dispatch(),
-                absmax: q.absmax().clone().into_dispatch(),
-            },
-            StateSlot::Full(_) => unreachable!("8-bit path with f32 states"),
-        })
-        .collect();
-    let param = param.clone().into_dispatch();
-    let skipped = state.skipped.clone().expect("a non-empty tensor has a skip counter").into_dispatch();
-    let (grad, grad_scale) = (grad.clone().into_dispatch(), grad_scale.clone().into_dispatch());
-    let (rule, size) = (state.rule, block_size.get());
-    let sums = match packed.len() {
-        1 => Dispatch::update_norms_one_state(
-            OneState { param, skipped, state1: packed.remove(0) },
-            grad,
-            grad_scale,
-            rule,
-            scalars,
-            size,
-        ),
-        2 => {
-            let state2 = packed.remove(1);
-            Dispatch::update_norms_two_states(
-                TwoStates { param, skipped, state1: packed.remove(0), state2 },
-                grad,
-                grad_scale,
-                rule,
-                scalars,
-                size,
-            )
-        }
-        n => unreachable!("two-pass rules have 1 or 2 states, not {n}"),
-    };
-    Tensor::from_dispatch(sums)
+/// A factor on the device, or exactly one.
+fn device_scale(scale: Option<Tensor<1>>) -> Scale<Dispatch> {
+    match scale {
+        Some(scale) => Scale::Device(scale.into_dispatch()),
+        None => Scale::One,
+    }
 }

@@ -98,7 +98,6 @@ mod ademamix;
 mod engine;
 mod error;
 mod format;
-mod full;
 mod lamb;
 mod lars;
 mod lion;

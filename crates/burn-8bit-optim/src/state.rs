@@ -2,8 +2,10 @@
 
 use burn::optim::{RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn::backend::Dispatch;
 use burn_8bit_ops::{
-    BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, StepRule, count_value, count_words, num_words,
+    BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, StateBuffer, StepRule, count_value,
+    count_words, num_words,
 };
 use burn_pack::Scalar;
 
@@ -109,6 +111,35 @@ pub enum StateSlot {
 }
 
 impl StateSlot {
+    /// The slot as the fused op takes it.
+    pub(crate) fn into_buffer(self) -> StateBuffer<Dispatch> {
+        match self {
+            StateSlot::Quantized(q) => {
+                let (codes, absmax) = q.into_parts();
+                StateBuffer::Blockwise(PackedBlocks { codes: codes.into_dispatch(), absmax: absmax.into_dispatch() })
+            }
+            StateSlot::Full(values) => StateBuffer::Full(values.into_dispatch()),
+        }
+    }
+
+    /// The slot of a fused op's state of `len` elements (codes in `map` with `block_size`).
+    pub(crate) fn from_buffer(buffer: StateBuffer<Dispatch>, len: usize, block_size: BlockSize, map: MapKind) -> Self {
+        match buffer {
+            StateBuffer::Blockwise(packed) => StateSlot::Quantized(
+                BlockQuantized::from_parts(
+                    Tensor::from_dispatch(packed.codes),
+                    Tensor::from_dispatch(packed.absmax),
+                    [len].into(),
+                    block_size,
+                    map,
+                )
+                .expect("the fused step keeps the state's layout"),
+            ),
+            StateBuffer::Full(values) => StateSlot::Full(Tensor::from_dispatch(values)),
+            StateBuffer::Absent => unreachable!("the fused step returns the states it was given"),
+        }
+    }
+
     pub(crate) fn decoded(&self) -> Tensor<1> {
         match self {
             StateSlot::Quantized(q) => q.dequantize_flat(),
@@ -207,7 +238,10 @@ impl<const D: usize> Optim8bitState<D> {
                     Some((block_size, _)) => {
                         StateSlot::Quantized(BlockQuantized::zeros([len].into(), map, block_size, device))
                     }
-                    None => StateSlot::Full(Tensor::zeros([len], (device, DType::F32))),
+                    // Uploaded, not `Tensor::zeros`: under Burn 0.22's fusion a lazily filled
+                    // constant is corrupted once any zero-length tensor was made on the device
+                    // (docs/checkpoints.md), and the fused step then reads garbage states.
+                    None => StateSlot::Full(Tensor::from_data(TensorData::new(vec![0f32; len], [len]), (device, DType::F32))),
                 })
                 .collect(),
         };

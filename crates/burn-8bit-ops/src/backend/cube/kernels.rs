@@ -1,0 +1,582 @@
+//! The CubeCL kernels of the block-wise operations, one source for wgpu (Vulkan, Metal, DX12),
+//! CUDA, ROCm and cubecl-cpu. Their CPU twin is `cpu.rs`: the same rules, so the same bits.
+//!
+//! One cube handles one block. Each unit owns whole `u32` words (four codes), strided across
+//! the block so that neighbouring units touch neighbouring words, and keeps its elements in
+//! registers from the read to the write: every buffer is read once and written once. The
+//! absmax is reduced in shared memory (one barrier per level for every state at once), the
+//! decode values and the thresholds `midpoint · absmax` sit in shared memory, and codes are
+//! found in O(1) by `encode::encode_code`. The tensor length, block count, hyper-parameters and
+//! table offsets are runtime scalars: a kernel is compiled once per (rule, slot kinds, block
+//! size), never per length or per step.
+
+use cubecl::prelude::*;
+
+use crate::encode::{GUESSES, MIDPOINTS, encode_code};
+use crate::map::MAP_LEN;
+use crate::rule::{ABS_MASK, CANONICAL_NAN_BITS, INFINITY_BITS};
+use crate::step::{StepRule, StepScalars, update_element};
+
+/// How a state slot is held, known when the kernel is compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SlotKind {
+    /// The rule has no state here.
+    Absent,
+    /// Packed codes in the slot's words buffer, absmax in its floats buffer.
+    Blockwise,
+    /// Plain `f32` values in the slot's floats buffer.
+    Full,
+}
+
+/// What a step kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    /// The fused step: parameter and states rewritten.
+    Step,
+    /// The first pass of LAMB and LARS: per block, the sums of `direction²` and `p²` of the
+    /// update the step would apply into `sums[2·block]` and `sums[2·block + 1]`; nothing else is
+    /// written.
+    Norms,
+}
+
+/// What a step kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StepLayout {
+    /// The fused step or its update-norm pass.
+    pub pass: Pass,
+    /// The update rule.
+    pub rule: StepRule,
+    /// How each of the three slots is held.
+    pub slots: [SlotKind; 3],
+    /// Whether the gradient is multiplied by a device scalar.
+    pub grad_scaled: bool,
+    /// Whether the step size is multiplied by a device scalar.
+    pub update_scaled: bool,
+    /// Elements per block.
+    pub block_size: usize,
+    /// Units per cube.
+    pub units: usize,
+    /// Single steps after the guess of the encoder.
+    pub guess_steps: u32,
+}
+
+/// Each block-wise slot's table offset (in the tables buffer) and zero code.
+#[derive(CubeLaunch, CubeType)]
+pub struct SlotMaps {
+    pub table1: u32,
+    pub table2: u32,
+    pub table3: u32,
+    pub zero1: u32,
+    pub zero2: u32,
+    pub zero3: u32,
+}
+
+#[cube]
+fn is_finite(x: f32) -> bool {
+    (u32::reinterpret(x) & ABS_MASK) < INFINITY_BITS
+}
+
+#[cube]
+fn abs_bits(x: f32) -> u32 {
+    u32::reinterpret(x) & ABS_MASK
+}
+
+/// The absmax of the largest `bits(|x|)`, NaN made canonical (`rule::absmax_from_bits`).
+#[cube]
+fn absmax_from_bits(bits: u32) -> f32 {
+    f32::reinterpret(select(bits > INFINITY_BITS, CANONICAL_NAN_BITS, bits))
+}
+
+/// Copies the 256 decode values of the map at `table` into `values[slot · 256 …]`.
+#[cube]
+fn stage_values(tables: &[u32], table: u32, values: &mut [f32], #[comptime] slot: usize, #[comptime] units: usize) {
+    let mut k = UNIT_POS as usize;
+    while k < MAP_LEN {
+        values[comptime![slot * MAP_LEN] + k] = f32::reinterpret(tables[table as usize + k]);
+        k += units;
+    }
+}
+
+/// Writes `midpoint · scale` of the map at `table` into `thresholds[slot · 255 …]`.
+#[cube]
+fn stage_thresholds(
+    tables: &[u32],
+    table: u32,
+    scale: f32,
+    thresholds: &mut [f32],
+    #[comptime] slot: usize,
+    #[comptime] units: usize,
+) {
+    let mut k = UNIT_POS as usize;
+    while k < comptime![MAP_LEN - 1] {
+        thresholds[comptime![slot * (MAP_LEN - 1)] + k] = f32::reinterpret(tables[table as usize + MIDPOINTS + k]) * scale;
+        k += units;
+    }
+}
+
+/// The maximum over the cube of each active slot's value, `shared` holding `3 · units` words.
+#[cube]
+fn cube_max(
+    shared: &mut [u32],
+    values: (u32, u32, u32),
+    #[comptime] active: (bool, bool, bool),
+    #[comptime] units: usize,
+) -> (u32, u32, u32) {
+    let me = UNIT_POS as usize;
+    let (a, b, c) = values;
+    if comptime![active.0] {
+        shared[me] = a;
+    }
+    if comptime![active.1] {
+        shared[comptime![units] + me] = b;
+    }
+    if comptime![active.2] {
+        shared[comptime![2 * units] + me] = c;
+    }
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime![units.trailing_zeros() as usize] {
+        let stride = comptime![units >> (level + 1)];
+        if me < stride {
+            if comptime![active.0] {
+                shared[me] = max(shared[me], shared[me + stride]);
+            }
+            if comptime![active.1] {
+                let at = comptime![units] + me;
+                shared[at] = max(shared[at], shared[at + stride]);
+            }
+            if comptime![active.2] {
+                let at = comptime![2 * units] + me;
+                shared[at] = max(shared[at], shared[at + stride]);
+            }
+        }
+        sync_cube();
+    }
+    (shared[0], shared[comptime![units]], shared[comptime![2 * units]])
+}
+
+#[cube]
+fn max(a: u32, b: u32) -> u32 {
+    select(a > b, a, b)
+}
+
+/// The code of `x` in a block of absmax `scale`, or the zero code when the block is degenerate
+/// (absmax 0 or not finite).
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn encode_in_block(
+    thresholds: &[f32],
+    tables: &[u32],
+    table: u32,
+    zero_code: u32,
+    scale_bits: u32,
+    x: f32,
+    #[comptime] slot: usize,
+    #[comptime] steps: u32,
+) -> u32 {
+    let degenerate = scale_bits == 0 || scale_bits >= INFINITY_BITS;
+    let inverse = 1.0f32 / f32::reinterpret(scale_bits);
+    let code = encode_code(
+        thresholds,
+        comptime![slot * (MAP_LEN - 1)],
+        tables,
+        table as usize + GUESSES,
+        x,
+        u32::reinterpret(x * inverse),
+        steps,
+    );
+    select(degenerate, zero_code, code)
+}
+
+/// Sums `direction2` and `param2` over the cube into `sums[2·block]` and `sums[2·block + 1]`.
+#[cube]
+fn write_norms(sums: &mut [f32], direction2: f32, param2: f32, #[comptime] units: usize) {
+    let mut shared = Shared::<[f32]>::new_slice(comptime![2 * units]);
+    let me = UNIT_POS as usize;
+    shared[me] = direction2;
+    shared[comptime![units] + me] = param2;
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime![units.trailing_zeros() as usize] {
+        let stride = comptime![units >> (level + 1)];
+        if me < stride {
+            shared[me] += shared[me + stride];
+            let at = comptime![units] + me;
+            shared[at] += shared[at + stride];
+        }
+        sync_cube();
+    }
+    if UNIT_POS == 0 {
+        sums[2 * CUBE_POS] = shared[0];
+        sums[2 * CUBE_POS + 1] = shared[comptime![units]];
+    }
+}
+
+/// Block-wise quantization: per block, the absmax reduced from the block (or read from `absmax`
+/// with `given_absmax`), then every code.
+#[cube(launch_unchecked, address_type = "dynamic")]
+pub fn quantize_kernel(
+    input: &[f32],
+    tables: &[u32],
+    codes: &mut [u32],
+    absmax: &mut [f32],
+    len: usize,
+    num_blocks: usize,
+    table: u32,
+    zero_code: u32,
+    #[comptime] given_absmax: bool,
+    #[comptime] block_size: usize,
+    #[comptime] units: usize,
+    #[comptime] steps: u32,
+) {
+    let block = CUBE_POS;
+    if block >= num_blocks {
+        terminate!();
+    }
+    let words_per_unit = comptime![block_size / 4 / units];
+    let first_word = block * comptime![block_size / 4] + UNIT_POS as usize;
+    let total_words = len.div_ceil(4);
+    let mut x = Array::<f32>::new(comptime![block_size / units]);
+    let mut local_max = 0u32;
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        #[unroll]
+        for e in 0..4usize {
+            let i = word * 4 + e;
+            let k = comptime![j * 4 + e];
+            x[k] = 0.0;
+            if i < len {
+                x[k] = input[i];
+                local_max = max(local_max, abs_bits(x[k]));
+            }
+        }
+    }
+    let scale_bits = if comptime![given_absmax] {
+        abs_bits(absmax[block])
+    } else {
+        let mut shared_max = Shared::<[u32]>::new_slice(comptime![3 * units]);
+        let (reduced, _, _) = cube_max(&mut shared_max, (local_max, 0u32, 0u32), comptime![(true, false, false)], units);
+        reduced
+    };
+    let scale = absmax_from_bits(scale_bits);
+    if comptime![!given_absmax] {
+        if UNIT_POS == 0 {
+            absmax[block] = scale;
+        }
+    }
+    let mut thresholds = Shared::<[f32]>::new_slice(comptime![MAP_LEN - 1]);
+    stage_thresholds(tables, table, scale, &mut thresholds, 0usize, units);
+    sync_cube();
+    let canonical_bits = u32::reinterpret(scale);
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        if word < total_words {
+            let mut packed = 0u32;
+            #[unroll]
+            for e in 0..4usize {
+                let i = word * 4 + e;
+                if i < len {
+                    let code = encode_in_block(&thresholds, tables, table, zero_code, canonical_bits, x[comptime![j * 4 + e]], 0usize, steps);
+                    packed |= code << comptime![8 * e as u32];
+                }
+            }
+            codes[word] = packed;
+        }
+    }
+}
+
+/// Dequantization: `values[code] · absmax`, the canonical NaN for a block whose absmax is not
+/// finite.
+#[cube(launch_unchecked, address_type = "dynamic")]
+pub fn dequantize_kernel(
+    codes: &[u32],
+    absmax: &[f32],
+    tables: &[u32],
+    output: &mut [f32],
+    len: usize,
+    num_blocks: usize,
+    table: u32,
+    #[comptime] block_size: usize,
+    #[comptime] units: usize,
+) {
+    let block = CUBE_POS;
+    if block >= num_blocks {
+        terminate!();
+    }
+    let mut values = Shared::<[f32]>::new_slice(MAP_LEN);
+    stage_values(tables, table, &mut values, 0usize, units);
+    sync_cube();
+    let words_per_unit = comptime![block_size / 4 / units];
+    let first_word = block * comptime![block_size / 4] + UNIT_POS as usize;
+    let total_words = len.div_ceil(4);
+    let scale = absmax[block];
+    let non_finite = abs_bits(scale) >= INFINITY_BITS;
+    let nan = f32::reinterpret(CANONICAL_NAN_BITS);
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        if word < total_words {
+            let packed = codes[word];
+            #[unroll]
+            for e in 0..4usize {
+                let i = word * 4 + e;
+                if i < len {
+                    let code = (packed >> comptime![8 * e as u32]) & 0xff;
+                    output[i] = select(non_finite, nan, values[code as usize] * scale);
+                }
+            }
+        }
+    }
+}
+
+/// The fused optimizer step in one pass: each unit reads its elements' parameter, gradient and
+/// states once, keeps the updated states in registers while the cube reduces each block-wise
+/// state's new absmax, then writes the parameter, `Full` states, codes and absmax once. With
+/// [`Pass::Norms`] the same update is computed and only its norms are written, to `sums`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked, address_type = "dynamic")]
+pub fn fused_step_kernel(
+    param: &mut [f32],
+    grad: &[f32],
+    words1: &mut [u32],
+    floats1: &mut [f32],
+    words2: &mut [u32],
+    floats2: &mut [f32],
+    words3: &mut [u32],
+    floats3: &mut [f32],
+    tables: &[u32],
+    grad_scale: &[f32],
+    update_scale: &[f32],
+    skipped: &mut [Atomic<u32>],
+    sums: &mut [f32],
+    len: usize,
+    num_blocks: usize,
+    h: &StepScalars,
+    maps: &SlotMaps,
+    #[comptime] layout: StepLayout,
+) {
+    let block = CUBE_POS;
+    if block >= num_blocks {
+        terminate!();
+    }
+    let step = comptime![layout.pass == Pass::Step];
+    let units = comptime![layout.units];
+    let words_per_unit = comptime![layout.block_size / 4 / layout.units];
+    let q1 = comptime![layout.slots[0] == SlotKind::Blockwise];
+    let q2 = comptime![layout.slots[1] == SlotKind::Blockwise];
+    let q3 = comptime![layout.slots[2] == SlotKind::Blockwise];
+    let f1 = comptime![layout.slots[0] == SlotKind::Full];
+    let f2 = comptime![layout.slots[1] == SlotKind::Full];
+    let f3 = comptime![layout.slots[2] == SlotKind::Full];
+    let first_word = block * comptime![layout.block_size / 4] + UNIT_POS as usize;
+    let total_words = len.div_ceil(4);
+
+    let mut values = Shared::<[f32]>::new_slice(comptime![3 * MAP_LEN]);
+    if q1 {
+        stage_values(tables, maps.table1, &mut values, 0usize, units);
+    }
+    if q2 {
+        stage_values(tables, maps.table2, &mut values, 1usize, units);
+    }
+    if q3 {
+        stage_values(tables, maps.table3, &mut values, 2usize, units);
+    }
+    if comptime![q1 || q2 || q3] {
+        sync_cube();
+    }
+    let mut g_scale = 1.0f32;
+    if comptime![layout.grad_scaled] {
+        g_scale = grad_scale[0];
+    }
+    let mut lr = h.lr;
+    if comptime![layout.update_scaled] {
+        lr = h.lr * update_scale[0];
+    }
+    let mut old1 = 0.0f32;
+    let mut old2 = 0.0f32;
+    let mut old3 = 0.0f32;
+    if q1 {
+        old1 = floats1[block];
+    }
+    if q2 {
+        old2 = floats2[block];
+    }
+    if q3 {
+        old3 = floats3[block];
+    }
+
+    let mut n1 = Array::<f32>::new(comptime![layout.block_size / layout.units]);
+    let mut n2 = Array::<f32>::new(comptime![layout.block_size / layout.units]);
+    let mut n3 = Array::<f32>::new(comptime![layout.block_size / layout.units]);
+    let mut max1 = 0u32;
+    let mut max2 = 0u32;
+    let mut max3 = 0u32;
+    let mut local_skipped = 0u32;
+    let mut direction2 = 0.0f32;
+    let mut param2 = 0.0f32;
+    #[unroll]
+    for j in 0..words_per_unit {
+        let word = first_word + j * units;
+        let mut w1 = 0u32;
+        let mut w2 = 0u32;
+        let mut w3 = 0u32;
+        if word < total_words {
+            if q1 {
+                w1 = words1[word];
+            }
+            if q2 {
+                w2 = words2[word];
+            }
+            if q3 {
+                w3 = words3[word];
+            }
+        }
+        #[unroll]
+        for e in 0..4usize {
+            let i = word * 4 + e;
+            let k = comptime![j * 4 + e];
+            let shift = comptime![8 * e as u32];
+            if i < len {
+                let mut s1 = 0.0f32;
+                let mut s2 = 0.0f32;
+                let mut s3 = 0.0f32;
+                if q1 {
+                    s1 = values[((w1 >> shift) & 0xff) as usize] * old1;
+                }
+                if f1 {
+                    s1 = floats1[i];
+                }
+                if q2 {
+                    s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & 0xff) as usize] * old2;
+                }
+                if f2 {
+                    s2 = floats2[i];
+                }
+                if q3 {
+                    s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & 0xff) as usize] * old3;
+                }
+                if f3 {
+                    s3 = floats3[i];
+                }
+                let p = param[i];
+                let g = grad[i] * g_scale;
+                let u = update_element(h, lr, p, g, s1, s2, s3, comptime![layout.rule]);
+                let applied = is_finite(g) && is_finite(u.p) && is_finite(u.s1) && is_finite(u.s2) && is_finite(u.s3);
+                if comptime![step] {
+                    param[i] = select(applied, u.p, p);
+                    local_skipped += select(applied, 0u32, 1u32);
+                    let a = select(applied, u.s1, s1);
+                    let b = select(applied, u.s2, s2);
+                    let c = select(applied, u.s3, s3);
+                    if q1 {
+                        n1[k] = a;
+                        max1 = max(max1, abs_bits(a));
+                    }
+                    if f1 {
+                        floats1[i] = a;
+                    }
+                    if q2 {
+                        n2[k] = b;
+                        max2 = max(max2, abs_bits(b));
+                    }
+                    if f2 {
+                        floats2[i] = b;
+                    }
+                    if q3 {
+                        n3[k] = c;
+                        max3 = max(max3, abs_bits(c));
+                    }
+                    if f3 {
+                        floats3[i] = c;
+                    }
+                } else {
+                    let direction = select(applied, u.direction, 0.0f32);
+                    direction2 += direction * direction;
+                    param2 += p * p;
+                }
+            }
+        }
+    }
+    if comptime![!step] {
+        write_norms(sums, direction2, param2, units);
+    }
+    if local_skipped > 0 {
+        // A 64-bit count in [low, high] words (rule::add_to_count): the add that wraps the low
+        // word carries into the high one.
+        let before = skipped[0].fetch_add(local_skipped);
+        if before > 0xFFFF_FFFFu32 - local_skipped {
+            skipped[1].fetch_add(1u32);
+        }
+    }
+
+    if comptime![step && (q1 || q2 || q3)] {
+        let mut shared_max = Shared::<[u32]>::new_slice(comptime![3 * layout.units]);
+        let (new1, new2, new3) = cube_max(&mut shared_max, (max1, max2, max3), comptime![(q1, q2, q3)], units);
+        let scale1 = absmax_from_bits(new1);
+        let scale2 = absmax_from_bits(new2);
+        let scale3 = absmax_from_bits(new3);
+        let mut thresholds = Shared::<[f32]>::new_slice(comptime![3 * (MAP_LEN - 1)]);
+        if q1 {
+            stage_thresholds(tables, maps.table1, scale1, &mut thresholds, 0usize, units);
+        }
+        if q2 {
+            stage_thresholds(tables, maps.table2, scale2, &mut thresholds, 1usize, units);
+        }
+        if q3 {
+            stage_thresholds(tables, maps.table3, scale3, &mut thresholds, 2usize, units);
+        }
+        if UNIT_POS == 0 {
+            if q1 {
+                floats1[block] = scale1;
+            }
+            if q2 {
+                floats2[block] = scale2;
+            }
+            if q3 {
+                floats3[block] = scale3;
+            }
+        }
+        sync_cube();
+        let bits1 = u32::reinterpret(scale1);
+        let bits2 = u32::reinterpret(scale2);
+        let bits3 = u32::reinterpret(scale3);
+        let steps = comptime![layout.guess_steps];
+        #[unroll]
+        for j in 0..words_per_unit {
+            let word = first_word + j * units;
+            if word < total_words {
+                let mut packed1 = 0u32;
+                let mut packed2 = 0u32;
+                let mut packed3 = 0u32;
+                #[unroll]
+                for e in 0..4usize {
+                    let i = word * 4 + e;
+                    let k = comptime![j * 4 + e];
+                    let shift = comptime![8 * e as u32];
+                    if i < len {
+                        if q1 {
+                            packed1 |= encode_in_block(&thresholds, tables, maps.table1, maps.zero1, bits1, n1[k], 0usize, steps) << shift;
+                        }
+                        if q2 {
+                            packed2 |= encode_in_block(&thresholds, tables, maps.table2, maps.zero2, bits2, n2[k], 1usize, steps) << shift;
+                        }
+                        if q3 {
+                            packed3 |= encode_in_block(&thresholds, tables, maps.table3, maps.zero3, bits3, n3[k], 2usize, steps) << shift;
+                        }
+                    }
+                }
+                if q1 {
+                    words1[word] = packed1;
+                }
+                if q2 {
+                    words2[word] = packed2;
+                }
+                if q3 {
+                    words3[word] = packed3;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Launching the kernels: the grid of one cube per block, the buffers each kernel binds, and the
+//! device-resident tables they read (uploaded once per device, not per call).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::tensor::DType;
+use burn_cubecl::CubeDevice;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use super::kernels::{self, Pass, SlotKind, SlotMapsLaunch, StepLayout};
+use crate::block::{CODES_PER_WORD, num_words};
+use crate::encode::{self, TABLE_STRIDE};
+use crate::map::MapKind;
+use crate::rule;
+use crate::step::{StepRule, StepScalars};
+
+/// Most units per cube: within every device's limit (WebGPU guarantees 256).
+const MAX_UNITS: usize = 256;
+
+/// Units per cube for a block: one per word, at most [`MAX_UNITS`] (each then owns several).
+pub fn units_per_block(block_size: usize) -> usize {
+    (block_size / CODES_PER_WORD).min(MAX_UNITS)
+}
+
+/// A grid of one cube per block that fits the device's `max_cube_count` (x, y, z): cubes are
+/// numbered linearly (`CUBE_POS`) and those past the last block exit at once.
+///
+/// `None` when even the full grid cannot hold that many blocks.
+pub fn block_grid(num_blocks: u64, max_cube_count: (u32, u32, u32)) -> Option<(u32, u32, u32)> {
+    let (max_x, max_y, max_z) = (
+        u64::from(max_cube_count.0),
+        u64::from(max_cube_count.1),
+        u64::from(max_cube_count.2),
+    );
+    let x = num_blocks.clamp(1, max_x);
+    let y = num_blocks.div_ceil(x).clamp(1, max_y);
+    let z = num_blocks.div_ceil(x * y).max(1);
+    (z <= max_z).then_some((x as u32, y as u32, z as u32))
+}
+
+/// 64-bit addressing once an index can pass `u32::MAX`.
+pub fn address_type(len: usize) -> AddressType {
+    if len as u64 > u64::from(u32::MAX) - MAX_UNITS as u64 * CODES_PER_WORD as u64 {
+        AddressType::U64
+    } else {
+        AddressType::U32
+    }
+}
+
+/// How one kernel over the blocks of a `len`-element tensor is launched.
+pub struct BlockLaunch {
+    pub client: Client,
+    pub len: usize,
+    pub num_blocks: usize,
+    pub units: usize,
+    pub count: CubeCount,
+    pub dim: CubeDim,
+    pub address: AddressType,
+}
+
+impl BlockLaunch {
+    pub fn new(tensor: &CubeTensor, len: usize, block_size: usize) -> Self {
+        let client = tensor.client.clone();
+        let num_blocks = len.div_ceil(block_size);
+        let max = client.properties().hardware.max_cube_count;
+        let (x, y, z) = block_grid(num_blocks as u64, (max.0, max.1, max.2))
+            .unwrap_or_else(|| panic!("{num_blocks} blocks exceed the device's grid {max:?}"));
+        let units = units_per_block(block_size);
+        Self {
+            client,
+            len,
+            num_blocks,
+            units,
+            count: CubeCount::Static(x, y, z),
+            dim: CubeDim::new_1d(units as u32),
+            address: address_type(len),
+        }
+    }
+}
+
+/// Buffers every kernel on a device reads, made once per device: the tables of every map, a
+/// `1.0` for an absent scale, and spares bound where a slot holds no words or floats, or a step
+/// writes no sums (the kernels never touch them).
+pub struct DeviceTables {
+    pub tables: Handle,
+    pub one: Handle,
+    pub spare_words: [Handle; 3],
+    pub spare_floats: [Handle; 3],
+    pub spare_sums: Handle,
+}
+
+impl DeviceTables {
+    /// The tables of `tensor`'s device.
+    pub fn of(tensor: &CubeTensor) -> Arc<DeviceTables> {
+        static CACHE: OnceLock<Mutex<HashMap<CubeDevice, Arc<DeviceTables>>>> = OnceLock::new();
+        let mut cache = CACHE.get_or_init(Default::default).lock().expect("the table cache is never poisoned");
+        cache
+            .entry(tensor.device.clone())
+            .or_insert_with(|| {
+                let client = &tensor.client;
+                let tables: Vec<u32> = MapKind::ALL.into_iter().flat_map(encode::kernel_table).collect();
+                let word = || client.create_from_slice(u32::as_bytes(&[0]));
+                let float = || client.create_from_slice(f32::as_bytes(&[0.0]));
+                Arc::new(DeviceTables {
+                    tables: client.create_from_slice(u32::as_bytes(&tables)),
+                    one: client.create_from_slice(f32::as_bytes(&[1.0])),
+                    spare_words: [word(), word(), word()],
+                    spare_floats: [float(), float(), float()],
+                    spare_sums: float(),
+                })
+            })
+            .clone()
+    }
+
+    /// The offset of `map`'s table.
+    pub fn table(map: MapKind) -> u32 {
+        let index = MapKind::ALL.iter().position(|&kind| kind == map).expect("listed");
+        (index * TABLE_STRIDE) as u32
+    }
+
+    /// Length of the tables buffer in words.
+    pub fn len() -> usize {
+        MapKind::ALL.len() * TABLE_STRIDE
+    }
+}
+
+/// Single steps after the encoder's guess, computed once.
+pub fn guess_steps() -> u32 {
+    static STEPS: OnceLock<u32> = OnceLock::new();
+    *STEPS.get_or_init(encode::guess_steps)
+}
+
+/// A contiguous tensor whose buffer this op may write: the input itself when unshared, else a copy.
+pub fn writable(tensor: CubeTensor) -> CubeTensor {
+    let tensor = into_contiguous(tensor);
+    if tensor.can_mut() && tensor.is_contiguous_buffer() {
+        tensor
+    } else {
+        tensor.copy()
+    }
+}
+
+/// An `f32` buffer of `len` elements on `like`'s device.
+pub fn empty_f32(like: &CubeTensor, len: usize) -> CubeTensor {
+    empty_device_dtype(like.client.clone(), like.device.clone(), [len].into(), DType::F32)
+}
+
+/// Runs the quantize kernel into fresh codes: each block's absmax reduced and written into
+/// `absmax`, or, with `given_absmax`, read from it.
+pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_size: usize, given_absmax: bool) -> CubeTensor {
+    let len = input.meta.num_elements();
+    let launch = BlockLaunch::new(input, len, block_size);
+    let device = DeviceTables::of(input);
+    let words = num_words(len);
+    let codes = empty_device_dtype(input.client.clone(), input.device.clone(), [words].into(), DType::U32);
+    // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
+    // element type the kernel declares.
+    unsafe {
+        kernels::quantize_kernel::launch_unchecked(
+            &launch.client,
+            launch.count,
+            launch.dim,
+            launch.address,
+            BufferArg::from_raw_parts(input.handle.clone(), len),
+            BufferArg::from_raw_parts(device.tables.clone(), DeviceTables::len()),
+            BufferArg::from_raw_parts(codes.handle.clone(), words),
+            BufferArg::from_raw_parts(absmax.handle.clone(), launch.num_blocks),
+            len,
+            launch.num_blocks,
+            DeviceTables::table(map),
+            u32::from(map.map().zero_code()),
+            given_absmax,
+            block_size,
+            launch.units,
+            guess_steps(),
+        );
+    }
+    codes
+}
+
+/// Runs the dequantize kernel into a fresh `f32` tensor of `len` elements.
+pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_size: usize, len: usize) -> CubeTensor {
+    let launch = BlockLaunch::new(codes, len, block_size);
+    let device = DeviceTables::of(codes);
+    let output = empty_f32(codes, len);
+    // SAFETY: as in `quantize`.
+    unsafe {
+        kernels::dequantize_kernel::launch_unchecked(
+            &launch.client,
+            launch.count,
+            launch.dim,
+            launch.address,
+            BufferArg::from_raw_parts(codes.handle.clone(), num_words(len)),
+            BufferArg::from_raw_parts(absmax.handle.clone(), launch.num_blocks),
+            BufferArg::from_raw_parts(device.tables.clone(), DeviceTables::len()),
+            BufferArg::from_raw_parts(output.handle.clone(), len),
+            len,
+            launch.num_blocks,
+            DeviceTables::table(map),
+            block_size,
+            launch.units,
+        );
+    }
+    output
+}
+
+/// One state slot as a kernel binds it: its words and floats buffers, its kind, and its map's
+/// table offset and zero code.
+pub struct SlotBinding {
+    pub kind: SlotKind,
+    pub words: Option<CubeTensor>,
+    pub floats: Option<CubeTensor>,
+    pub map: MapKind,
+}
+
+impl SlotBinding {
+    /// The words and floats arguments of slot `index` of a kernel over `launch`.
+    fn args(&self, index: usize, device: &DeviceTables, launch: &BlockLaunch) -> (BufferArg, BufferArg) {
+        let words_len = num_words(launch.len);
+        let floats_len = match self.kind {
+            SlotKind::Full => launch.len,
+            _ => launch.num_blocks,
+        };
+        // SAFETY: every handle is a live buffer of at least the stated length in elements, of
+        // the element type the kernel declares; spares are one element and never accessed.
+        unsafe {
+            let words = match &self.words {
+                Some(tensor) => BufferArg::from_raw_parts(tensor.handle.clone(), words_len),
+                None => BufferArg::from_raw_parts(device.spare_words[index].clone(), 1),
+            };
+            let floats = match &self.floats {
+                Some(tensor) => BufferArg::from_raw_parts(tensor.handle.clone(), floats_len),
+                None => BufferArg::from_raw_parts(device.spare_floats[index].clone(), 1),
+            };
+            (words, floats)
+        }
+    }
+}
+
+/// Each slot's table offset and zero code, as the kernels take them.
+fn slot_maps(slots: &[SlotBinding; 3]) -> SlotMapsLaunch {
+    let table = |slot: &SlotBinding| DeviceTables::table(slot.map);
+    let zero = |slot: &SlotBinding| u32::from(slot.map.map().zero_code());
+    SlotMapsLaunch::new(
+        table(&slots[0]),
+        table(&slots[1]),
+        table(&slots[2]),
+        zero(&slots[0]),
+        zero(&slots[1]),
+        zero(&slots[2]),
+    )
+}
+
+/// A device scalar, or the device's `1.0` when absent.
+fn scale_arg(scale: &Option<CubeTensor>, device: &DeviceTables) -> BufferArg {
+    let handle = scale.as_ref().map_or_else(|| device.one.clone(), |tensor| tensor.handle.clone());
+    // SAFETY: a live one-element `f32` buffer.
+    unsafe { BufferArg::from_raw_parts(handle, 1) }
+}
+
+/// The tensors of one fused step, contiguous, and writable where the step writes.
+pub struct StepArgs {
+    pub param: CubeTensor,
+    pub grad: CubeTensor,
+    pub skipped: CubeTensor,
+    pub slots: [SlotBinding; 3],
+    pub grad_scale: Option<CubeTensor>,
+    pub update_scale: Option<CubeTensor>,
+}
+
+/// Runs the fused step kernel; the buffers of `args` are rewritten in place.
+pub fn fused_step(args: &StepArgs, rule: StepRule, scalars: &StepScalars, block_size: usize) {
+    launch_step(args, Pass::Step, None, rule, scalars, block_size);
+}
+
+/// Runs the update-norm pass: `f32[2 · blocks]` of per-block sums; nothing of `args` is written.
+pub fn update_norms(args: &StepArgs, rule: StepRule, scalars: &StepScalars, block_size: usize) -> CubeTensor {
+    let num_blocks = args.param.meta.num_elements().div_ceil(block_size);
+    let sums = empty_f32(&args.param, 2 * num_blocks);
+    launch_step(args, Pass::Norms, Some(&sums), rule, scalars, block_size);
+    sums
+}
+
+/// Launches the step kernel for `pass` over the buffers of `args` (and `sums` for the norms).
+fn launch_step(
+    args: &StepArgs,
+    pass: Pass,
+    sums: Option<&CubeTensor>,
+    rule: StepRule,
+    scalars: &StepScalars,
+    block_size: usize,
+) {
+    let len = args.param.meta.num_elements();
+    if len == 0 {
+        return;
+    }
+    let launch = BlockLaunch::new(&args.param, len, block_size);
+    let device = DeviceTables::of(&args.param);
+    let (words1, floats1) = args.slots[0].args(0, &device, &launch);
+    let (words2, floats2) = args.slots[1].args(1, &device, &launch);
+    let (words3, floats3) = args.slots[2].args(2, &device, &launch);
+    let layout = StepLayout {
+        pass,
+        rule,
+        slots: [args.slots[0].kind, args.slots[1].kind, args.slots[2].kind],
+        grad_scaled: args.grad_scale.is_some(),
+        update_scaled: args.update_scale.is_some(),
+        block_size,
+        units: launch.units,
+        guess_steps: guess_steps(),
+    };
+    // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
+    // element type the kernel declares; the spare `sums` of a step is never accessed.
+    unsafe {
+        let sums = match sums {
+            Some(sums) => BufferArg::from_raw_parts(sums.handle.clone(), 2 * launch.num_blocks),
+            None => BufferArg::from_raw_parts(device.spare_sums.clone(), 1),
+        };
+        kernels::fused_step_kernel::launch_unchecked(
+            &launch.client,
+            launch.count.clone(),
+            launch.dim,
+            launch.address,
+            BufferArg::from_raw_parts(args.param.handle.clone(), len),
+            BufferArg::from_raw_parts(args.grad.handle.clone(), len),
+            words1,
+            floats1,
+            words2,
+            floats2,
+            words3,
+            floats3,
+            BufferArg::from_raw_parts(device.tables.clone(), DeviceTables::len()),
+            scale_arg(&args.grad_scale, &device),
+            scale_arg(&args.update_scale, &device),
+            BufferArg::from_raw_parts(args.skipped.handle.clone(), rule::COUNT_WORDS),
+            sums,
+            len,
+            launch.num_blocks,
+            scalars_arg(scalars),
+            slot_maps(&args.slots),
+            layout,
+        );
+    }
+}
+
+/// The step scalars as the kernels' launch argument.
+fn scalars_arg(s: &StepScalars) -> crate::step::StepScalarsLaunch {
+    crate::step::StepScalarsLaunch::new(
+        s.lr,
+        s.beta1,
+        s.beta2,
+        s.beta3,
+        s.alpha,
+        s.eps,
+        s.correction1,
+        s.correction2,
+        s.decay,
+        s.penalty,
+        s.first_step,
+        s.weight_decay,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_own_whole_words() {
+        for block in [64usize, 128, 256, 512, 1024, 2048, 4096] {
+            let units = units_per_block(block);
+            assert!(units <= MAX_UNITS && units.is_power_of_two());
+            assert_eq!((block / CODES_PER_WORD) % units, 0);
+        }
+    }
+
+    #[test]
+    fn grids_hold_billions_of_elements_within_device_limits() {
+        let webgpu = (65_535, 65_535, 65_535);
+        for len in [1u64, 1 << 20, (1 << 31) + 7, 1 << 34, 3 << 36] {
+            for block in [64u64, 256, 4096] {
+                let blocks = len.div_ceil(block);
+                let (x, y, z) = block_grid(blocks, webgpu).expect("fits");
+                assert!(x <= 65_535 && y <= 65_535 && z <= 65_535);
+                let cubes = u64::from(x) * u64::from(y) * u64::from(z);
+                assert!(cubes >= blocks, "len {len} block {block}: {cubes} < {blocks}");
+                assert!(cubes - blocks < u64::from(x) * u64::from(y), "few idle cubes");
+            }
+        }
+        assert_eq!(block_grid(0, webgpu), Some((1, 1, 1)));
+        assert_eq!(block_grid(u64::MAX, (16, 16, 16)), None);
+    }
+
+    #[test]
+    fn long_tensors_use_64_bit_addresses() {
+        assert_eq!(address_type(1 << 20), AddressType::U32);
+        assert_eq!(address_type((1usize << 31) + 7), AddressType::U32);
+        assert_eq!(address_type(1usize << 32), AddressType::U64);
+        assert_eq!(address_type(3usize << 36), AddressType::U64);
+    }
+}

@@ -1,0 +1,178 @@
+//! [`BlockwiseOps`] for Flex: the CPU twin on Flex's own buffers, in place when unshared.
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::tensor::TensorData;
+
+use crate::cpu::{self, StateMut, StateRef, StateSlice};
+use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
+use crate::map::{MapFamily, MapKind};
+use crate::rule;
+use crate::step::{StepRule, StepScalars};
+
+/// A contiguous Flex tensor (copied only when strided).
+fn contiguous(tensor: FlexTensor) -> FlexTensor {
+    if tensor.is_contiguous() && tensor.layout().contiguous_offsets().is_some() {
+        tensor
+    } else {
+        tensor.to_contiguous()
+    }
+}
+
+/// The elements of a contiguous tensor, mutably: in place when the buffer is unshared, copied
+/// first otherwise.
+fn elements_mut<E: burn::tensor::Element + bytemuck::Pod>(tensor: &mut FlexTensor) -> &mut [E] {
+    let (start, end) = tensor.layout().contiguous_offsets().expect("contiguous");
+    &mut tensor.storage_mut::<E>()[start..end]
+}
+
+fn elements<E: burn::tensor::Element + bytemuck::Pod>(tensor: &FlexTensor) -> &[E] {
+    tensor.as_slice::<E>().expect("a contiguous tensor of the kernel's element type")
+}
+
+fn scale(scale: Scale<Flex>) -> f32 {
+    match scale {
+        Scale::One => 1.0,
+        Scale::Device(tensor) => elements::<f32>(&contiguous(tensor))[0],
+    }
+}
+
+fn flat<E: burn::tensor::Element>(values: Vec<E>) -> FlexTensor {
+    let len = values.len();
+    FlexTensor::from_data(TensorData::new(values, [len]))
+}
+
+/// The present states with contiguous buffers, in slot order.
+fn contiguous_states(tensors: StepTensors<Flex>) -> (FlexTensor, FlexTensor, Vec<StateBuffer<Flex>>) {
+    let (param, skipped, states) = tensors.into_parts();
+    let states = states
+        .into_iter()
+        .map(|state| match state {
+            StateBuffer::Blockwise(packed) => StateBuffer::Blockwise(PackedBlocks {
+                codes: contiguous(packed.codes),
+                absmax: contiguous(packed.absmax),
+            }),
+            StateBuffer::Full(values) => StateBuffer::Full(contiguous(values)),
+            StateBuffer::Absent => StateBuffer::Absent,
+        })
+        .collect();
+    (contiguous(param), contiguous(skipped), states)
+}
+
+fn state_mut(state: &mut StateBuffer<Flex>, map: MapKind) -> StateMut<'_> {
+    match state {
+        StateBuffer::Blockwise(packed) => StateSlice::Blockwise {
+            words: elements_mut(&mut packed.codes),
+            absmax: elements_mut(&mut packed.absmax),
+            map,
+        },
+        StateBuffer::Full(values) => StateSlice::Full(elements_mut(values)),
+        StateBuffer::Absent => unreachable!("absent slots are filtered out"),
+    }
+}
+
+fn state_ref(state: &StateBuffer<Flex>, map: MapKind) -> StateRef<'_> {
+    match state {
+        StateBuffer::Blockwise(packed) => StateSlice::Blockwise {
+            words: elements(&packed.codes),
+            absmax: elements(&packed.absmax),
+            map,
+        },
+        StateBuffer::Full(values) => StateSlice::Full(elements(values)),
+        StateBuffer::Absent => unreachable!("absent slots are filtered out"),
+    }
+}
+
+impl BlockwiseOps for Flex {
+    fn blockwise_quantize(input: FloatTensor<Self>, map: MapKind, block_size: usize) -> PackedBlocks<Self> {
+        let input = contiguous(input);
+        let (codes, absmax) = cpu::quantize(elements(&input), map, block_size);
+        PackedBlocks { codes: flat(codes), absmax: flat(absmax) }
+    }
+
+    fn blockwise_encode(
+        input: FloatTensor<Self>,
+        absmax: FloatTensor<Self>,
+        map: MapKind,
+        block_size: usize,
+    ) -> PackedBlocks<Self> {
+        let input = contiguous(input);
+        let absmax = contiguous(absmax);
+        let codes = flat(cpu::encode(elements(&input), elements(&absmax), map, block_size));
+        PackedBlocks { codes, absmax }
+    }
+
+    fn blockwise_dequantize(
+        codes: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        map: MapKind,
+        block_size: usize,
+        len: usize,
+    ) -> FloatTensor<Self> {
+        let codes = contiguous(codes);
+        let absmax = contiguous(absmax);
+        flat(cpu::dequantize(elements(&codes), elements(&absmax), map, block_size, len))
+    }
+
+    fn fused_step(
+        tensors: StepTensors<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: Scale<Self>,
+        update_scale: Scale<Self>,
+        rule: StepRule,
+        family: MapFamily,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> StepTensors<Self> {
+        let (mut param, mut skipped, mut states) = contiguous_states(tensors);
+        let grad = contiguous(grad);
+        let mut views: Vec<StateMut<'_>> = states
+            .iter_mut()
+            .zip(rule.state_maps(family))
+            .map(|(state, map)| state_mut(state, map))
+            .collect();
+        let newly_skipped = cpu::fused_step(
+            rule,
+            &scalars,
+            scale(grad_scale),
+            scale(update_scale),
+            elements_mut(&mut param),
+            elements(&grad),
+            &mut views,
+            block_size,
+        );
+        drop(views);
+        let count: &mut [u32; rule::COUNT_WORDS] =
+            elements_mut::<u32>(&mut skipped).try_into().expect("a two-word skip counter");
+        *count = rule::add_to_count(*count, newly_skipped);
+        StepTensors::new(param, skipped, states)
+    }
+
+    fn update_norms(
+        tensors: StepTensors<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: Scale<Self>,
+        rule: StepRule,
+        family: MapFamily,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> FloatTensor<Self> {
+        let (param, _, states) = contiguous_states(tensors);
+        let grad = contiguous(grad);
+        let views: Vec<StateRef<'_>> = states
+            .iter()
+            .zip(rule.state_maps(family))
+            .map(|(state, map)| state_ref(state, map))
+            .collect();
+        flat(cpu::update_norms(
+            rule,
+            &scalars,
+            scale(grad_scale),
+            elements(&param),
+            elements(&grad),
+            &views,
+            block_size,
+        ))
+    }
+}
