@@ -5,8 +5,8 @@
 //! ```text
 //! cargo run --release --example bench_model_step -- [--device flex|ndarray|wgpu] [--steps N]
 //! ```
-//! Tensors under `min_8bit_size` (biases, layer norms) keep `f32` state and step through tensor
-//! operations, a few dozen small launches each.
+//! Tensors under `min_8bit_size` (biases, layer norms) keep `f32` state and take the same fused
+//! op as the 8-bit ones: one launch per tensor.
 
 #[path = "common/mod.rs"]
 mod common;
