@@ -41,6 +41,30 @@ pub enum StateBuffer<B: Backend> {
 /// Everything one fused step reads and rewrites: the flat parameter, the running count of
 /// skipped (non-finite) elements and the rule's states in slot order, unused slots
 /// [`StateBuffer::Absent`].
+///
+/// One step of SGD with momentum over an `f32` state (the optimizers of `burn-8bit-optim` build
+/// these from their state records):
+///
+/// ```
+/// use burn::backend::Dispatch;
+/// use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+/// use burn_8bit_ops::{BlockwiseOps, MapFamily, Scale, StateBuffer, StepRule, StepScalars, StepTensors};
+///
+/// let device = Device::default();
+/// let param = Tensor::<1>::from_floats([1.0, 2.0], &device);
+/// let velocity = Tensor::<1>::from_floats([0.0, 0.0], &device);
+/// let skipped = Tensor::<1, Int>::from_data(TensorData::new(vec![0u32, 0], [2]), (&device, DType::U32));
+/// let grad = Tensor::<1>::from_floats([0.5, -0.5], &device);
+/// let states = vec![StateBuffer::Full(velocity.into_dispatch())];
+/// let tensors = StepTensors::new(param.into_dispatch(), skipped.into_dispatch(), states);
+/// // The first step of momentum SGD: the velocity is the gradient.
+/// let scalars = StepScalars { lr: 0.1, beta1: 0.9, beta3: 1.0, first_step: 1, ..StepScalars::default() };
+/// let rule = StepRule::Momentum { nesterov: false };
+/// let out = Dispatch::fused_step(tensors, grad.into_dispatch(), Scale::One, Scale::One, rule, MapFamily::Dynamic, scalars, 256);
+/// let (param, _, states) = out.into_parts();
+/// assert_eq!(Tensor::<1>::from_dispatch(param).into_data().to_vec::<f32>().unwrap(), [0.95, 2.05]);
+/// assert_eq!(states.len(), 1);
+/// ```
 #[derive(ExtensionType)]
 #[extension_type(fusion: cfg(feature = "cube"))]
 pub struct StepTensors<B: Backend> {
