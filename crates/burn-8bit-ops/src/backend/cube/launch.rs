@@ -136,9 +136,11 @@ pub fn guess_steps() -> u32 {
 }
 
 /// A contiguous tensor whose buffer this op may write: the input itself when unshared, else a copy.
+/// A buffer larger than the tensor (allocations are rounded up, e.g. the 8-byte skip counter)
+/// is written in place too: the kernels touch its first elements only.
 pub fn writable(tensor: CubeTensor) -> CubeTensor {
     let tensor = into_contiguous(tensor);
-    if tensor.can_mut() && tensor.is_contiguous_buffer() {
+    if tensor.can_mut() {
         tensor
     } else {
         tensor.copy()
