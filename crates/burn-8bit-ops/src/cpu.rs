@@ -184,7 +184,7 @@ impl StateMut<'_> {
         }
     }
 
-    /// This state cut into the parts of `tasks` consecutive groups of `group` blocks.
+    /// This state cut into consecutive parts of `group` blocks each, one per rayon task.
     fn split(&mut self, group: usize, block_size: usize) -> Vec<StateMut<'_>> {
         match self {
             StateSlice::Blockwise { words, absmax, map } => words
@@ -381,10 +381,9 @@ pub fn update_norms(
     let num_blocks = param.len().div_ceil(block_size);
     let step = Step { scalars, lr: scalars.lr, grad_scale };
     let mut sums = vec![0f32; 2 * num_blocks];
-    sums.par_chunks_mut(2).enumerate().for_each(|(block, sums)| {
+    sums.par_chunks_mut(2).enumerate().for_each_init(|| Scratch::new(block_size), |scratch, (block, sums)| {
         let start = block * block_size;
         let len = block_size.min(param.len() - start);
-        let mut scratch = Scratch::new(block_size);
         let [s0, s1, s2] = scratch.read(states, block, block_size, len);
         let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
         let (mut direction2, mut param2) = (0f32, 0f32);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::tensor::DType;
-use burn_cubecl::CubeDevice;
+use burn_cubecl::{CubeBackend, CubeDevice};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -14,6 +14,7 @@ use cubecl::server::Handle;
 
 use super::kernels::{self, Pass, SlotKind, SlotMapsLaunch, StepLayout};
 use crate::block::{CODES_PER_WORD, num_words};
+use crate::ext::StateBuffer;
 use crate::encode::{self, TABLE_STRIDE};
 use crate::map::MapKind;
 use crate::rule;
@@ -211,32 +212,42 @@ pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_s
     output
 }
 
-/// One state slot as a kernel binds it: its words and floats buffers, its kind, and its map's
-/// table offset and zero code.
+/// One state slot as a kernel binds it: its buffers (none for an absent slot) and its map, whose
+/// table offset and zero code the kernel takes.
 pub struct SlotBinding {
-    pub kind: SlotKind,
-    pub words: Option<CubeTensor>,
-    pub floats: Option<CubeTensor>,
+    pub state: StateBuffer<CubeBackend>,
     pub map: MapKind,
 }
 
 impl SlotBinding {
-    /// The words and floats arguments of slot `index` of a kernel over `launch`.
+    /// How the slot is held, as the kernel is compiled for it.
+    pub fn kind(&self) -> SlotKind {
+        match self.state {
+            StateBuffer::Absent => SlotKind::Absent,
+            StateBuffer::Blockwise(_) => SlotKind::Blockwise,
+            StateBuffer::Full(_) => SlotKind::Full,
+        }
+    }
+
+    /// The words and floats arguments of slot `index` of a kernel over `launch`: codes and absmax
+    /// of a block-wise state, a spare and the values of an `f32` one, two spares for no state.
     fn args(&self, index: usize, device: &DeviceTables, launch: &BlockLaunch) -> (BufferArg, BufferArg) {
-        let words_len = num_words(launch.len);
-        let floats_len = match self.kind {
-            SlotKind::Full => launch.len,
-            _ => launch.num_blocks,
+        let (words, floats) = match &self.state {
+            StateBuffer::Blockwise(packed) => {
+                (Some((&packed.codes, num_words(launch.len))), Some((&packed.absmax, launch.num_blocks)))
+            }
+            StateBuffer::Full(values) => (None, Some((values, launch.len))),
+            StateBuffer::Absent => (None, None),
         };
         // SAFETY: every handle is a live buffer of at least the stated length in elements, of
         // the element type the kernel declares; spares are one element and never accessed.
         unsafe {
-            let words = match &self.words {
-                Some(tensor) => BufferArg::from_raw_parts(tensor.handle.clone(), words_len),
+            let words = match words {
+                Some((tensor, len)) => BufferArg::from_raw_parts(tensor.handle.clone(), len),
                 None => BufferArg::from_raw_parts(device.spare_words[index].clone(), 1),
             };
-            let floats = match &self.floats {
-                Some(tensor) => BufferArg::from_raw_parts(tensor.handle.clone(), floats_len),
+            let floats = match floats {
+                Some((tensor, len)) => BufferArg::from_raw_parts(tensor.handle.clone(), len),
                 None => BufferArg::from_raw_parts(device.spare_floats[index].clone(), 1),
             };
             (words, floats)
@@ -309,7 +320,7 @@ fn launch_step(
     let layout = StepLayout {
         pass,
         rule,
-        slots: [args.slots[0].kind, args.slots[1].kind, args.slots[2].kind],
+        slots: [args.slots[0].kind(), args.slots[1].kind(), args.slots[2].kind()],
         grad_scaled: args.grad_scale.is_some(),
         update_scaled: args.update_scale.is_some(),
         block_size,

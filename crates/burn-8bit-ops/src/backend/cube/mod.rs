@@ -13,13 +13,24 @@ use burn_cubecl::tensor::CubeTensor;
 use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::step::{StepRule, StepScalars};
-use kernels::SlotKind;
 use launch::{SlotBinding, StepArgs, writable};
 
 /// The kernels take `f32` floats.
 fn f32_tensor(tensor: CubeTensor, what: &str) -> CubeTensor {
     assert_eq!(tensor.dtype, DType::F32, "blockwise ops take f32 {what}, got {:?}", tensor.dtype);
     tensor
+}
+
+/// A state's buffers contiguous (and writable, for the step) through `prepare`.
+fn prepared(state: StateBuffer<CubeBackend>, prepare: fn(CubeTensor) -> CubeTensor) -> StateBuffer<CubeBackend> {
+    match state {
+        StateBuffer::Blockwise(packed) => StateBuffer::Blockwise(PackedBlocks {
+            codes: prepare(packed.codes),
+            absmax: prepare(f32_tensor(packed.absmax, "absmax")),
+        }),
+        StateBuffer::Full(values) => StateBuffer::Full(prepare(f32_tensor(values, "states"))),
+        StateBuffer::Absent => StateBuffer::Absent,
+    }
 }
 
 /// The step's tensors as the kernels bind them; `prepare` makes each buffer contiguous (and
@@ -34,27 +45,14 @@ fn step_args(
     prepare: fn(CubeTensor) -> CubeTensor,
 ) -> StepArgs {
     let (param, skipped, states) = tensors.into_parts();
-    let maps = rule.state_maps(family);
-    assert_eq!(states.len(), maps.len(), "{rule:?} takes {} states", maps.len());
-    let mut slots = states.into_iter().zip(maps).map(|(state, map)| match state {
-        StateBuffer::Blockwise(packed) => SlotBinding {
-            kind: SlotKind::Blockwise,
-            words: Some(prepare(packed.codes)),
-            floats: Some(prepare(f32_tensor(packed.absmax, "absmax"))),
-            map,
-        },
-        StateBuffer::Full(values) => SlotBinding {
-            kind: SlotKind::Full,
-            words: None,
-            floats: Some(prepare(f32_tensor(values, "states"))),
-            map,
-        },
-        StateBuffer::Absent => unreachable!("absent slots are not listed"),
+    assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
+    let mut states = states.into_iter();
+    // Slots past the rule's states are absent; their map is never read.
+    let mut maps = rule.state_maps(family).into_iter();
+    let slots = [(); 3].map(|()| SlotBinding {
+        state: prepared(states.next().unwrap_or(StateBuffer::Absent), prepare),
+        map: maps.next().unwrap_or(MapKind::DynamicSigned),
     });
-    let mut next = || {
-        slots.next().unwrap_or(SlotBinding { kind: SlotKind::Absent, words: None, floats: None, map: MapKind::DynamicSigned })
-    };
-    let slots = [next(), next(), next()];
     let device_scale = |scale: Scale<CubeBackend>| match scale {
         Scale::One => None,
         Scale::Device(tensor) => Some(into_contiguous(f32_tensor(tensor, "scales"))),
@@ -114,19 +112,8 @@ impl BlockwiseOps for CubeBackend {
     ) -> StepTensors<Self> {
         let args = step_args(tensors, grad, grad_scale, update_scale, rule, family, writable);
         launch::fused_step(&args, rule, &scalars, block_size);
-        let states = args
-            .slots
-            .into_iter()
-            .filter_map(|slot| match slot.kind {
-                SlotKind::Blockwise => Some(StateBuffer::Blockwise(PackedBlocks {
-                    codes: slot.words.expect("block-wise slots have codes"),
-                    absmax: slot.floats.expect("block-wise slots have absmax"),
-                })),
-                SlotKind::Full => Some(StateBuffer::Full(slot.floats.expect("f32 slots have values"))),
-                SlotKind::Absent => None,
-            })
-            .collect();
-        StepTensors::new(args.param, args.skipped, states)
+        let [state1, state2, state3] = args.slots.map(|slot| slot.state);
+        StepTensors { param: args.param, skipped: args.skipped, state1, state2, state3 }
     }
 
     fn update_norms(
