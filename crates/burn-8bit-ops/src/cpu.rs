@@ -5,14 +5,60 @@
 //! Every function here computes exactly what the CubeCL kernels compute: absmax from the bits of
 //! `|x|`, codes by the scaled-midpoint rule, decoding by one `f32` product.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
+use macerator::Arch;
 use rayon::prelude::*;
 
 use crate::block::CODES_PER_WORD;
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars, update_element};
+
+/// The instruction set the element loops are compiled for: each `#[inline(always)]` loop below
+/// is inlined into one function per level (macerator's, Burn's own SIMD dispatch) with that
+/// level's target features on, so the compiler vectorises it (AVX2/AVX-512 on x86-64, NEON on
+/// aarch64, plain scalar code elsewhere). Every level runs the same scalar IEEE operations (no
+/// fused multiply-add: Rust never contracts `a * b + c`), so every level writes the same bits.
+#[derive(Clone, Copy, Debug)]
+struct Level(Arch);
+
+impl Level {
+    /// The best level this CPU has, detected once.
+    fn detected() -> Self {
+        static DETECTED: OnceLock<Arch> = OnceLock::new();
+        Self(*DETECTED.get_or_init(Arch::detect))
+    }
+
+    /// The level to run at: the detected one, or in tests the one forced on this thread.
+    fn current() -> Self {
+        #[cfg(test)]
+        if let Some(level) = tests::FORCED_LEVEL.get() {
+            return level;
+        }
+        Self::detected()
+    }
+
+    /// `f`, run with this level's target features enabled.
+    #[inline(always)]
+    fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        // SAFETY: a `Level` holds the detected `Arch` or, in tests, one it implies, so every
+        // feature the dispatch enables is present.
+        unsafe { self.0.dispatch(f) }
+    }
+}
+
+/// Runs `task` on every item and sums the results: on the calling thread when there is one
+/// item (waking a rayon worker for a small tensor costs more than stepping it), else in
+/// parallel.
+fn sum_tasks<T: Send>(tasks: Vec<T>, task: impl Fn(T) -> u64 + Sync + Send) -> u64 {
+    if tasks.len() <= 1 {
+        tasks.into_iter().map(task).sum()
+    } else {
+        tasks.into_par_iter().map(task).sum()
+    }
+}
 
 /// Blocks handled by one rayon task: enough work (≥ 16 Ki elements) to amortise scheduling.
 fn blocks_per_task(block_size: usize) -> usize {
@@ -44,32 +90,40 @@ enum Absmax {
 }
 
 fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f32], source: Absmax) -> Vec<u32> {
+    let level = Level::current();
     let encoder = Encoder::get(map);
     let mut words = vec![0u32; input.len().div_ceil(CODES_PER_WORD)];
     let group = blocks_per_task(block_size);
-    input
-        .par_chunks(group * block_size)
-        .zip(words.par_chunks_mut(group * block_size / CODES_PER_WORD))
-        .zip(absmax.par_chunks_mut(group))
-        .for_each(|((input, words), absmax)| {
-            let mut codes = vec![0u8; block_size];
-            for ((block, words), absmax) in input
-                .chunks(block_size)
-                .zip(words.chunks_mut(block_size / CODES_PER_WORD))
-                .zip(absmax.iter_mut())
-            {
-                let scale = match source {
-                    Absmax::Measure => {
-                        *absmax = block_absmax(block);
-                        *absmax
-                    }
-                    Absmax::Given => rule::absmax_from_bits(absmax.to_bits() & rule::ABS_MASK),
-                };
-                let codes = &mut codes[..block.len()];
-                encoder.encode_block(block, scale, codes);
-                pack(codes, words);
-            }
-        });
+    let tasks: Vec<_> = input
+        .chunks(group * block_size)
+        .zip(words.chunks_mut(group * block_size / CODES_PER_WORD))
+        .zip(absmax.chunks_mut(group))
+        .collect();
+    sum_tasks(tasks, |((input, words), absmax)| {
+        level.run(
+            #[inline(always)]
+            || {
+                let mut codes = vec![0u8; block_size];
+                for ((block, words), absmax) in input
+                    .chunks(block_size)
+                    .zip(words.chunks_mut(block_size / CODES_PER_WORD))
+                    .zip(absmax.iter_mut())
+                {
+                    let scale = match source {
+                        Absmax::Measure => {
+                            *absmax = block_absmax(block);
+                            *absmax
+                        }
+                        Absmax::Given => rule::absmax_from_bits(absmax.to_bits() & rule::ABS_MASK),
+                    };
+                    let codes = &mut codes[..block.len()];
+                    encoder.encode_block(block, scale, codes);
+                    pack(codes, words);
+                }
+            },
+        );
+        0
+    });
     words
 }
 
@@ -81,22 +135,30 @@ pub fn dequantize(
     block_size: usize,
     len: usize,
 ) -> Vec<f32> {
-    let values = Encoder::get(map).values;
+    let level = Level::current();
+    let values = &Encoder::get(map).values;
     let mut output = vec![0f32; len];
     let group = blocks_per_task(block_size);
-    output
-        .par_chunks_mut(group * block_size)
-        .zip(words.par_chunks(group * block_size / CODES_PER_WORD))
-        .zip(absmax.par_chunks(group))
-        .for_each(|((output, words), absmax)| {
-            for ((block, words), &absmax) in output
-                .chunks_mut(block_size)
-                .zip(words.chunks(block_size / CODES_PER_WORD))
-                .zip(absmax)
-            {
-                decode_block(words, absmax, &values, block);
-            }
-        });
+    let tasks: Vec<_> = output
+        .chunks_mut(group * block_size)
+        .zip(words.chunks(group * block_size / CODES_PER_WORD))
+        .zip(absmax.chunks(group))
+        .collect();
+    sum_tasks(tasks, |((output, words), absmax)| {
+        level.run(
+            #[inline(always)]
+            || {
+                for ((block, words), &absmax) in output
+                    .chunks_mut(block_size)
+                    .zip(words.chunks(block_size / CODES_PER_WORD))
+                    .zip(absmax)
+                {
+                    decode_block(words, absmax, values, block);
+                }
+            },
+        );
+        0
+    });
     output
 }
 
@@ -123,6 +185,7 @@ pub type StateRef<'a> = StateSlice<&'a [u32], &'a [f32]>;
 
 impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<W, F> {
     /// Writes block `block` (`output.len()` elements) of this state into `output`.
+    #[inline(always)]
     fn read_block(&self, block: usize, block_size: usize, output: &mut [f32]) {
         let start = block * block_size;
         match self {
@@ -169,6 +232,7 @@ impl<W, F> StateSlice<W, F> {
 impl StateMut<'_> {
     /// Stores `values` as block `block` of this state: the block's new absmax (`max_bits`, the
     /// largest `bits(|x|)` in it) and codes, or the values themselves.
+    #[inline(always)]
     fn write_block(&mut self, block: usize, block_size: usize, values: &[f32], max_bits: u32, codes: &mut [u8]) {
         let start = block * block_size;
         match self {
@@ -216,6 +280,7 @@ pub fn fused_step(
     states: &mut [StateMut<'_>],
     block_size: usize,
 ) -> u64 {
+    let level = Level::current();
     let lr = scalars.lr * update_scale;
     assert_eq!(param.len(), grad.len(), "parameter and gradient lengths differ");
     assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
@@ -232,13 +297,13 @@ pub fn fused_step(
             (param, grad, states)
         })
         .collect();
-    tasks
-        .into_par_iter()
-        .map(|(param, grad, mut states)| {
-            let step = Step { scalars, lr, grad_scale };
-            u64::from(step.blocks(rule, param, grad, &mut states, block_size))
-        })
-        .sum()
+    let step = Step { scalars, lr, grad_scale };
+    sum_tasks(tasks, |(param, grad, mut states)| {
+        u64::from(level.run(
+            #[inline(always)]
+            || step.blocks(rule, param, grad, &mut states, block_size),
+        ))
+    })
 }
 
 /// The per-step values every element of [`fused_step`] shares.
@@ -293,6 +358,7 @@ fn step_element(step: Step<'_>, rule: StepRule, lr: f32, p: f32, g: f32, s: [f32
 }
 
 impl Step<'_> {
+    #[inline(always)]
     fn blocks(self, rule: StepRule, param: &mut [f32], grad: &[f32], states: &mut [StateMut<'_>], block_size: usize) -> u32 {
         with_constant_rule!(rule, |RULE| self.blocks_with::<{ RULE.num_states() }>(RULE, param, grad, states, block_size))
     }
@@ -315,7 +381,7 @@ impl Step<'_> {
         for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
             let len = param.len();
             let [s0, s1, s2] = scratch.read(states, block, block_size, len);
-            let grad = &grad[..len];
+            let (grad, s0, s1, s2) = (&grad[..len], &mut s0[..len], &mut s1[..len], &mut s2[..len]);
             let mut max_bits = [0u32; 3];
             for i in 0..len {
                 let ([p, a, b, c], _, applied) = step_element(self, rule, self.lr, param[i], grad[i], [s0[i], s1[i], s2[i]]);
@@ -338,6 +404,7 @@ impl Step<'_> {
         }
         skipped
     }
+
 }
 
 /// One block of `f32` per state slot, in which a block's states are updated.
@@ -349,6 +416,7 @@ impl Scratch {
     }
 
     /// The first `len` values of each slot, `states` read into them (block `block`).
+    #[inline(always)]
     fn read<W: AsRef<[u32]>, F: AsRef<[f32]>>(
         &mut self,
         states: &[StateSlice<W, F>],
@@ -378,24 +446,38 @@ pub fn update_norms(
     states: &[StateRef<'_>],
     block_size: usize,
 ) -> Vec<f32> {
+    let level = Level::current();
     let num_blocks = param.len().div_ceil(block_size);
     let step = Step { scalars, lr: scalars.lr, grad_scale };
     let mut sums = vec![0f32; 2 * num_blocks];
-    sums.par_chunks_mut(2).enumerate().for_each_init(|| Scratch::new(block_size), |scratch, (block, sums)| {
-        let start = block * block_size;
-        let len = block_size.min(param.len() - start);
-        let [s0, s1, s2] = scratch.read(states, block, block_size, len);
-        let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
-        let (mut direction2, mut param2) = (0f32, 0f32);
-        with_constant_rule!(rule, |RULE| {
-            for i in 0..len {
-                let (_, direction, _) = step_element(step, RULE, step.lr, param[i], grad[i], [s0[i], s1[i], s2[i]]);
-                direction2 += direction * direction;
-                param2 += param[i] * param[i];
-            }
-        });
-        sums[0] = direction2;
-        sums[1] = param2;
+    let group = blocks_per_task(block_size);
+    let tasks: Vec<_> = sums.chunks_mut(2 * group).enumerate().collect();
+    sum_tasks(tasks, |(task, sums)| {
+        level.run(
+            #[inline(always)]
+            || {
+                let mut scratch = Scratch::new(block_size);
+                for (offset, sums) in sums.chunks_mut(2).enumerate() {
+                    let block = task * group + offset;
+                    let start = block * block_size;
+                    let len = block_size.min(param.len() - start);
+                    let [s0, s1, s2] = scratch.read(states, block, block_size, len);
+                    let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
+                    let (mut direction2, mut param2) = (0f32, 0f32);
+                    with_constant_rule!(rule, |RULE| {
+                        for i in 0..len {
+                            let (_, direction, _) =
+                                step_element(step, RULE, step.lr, param[i], grad[i], [s0[i], s1[i], s2[i]]);
+                            direction2 += direction * direction;
+                            param2 += param[i] * param[i];
+                        }
+                    });
+                    sums[0] = direction2;
+                    sums[1] = param2;
+                }
+            },
+        );
+        0
     });
     sums
 }
@@ -403,6 +485,7 @@ pub fn update_norms(
 /// `max |x|` over a block computed on the bits of `|x|`, as the kernels do: for non-negative
 /// floats the integer order is the float order, so a NaN (any payload) wins over +∞, which wins
 /// over every finite value. The result is canonical: NaN is always [`f32::NAN`].
+#[inline(always)]
 pub fn block_absmax(block: &[f32]) -> f32 {
     let bits = block
         .iter()
@@ -411,6 +494,7 @@ pub fn block_absmax(block: &[f32]) -> f32 {
 }
 
 /// Writes `codes` into words, four per word, little-endian; a partial last word is zero-padded.
+#[inline(always)]
 fn pack(codes: &[u8], words: &mut [u32]) {
     for (word, chunk) in words.iter_mut().zip(codes.chunks(CODES_PER_WORD)) {
         let mut bytes = [0u8; CODES_PER_WORD];
@@ -421,16 +505,24 @@ fn pack(codes: &[u8], words: &mut [u32]) {
 
 /// Decodes one block: `map[code] * absmax`, the product taken per element as on the GPU; a block
 /// with a non-finite absmax decodes to the canonical NaN everywhere.
+#[inline(always)]
 fn decode_block(words: &[u32], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
     if !absmax.is_finite() {
         output.fill(f32::from_bits(rule::CANONICAL_NAN_BITS));
         return;
     }
-    let scaled: [f32; MAP_LEN] = std::array::from_fn(|k| values[k] * absmax);
-    for (chunk, word) in output.chunks_mut(CODES_PER_WORD).zip(words) {
-        for (out, code) in chunk.iter_mut().zip(word.to_le_bytes()) {
-            *out = scaled[code as usize];
-        }
+    for (out, &code) in output.iter_mut().zip(code_bytes(words).iter()) {
+        *out = values[usize::from(code)] * absmax;
+    }
+}
+
+/// The codes packed in `words`, one byte each in element order (the words' little-endian bytes).
+#[inline(always)]
+fn code_bytes(words: &[u32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(words))
+    } else {
+        Cow::Owned(words.iter().flat_map(|word| word.to_le_bytes()).collect())
     }
 }
 
@@ -485,6 +577,7 @@ impl Encoder {
         }
     }
 
+    #[inline(always)]
     fn encode_block(&self, block: &[f32], absmax: f32, codes: &mut [u8]) {
         if !(absmax > 0.0 && absmax.is_finite()) {
             codes.fill(self.zero_code);
@@ -499,6 +592,9 @@ impl Encoder {
         }
     }
 
+    /// Codes by guess and steps in a loop without branches, then, only if the check rejected
+    /// any, those codes by binary search.
+    #[inline(always)]
     fn encode_with<const STEPS: usize>(
         &self,
         block: &[f32],
@@ -508,18 +604,28 @@ impl Encoder {
     ) {
         let inverse = 1.0 / absmax;
         let bounds = &thresholds.0;
+        let satisfies = |c: usize, x: f32| (bounds[c] < x) & (x <= bounds[c + 1]);
+        let mut misses = false;
         for (code, &x) in codes.iter_mut().zip(block) {
             let key = ((x * inverse).to_bits() >> GUESS_SHIFT) as usize;
-            let mut c = self.guess[key] as usize;
+            let mut c = usize::from(self.guess[key]);
             for _ in 0..STEPS {
                 c += usize::from(x > bounds[(c + 1).min(MAP_LEN)]);
             }
             let c = c.min(MAP_LEN - 1);
-            let satisfied = bounds[c] < x && x <= bounds[c + 1];
-            *code = if satisfied { c } else { thresholds.search(x) } as u8;
+            misses |= !satisfies(c, x);
+            *code = c as u8;
+        }
+        if misses {
+            for (code, &x) in codes.iter_mut().zip(block) {
+                if !satisfies(usize::from(*code), x) {
+                    *code = thresholds.search(x) as u8;
+                }
+            }
         }
     }
 }
+
 
 /// The encode thresholds of one block with a sentinel at each end: `[-∞, midpoint[0] * absmax,
 /// …, midpoint[254] * absmax, +∞]`, so code `c` is right exactly when `t[c] < x <= t[c + 1]`.
@@ -559,7 +665,160 @@ fn bucket_range(key: usize) -> (f32, f32) {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+    use crate::map::MapFamily;
+
+    thread_local! {
+        /// The level [`Level::current`] returns on this thread, when set.
+        pub(super) static FORCED_LEVEL: Cell<Option<Level>> = const { Cell::new(None) };
+    }
+
+    /// Every level this CPU can run: the detected one and each it implies.
+    fn available_levels() -> Vec<Level> {
+        fn rank(arch: Arch) -> usize {
+            #[cfg(target_arch = "x86_64")]
+            let order = [Arch::Scalar, Arch::V2, Arch::V3, Arch::V4];
+            #[cfg(target_arch = "aarch64")]
+            let order = [Arch::Scalar, Arch::NeonFma];
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+            let order = [Arch::Scalar];
+            order
+                .iter()
+                .position(|known| std::mem::discriminant(known) == std::mem::discriminant(&arch))
+                .unwrap_or(order.len())
+        }
+        #[cfg(target_arch = "x86_64")]
+        let order = vec![Arch::Scalar, Arch::V2, Arch::V3, Arch::V4];
+        #[cfg(target_arch = "aarch64")]
+        let order = vec![Arch::Scalar, Arch::NeonFma];
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let order = vec![Arch::Scalar];
+        let top = rank(Level::detected().0);
+        order.into_iter().filter(|&arch| rank(arch) <= top).map(Level).collect()
+    }
+
+    /// `f` run with every available level forced, the scalar level first.
+    fn at_every_level<R>(f: impl Fn() -> R) -> Vec<(Level, R)> {
+        available_levels()
+            .into_iter()
+            .map(|level| {
+                FORCED_LEVEL.set(Some(level));
+                let result = f();
+                FORCED_LEVEL.set(None);
+                (level, result)
+            })
+            .collect()
+    }
+
+    fn random_values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                match i % 97 {
+                    0 => 0.0,
+                    1 => unit * 1e-30,
+                    2 => unit.powi(9),
+                    _ => unit * (1.0 + (i % 7) as f32),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_simd_level_quantizes_to_the_same_bits() {
+        let input = random_values(40_000 + 37, 7);
+        for kind in MapKind::ALL {
+            for block_size in [64, 256, 4096] {
+                let runs = at_every_level(|| {
+                    let (words, absmax) = quantize(&input, kind, block_size);
+                    let decoded = dequantize(&words, &absmax, kind, block_size, input.len());
+                    let bits: Vec<u32> = decoded.iter().map(|x| x.to_bits()).collect();
+                    (words, absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), bits)
+                });
+                let (_, scalar) = &runs[0];
+                for (level, run) in &runs[1..] {
+                    assert!(run == scalar, "{level:?} differs from scalar ({kind:?}, block {block_size})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_simd_level_steps_every_rule_to_the_same_bits() {
+        let len = 3 * 4096 + 129;
+        let grad = {
+            let mut grad = random_values(len, 11);
+            grad[5] = f32::NAN;
+            grad[700] = f32::INFINITY;
+            grad
+        };
+        let scalars = StepScalars {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            beta3: 0.5,
+            alpha: 5.0,
+            eps: 1e-8,
+            correction1: 0.1,
+            correction2: 0.0447,
+            decay: 0.99,
+            penalty: 0.01,
+            first_step: 0,
+            weight_decay: 0.01,
+        };
+        let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
+        for rule in rules {
+            for (family, quantized) in [(MapFamily::Dynamic, true), (MapFamily::Linear, true), (MapFamily::Dynamic, false)] {
+                let block_size = 256;
+                let runs = at_every_level(|| {
+                    let mut param = random_values(len, 3);
+                    let mut full: Vec<Vec<f32>> = (0..rule.num_states())
+                        .map(|slot| random_values(len, 20 + slot as u64).iter().map(|x| x.abs() * 0.1).collect())
+                        .collect();
+                    let mut packed: Vec<(Vec<u32>, Vec<f32>)> = full
+                        .iter()
+                        .zip(rule.state_maps(family))
+                        .map(|(values, map)| quantize(values, map, block_size))
+                        .collect();
+                    let mut outputs = Vec::new();
+                    for _ in 0..3 {
+                        let mut states: Vec<StateMut<'_>> = if quantized {
+                            packed
+                                .iter_mut()
+                                .zip(rule.state_maps(family))
+                                .map(|((words, absmax), map)| StateSlice::Blockwise { words: words.as_mut_slice(), absmax: absmax.as_mut_slice(), map })
+                                .collect()
+                        } else {
+                            full.iter_mut().map(|values| StateSlice::Full(values.as_mut_slice())).collect()
+                        };
+                        let refs: Vec<StateRef<'_>> = states.iter().map(|state| state.borrow()).collect();
+                        let norms = update_norms(rule, &scalars, 0.5, &param, &grad, &refs, block_size);
+                        drop(refs);
+                        let skipped = fused_step(rule, &scalars, 0.5, 0.7, &mut param, &grad, &mut states, block_size);
+                        outputs.push((skipped, norms.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
+                    }
+                    let bits = |values: &[f32]| values.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    let states: Vec<_> = if quantized {
+                        packed.iter().map(|(words, absmax)| (words.clone(), bits(absmax))).collect()
+                    } else {
+                        full.iter().map(|values| (Vec::new(), bits(values))).collect()
+                    };
+                    (outputs, bits(&param), states)
+                });
+                let (_, scalar) = &runs[0];
+                assert!(scalar.0.iter().all(|(skipped, _)| *skipped == 2), "{rule:?}: the two non-finite gradients skip");
+                for (level, run) in &runs[1..] {
+                    assert!(run == scalar, "{level:?} differs from scalar ({rule:?}, {family:?}, quantized {quantized})");
+                }
+            }
+        }
+    }
 
     fn reference_code(x: f32, absmax: f32, midpoints: &[f32; MAP_LEN - 1]) -> u8 {
         midpoints.iter().filter(|&&mid| x > mid * absmax).count() as u8
