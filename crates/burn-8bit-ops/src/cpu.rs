@@ -677,26 +677,19 @@ mod tests {
 
     /// Every level this CPU can run: the detected one and each it implies.
     fn available_levels() -> Vec<Level> {
-        fn rank(arch: Arch) -> usize {
-            #[cfg(target_arch = "x86_64")]
-            let order = [Arch::Scalar, Arch::V2, Arch::V3, Arch::V4];
-            #[cfg(target_arch = "aarch64")]
-            let order = [Arch::Scalar, Arch::NeonFma];
-            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-            let order = [Arch::Scalar];
-            order
-                .iter()
-                .position(|known| std::mem::discriminant(known) == std::mem::discriminant(&arch))
-                .unwrap_or(order.len())
-        }
+        // In order: each level implies the ones before it.
         #[cfg(target_arch = "x86_64")]
-        let order = vec![Arch::Scalar, Arch::V2, Arch::V3, Arch::V4];
+        let order = [Arch::Scalar, Arch::V2, Arch::V3, Arch::V4];
         #[cfg(target_arch = "aarch64")]
-        let order = vec![Arch::Scalar, Arch::NeonFma];
+        let order = [Arch::Scalar, Arch::NeonFma];
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        let order = vec![Arch::Scalar];
-        let top = rank(Level::detected().0);
-        order.into_iter().filter(|&arch| rank(arch) <= top).map(Level).collect()
+        let order = [Arch::Scalar];
+        let detected = std::mem::discriminant(&Level::detected().0);
+        let top = order
+            .iter()
+            .position(|arch| std::mem::discriminant(arch) == detected)
+            .unwrap_or(order.len() - 1);
+        order[..=top].iter().copied().map(Level).collect()
     }
 
     /// `f` run with every available level forced, the scalar level first.
