@@ -49,14 +49,13 @@ impl Level {
     }
 }
 
-/// Runs `task` on every item and sums the results: on the calling thread when there is one
-/// item (waking a rayon worker for a small tensor costs more than stepping it), else in
-/// parallel.
-fn sum_tasks<T: Send>(tasks: Vec<T>, task: impl Fn(T) -> u64 + Sync + Send) -> u64 {
+/// `task` applied to every item, results in order: on the calling thread when there is one item
+/// (waking a rayon worker for a small tensor costs more than stepping it), else in parallel.
+fn run_tasks<T: Send, R: Send>(tasks: Vec<T>, task: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
     if tasks.len() <= 1 {
-        tasks.into_iter().map(task).sum()
+        tasks.into_iter().map(task).collect()
     } else {
-        tasks.into_par_iter().map(task).sum()
+        tasks.into_par_iter().map(task).collect()
     }
 }
 
@@ -99,7 +98,7 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
         .zip(words.chunks_mut(group * block_size / CODES_PER_WORD))
         .zip(absmax.chunks_mut(group))
         .collect();
-    sum_tasks(tasks, |((input, words), absmax)| {
+    run_tasks(tasks, |((input, words), absmax)| {
         level.run(
             #[inline(always)]
             || {
@@ -121,8 +120,7 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
                     pack(codes, words);
                 }
             },
-        );
-        0
+        )
     });
     words
 }
@@ -144,7 +142,7 @@ pub fn dequantize(
         .zip(words.chunks(group * block_size / CODES_PER_WORD))
         .zip(absmax.chunks(group))
         .collect();
-    sum_tasks(tasks, |((output, words), absmax)| {
+    run_tasks(tasks, |((output, words), absmax)| {
         level.run(
             #[inline(always)]
             || {
@@ -156,8 +154,7 @@ pub fn dequantize(
                     decode_block(words, absmax, values, block);
                 }
             },
-        );
-        0
+        )
     });
     output
 }
@@ -298,12 +295,13 @@ pub fn fused_step(
         })
         .collect();
     let step = Step { scalars, lr, grad_scale };
-    sum_tasks(tasks, |(param, grad, mut states)| {
-        u64::from(level.run(
+    let skipped = run_tasks(tasks, |(param, grad, mut states)| {
+        level.run(
             #[inline(always)]
             || step.blocks(rule, param, grad, &mut states, block_size),
-        ))
-    })
+        )
+    });
+    skipped.into_iter().map(u64::from).sum()
 }
 
 /// The per-step values every element of [`fused_step`] shares.
@@ -404,7 +402,6 @@ impl Step<'_> {
         }
         skipped
     }
-
 }
 
 /// One block of `f32` per state slot, in which a block's states are updated.
@@ -452,7 +449,7 @@ pub fn update_norms(
     let mut sums = vec![0f32; 2 * num_blocks];
     let group = blocks_per_task(block_size);
     let tasks: Vec<_> = sums.chunks_mut(2 * group).enumerate().collect();
-    sum_tasks(tasks, |(task, sums)| {
+    run_tasks(tasks, |(task, sums)| {
         level.run(
             #[inline(always)]
             || {
@@ -476,8 +473,7 @@ pub fn update_norms(
                     sums[1] = param2;
                 }
             },
-        );
-        0
+        )
     });
     sums
 }
@@ -592,8 +588,6 @@ impl Encoder {
         }
     }
 
-    /// Codes by guess and steps in a loop without branches, then, only if the check rejected
-    /// any, those codes by binary search.
     #[inline(always)]
     fn encode_with<const STEPS: usize>(
         &self,
@@ -604,28 +598,18 @@ impl Encoder {
     ) {
         let inverse = 1.0 / absmax;
         let bounds = &thresholds.0;
-        let satisfies = |c: usize, x: f32| (bounds[c] < x) & (x <= bounds[c + 1]);
-        let mut misses = false;
         for (code, &x) in codes.iter_mut().zip(block) {
             let key = ((x * inverse).to_bits() >> GUESS_SHIFT) as usize;
-            let mut c = usize::from(self.guess[key]);
+            let mut c = self.guess[key] as usize;
             for _ in 0..STEPS {
                 c += usize::from(x > bounds[(c + 1).min(MAP_LEN)]);
             }
             let c = c.min(MAP_LEN - 1);
-            misses |= !satisfies(c, x);
-            *code = c as u8;
-        }
-        if misses {
-            for (code, &x) in codes.iter_mut().zip(block) {
-                if !satisfies(usize::from(*code), x) {
-                    *code = thresholds.search(x) as u8;
-                }
-            }
+            let satisfied = bounds[c] < x && x <= bounds[c + 1];
+            *code = if satisfied { c } else { thresholds.search(x) } as u8;
         }
     }
 }
-
 
 /// The encode thresholds of one block with a sentinel at each end: `[-∞, midpoint[0] * absmax,
 /// …, midpoint[254] * absmax, +∞]`, so code `c` is right exactly when `t[c] < x <= t[c + 1]`.
@@ -705,14 +689,19 @@ mod tests {
             .collect()
     }
 
+    /// The next value in [-1, 1) of an xorshift64 stream.
+    fn next_unit(state: &mut u64) -> f32 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
     fn random_values(len: usize, seed: u64) -> Vec<f32> {
         let mut state = seed | 1;
         (0..len)
             .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                let unit = next_unit(&mut state);
                 match i % 97 {
                     0 => 0.0,
                     1 => unit * 1e-30,
@@ -820,12 +809,6 @@ mod tests {
     #[test]
     fn fast_encoder_equals_the_rule_on_every_map() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
         for kind in MapKind::ALL {
             let encoder = Encoder::get(kind);
             let map = kind.map();
@@ -833,7 +816,7 @@ mod tests {
             for absmax in [1.0f32, 3.7e-7, 1.0e30, 0.013, 65504.0] {
                 let block: Vec<f32> = (0..4096)
                     .map(|i| {
-                        let unit = (next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                        let unit = next_unit(&mut state);
                         match i % 4 {
                             0 => unit * absmax,
                             1 => unit.powi(7) * absmax,
