@@ -44,6 +44,14 @@ fn bench(c: &mut Criterion) {
                 y
             })
         });
+        let mut decoded = Some(quantized.dequantize_flat());
+        group.bench_function("dequantize_into_16M_block256", |b| {
+            b.iter(|| {
+                let output = decoded.take().expect("the last decoded tensor");
+                decoded = Some(quantized.dequantize_into(output).expect("an output of the quantized shape"));
+                device.sync().expect("device sync");
+            })
+        });
         group.finish();
     }
 }

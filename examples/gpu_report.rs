@@ -1,6 +1,7 @@
 //! The kernels against the memory bandwidth of a device, measured in one run: a plain copy of
 //! the bytes one Adam8bit step moves (the floor), one Adam8bit step, Burn's own AdamW step,
-//! quantize and dequantize; then the reference vectors replayed on the same device.
+//! quantize and dequantize (into a new tensor, which includes allocating it, and into the
+//! previous result's memory); then the reference vectors replayed on the same device.
 //!
 //! ```text
 //! cargo run --release --features wgpu,ndarray --example gpu_report -- [--device wgpu|cuda|…] [--log2 N] [--reps N]
@@ -109,6 +110,11 @@ fn main() {
     let dequantize = seconds_per_call(&device, args.reps, || {
         let _ = quantized.dequantize_flat();
     });
+    let mut decoded = Some(quantized.dequantize_flat());
+    let dequantize_into = seconds_per_call(&device, args.reps, || {
+        let output = decoded.take().expect("the last decoded tensor");
+        decoded = Some(quantized.dequantize_into(output).expect("an output of the quantized shape"));
+    });
 
     println!("| kernel | bytes/param | time (ms) | GB/s | of the copy's bandwidth |");
     println!("|---|---:|---:|---:|---:|");
@@ -125,7 +131,8 @@ fn main() {
     row("Adam8bit step", ADAM8BIT_BYTES, step8);
     row("Burn AdamW step", ADAMW_BYTES, step32);
     row("quantize", QUANTIZE_BYTES, quantize);
-    row("dequantize", QUANTIZE_BYTES, dequantize);
+    row("dequantize (into a new tensor)", QUANTIZE_BYTES, dequantize);
+    row("dequantize (into the last result)", QUANTIZE_BYTES, dequantize_into);
     println!("Adam8bit / Burn AdamW time: {:.3}", step8 / step32);
     println!("quantize / dequantize time: {:.3}", quantize / dequantize);
 

@@ -196,6 +196,57 @@ fn shapes_survive_and_wrong_rank_is_an_error() {
 }
 
 #[test]
+fn dequantize_into_writes_the_decoded_values_and_leaves_shared_outputs_alone() {
+    let mut rng = Rng::new(21);
+    let input = rng.normals(3 * 700);
+    for (name, device) in devices() {
+        let x = Tensor::<1>::from_floats(input.as_slice(), &device).reshape([3, 700]);
+        let q = BlockQuantized::quantize(x, MapKind::DynamicSigned, BlockSize::new(64).unwrap());
+        let bits = |t: Tensor<2>| -> Vec<u32> {
+            t.into_data().try_to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let expected = bits(q.dequantize::<2>().unwrap());
+
+        let mut reused = Tensor::<2>::full([3, 700], 7.0, &device);
+        for round in 0..3 {
+            reused = q.dequantize_into(reused).unwrap();
+            assert_eq!(bits(reused.clone()), expected, "[{name}] round {round}");
+        }
+
+        let shared = Tensor::<2>::full([3, 700], 7.0, &device);
+        let decoded = q.dequantize_into(shared.clone()).unwrap();
+        assert_eq!(bits(decoded), expected, "[{name}] shared output");
+        assert!(
+            shared.into_data().try_to_vec::<f32>().unwrap().iter().all(|&v| v == 7.0),
+            "[{name}] a clone of the output kept its values"
+        );
+
+        let strided = Tensor::<2>::full([700, 3], 7.0, &device).transpose();
+        assert_eq!(bits(q.dequantize_into(strided).unwrap()), expected, "[{name}] strided output");
+    }
+}
+
+#[test]
+fn dequantize_into_refuses_an_output_that_cannot_hold_the_values() {
+    let all = devices();
+    for (name, device) in &all {
+        let q = BlockQuantized::quantize(Tensor::<2>::ones([2, 70], device), MapKind::DynamicSigned, BlockSize::DEFAULT);
+        let wrong_shape = q.dequantize_into(Tensor::<2>::zeros([70, 2], device));
+        assert!(matches!(wrong_shape, Err(QuantError::OutputMismatch { .. })), "[{name}] {wrong_shape:?}");
+        if device.supports_dtype(FloatDType::F16) {
+            let half = Tensor::<2>::zeros([2, 70], device).cast(FloatDType::F16);
+            assert!(matches!(q.dequantize_into(half), Err(QuantError::OutputMismatch { .. })), "[{name}] f16");
+        }
+        for (other_name, other) in all.iter().filter(|(other_name, _)| other_name != name) {
+            let elsewhere = q.dequantize_into(Tensor::<2>::zeros([2, 70], other));
+            assert!(matches!(elsewhere, Err(QuantError::OutputMismatch { .. })), "[{name}] on {other_name}");
+        }
+        let empty = BlockQuantized::quantize(Tensor::<2>::empty([0, 5], device), MapKind::DynamicSigned, BlockSize::DEFAULT);
+        assert_eq!(empty.dequantize_into(Tensor::<2>::empty([0, 5], device)).unwrap().dims(), [0, 5], "[{name}]");
+    }
+}
+
+#[test]
 fn from_parts_checks_consistency() {
     let device = Device::flex();
     let q = BlockQuantized::quantize(Tensor::<1>::ones([300], &device), MapKind::DynamicSigned, BlockSize::DEFAULT);

@@ -127,17 +127,10 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
     words
 }
 
-/// Decodes `len` elements from packed codes and per-block absmax.
-pub fn dequantize(
-    words: &[u32],
-    absmax: &[f32],
-    map: MapKind,
-    block_size: usize,
-    len: usize,
-) -> Vec<f32> {
+/// Decodes `output.len()` elements from packed codes and per-block absmax into `output`.
+pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize, output: &mut [f32]) {
     let level = Level::current();
     let values = &Encoder::get(map).values;
-    let mut output = vec![0f32; len];
     let group = blocks_per_task(block_size);
     let tasks: Vec<_> = output
         .chunks_mut(group * block_size)
@@ -158,7 +151,6 @@ pub fn dequantize(
             },
         )
     });
-    output
 }
 
 /// One optimizer state of a tensor on the CPU: block-wise codes with their absmax and map, or
@@ -736,7 +728,8 @@ mod tests {
             for block_size in [64, 256, 4096] {
                 let runs = at_every_level(|| {
                     let (words, absmax) = quantize(&input, kind, block_size);
-                    let decoded = dequantize(&words, &absmax, kind, block_size, input.len());
+                    let mut decoded = vec![f32::NAN; input.len()];
+                    dequantize(&words, &absmax, kind, block_size, &mut decoded);
                     let bits: Vec<u32> = decoded.iter().map(|x| x.to_bits()).collect();
                     (words, absmax.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), bits)
                 });

@@ -18,6 +18,13 @@ pub enum QuantError {
         /// Which parts disagree.
         reason: String,
     },
+    /// The tensor handed to [`crate::BlockQuantized::dequantize_into`] cannot hold the decoded
+    /// values: another shape, a dtype other than `f32`, or another device.
+    #[error("dequantize output mismatch: {reason}")]
+    OutputMismatch {
+        /// What differs.
+        reason: String,
+    },
     /// A block holds NaN or an infinity (found by [`crate::BlockQuantized::check_finite`]).
     #[error("non-finite input: {blocks} block(s) hold NaN or an infinity, the first is block {first}")]
     NonFinite {

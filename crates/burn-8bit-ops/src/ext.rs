@@ -148,14 +148,18 @@ pub trait BlockwiseOps: Backend {
         block_size: usize,
     ) -> PackedBlocks<Self>;
 
-    /// The flat `f32` tensor of `len` elements that packed codes and absmax stand for.
+    /// The flat `f32` tensor that packed codes and absmax stand for, decoded into `output` (flat
+    /// `f32`, as many elements as were quantized), whose values are discarded: its buffer is
+    /// written in place when it is contiguous and unshared, so a caller that decodes repeatedly
+    /// can hand the last result back and skip an allocation; fresh memory otherwise. NdArray
+    /// always returns fresh memory (it does not expose its buffers mutably).
     #[fusion(meta = fusion_meta::dequantize)]
     fn blockwise_dequantize(
         codes: IntTensor<Self>,
         absmax: FloatTensor<Self>,
+        output: FloatTensor<Self>,
         map: MapKind,
         block_size: usize,
-        len: usize,
     ) -> FloatTensor<Self>;
 
     /// The fused optimizer step of any rule, in place where the buffers are unshared: per block,
@@ -253,10 +257,10 @@ mod fusion_meta {
     pub fn dequantize(
         _codes: &TensorSpec,
         _absmax: &TensorSpec,
+        output: &TensorSpec,
         _map: &MapKind,
         _block_size: &usize,
-        len: &usize,
     ) -> TensorSpec {
-        TensorSpec::new([*len].into(), DType::F32)
+        output.clone()
     }
 }

@@ -196,16 +196,63 @@ impl BlockQuantized {
 
     /// Decodes into a flat tensor of [`BlockQuantized::len`] elements.
     pub fn dequantize_flat(&self) -> Tensor<1> {
-        let len = self.len();
-        if len == 0 {
-            return Tensor::empty([0], (&self.device(), DType::F32));
+        let output = Tensor::empty([self.len()], (&self.device(), DType::F32));
+        self.decode_into(output)
+    }
+
+    /// Decodes into `output`, a tensor of the original shape whose values are discarded, and
+    /// returns it: where the backend allows (Flex and the CubeCL backends, when `output` is
+    /// contiguous and not shared), the values are written into `output`'s own memory, so decoding
+    /// again into the last result allocates nothing. A shared `output` (one with live clones) is
+    /// never modified: the values go to fresh memory instead.
+    ///
+    /// [`QuantError::OutputMismatch`] when `output` has another shape, is not `f32`, or lives on
+    /// another device than the codes (an autodiff device counts as its inner device; the result
+    /// is not tracked).
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use burn_8bit_ops::{BlockQuantized, BlockSize, MapKind};
+    ///
+    /// let device = Device::default();
+    /// let q = BlockQuantized::quantize(Tensor::<1>::from_floats([0.5, -1.0, 0.25], &device), MapKind::DynamicSigned, BlockSize::new(64)?);
+    /// let mut decoded = q.dequantize::<1>()?;
+    /// let first = decoded.clone().into_data();
+    /// for _ in 0..3 {
+    ///     decoded = q.dequantize_into(decoded)?; // into the previous result's memory
+    /// }
+    /// assert_eq!(decoded.into_data(), first);
+    /// # Ok::<(), burn_8bit_ops::QuantError>(())
+    /// ```
+    pub fn dequantize_into<const D: usize>(&self, output: Tensor<D>) -> Result<Tensor<D>, QuantError> {
+        let output = output.without_autodiff();
+        let problems = [
+            (output.shape() != self.shape)
+                .then(|| format!("output shape {:?}, quantized shape {:?}", output.shape(), self.shape)),
+            (output.dtype() != DType::F32).then(|| format!("output is {:?}, not F32", output.dtype())),
+            (output.device() != self.device())
+                .then(|| format!("output on {:?}, codes on {:?}", output.device(), self.device())),
+        ];
+        if let Some(reason) = problems.into_iter().flatten().next() {
+            return Err(QuantError::OutputMismatch { reason });
+        }
+        if self.is_empty() {
+            return Ok(output);
+        }
+        Ok(self.decode_into(output.reshape([self.len()])).reshape(self.shape.clone()))
+    }
+
+    /// Decodes into `output`, flat `f32` of [`BlockQuantized::len`] elements on the codes' device.
+    fn decode_into(&self, output: Tensor<1>) -> Tensor<1> {
+        if self.is_empty() {
+            return output;
         }
         Tensor::from_dispatch(Dispatch::blockwise_dequantize(
             self.codes.clone().into_dispatch(),
             self.absmax.clone().into_dispatch(),
+            output.into_dispatch(),
             self.map,
             self.block_size.get(),
-            len,
         ))
     }
 

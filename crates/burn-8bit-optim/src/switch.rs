@@ -201,7 +201,9 @@ pub(crate) fn to_burn<R: UpdateRule>(record: OptimizerRecord) -> Result<Optimize
                 .map(|(slot, map)| match slot {
                     SlotData::Quantized { words, absmax } => {
                         let (block_size, _) = fields.layout.expect("8-bit slots come with their layout");
-                        cpu::dequantize(words, absmax, map, block_size.get(), len)
+                        let mut values = vec![0.0; len];
+                        cpu::dequantize(words, absmax, map, block_size.get(), &mut values);
+                        values
                     }
                     SlotData::Full(values) => values.clone(),
                 })

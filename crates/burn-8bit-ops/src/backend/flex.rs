@@ -3,7 +3,7 @@
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use crate::cpu::{self, StateMut, StateRef, StateSlice};
 use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
@@ -25,6 +25,18 @@ fn contiguous(tensor: FlexTensor) -> FlexTensor {
 fn elements_mut<E: burn::tensor::Element + bytemuck::Pod>(tensor: &mut FlexTensor) -> &mut [E] {
     let (start, end) = tensor.layout().contiguous_offsets().expect("contiguous");
     &mut tensor.storage_mut::<E>()[start..end]
+}
+
+/// A contiguous `f32` tensor of `output`'s shape whose old values may be discarded: `output`
+/// itself when its buffer is unshared and contiguous, fresh memory otherwise (never a copy of
+/// values about to be overwritten).
+fn overwritable(mut output: FlexTensor) -> FlexTensor {
+    let contiguous = output.is_contiguous() && output.layout().contiguous_offsets().is_some();
+    if contiguous && output.try_storage_mut::<f32>().is_some() {
+        output
+    } else {
+        FlexTensor::empty(output.layout().shape().clone(), DType::F32)
+    }
 }
 
 fn elements<E: burn::tensor::Element + bytemuck::Pod>(tensor: &FlexTensor) -> &[E] {
@@ -106,13 +118,15 @@ impl BlockwiseOps for Flex {
     fn blockwise_dequantize(
         codes: IntTensor<Self>,
         absmax: FloatTensor<Self>,
+        output: FloatTensor<Self>,
         map: MapKind,
         block_size: usize,
-        len: usize,
     ) -> FloatTensor<Self> {
         let codes = contiguous(codes);
         let absmax = contiguous(absmax);
-        flat(cpu::dequantize(elements(&codes), elements(&absmax), map, block_size, len))
+        let mut output = overwritable(output);
+        cpu::dequantize(elements(&codes), elements(&absmax), map, block_size, elements_mut(&mut output));
+        output
     }
 
     fn fused_step(
@@ -174,5 +188,29 @@ impl BlockwiseOps for Flex {
             &views,
             block_size,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dequantize_writes_into_an_unshared_output_and_spares_a_shared_one() {
+        let input: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 77.0).collect();
+        let map = MapKind::DynamicSigned;
+        let packed = Flex::blockwise_quantize(flat(input), map, 256);
+        let decode = |output| Flex::blockwise_dequantize(packed.codes.clone(), packed.absmax.clone(), output, map, 256);
+
+        let output = flat(vec![7.0f32; 1000]);
+        let address = elements::<f32>(&output).as_ptr();
+        let decoded = decode(output);
+        assert_eq!(elements::<f32>(&decoded).as_ptr(), address, "an unshared output is written in place");
+
+        let shared = flat(vec![7.0f32; 1000]);
+        let fresh = decode(shared.clone());
+        assert_ne!(elements::<f32>(&fresh).as_ptr(), elements::<f32>(&shared).as_ptr());
+        assert!(elements::<f32>(&shared).iter().all(|&v| v == 7.0), "a shared output keeps its values");
+        assert_eq!(elements::<f32>(&fresh), elements::<f32>(&decoded));
     }
 }

@@ -94,11 +94,13 @@ impl BlockwiseOps for NdArray {
     fn blockwise_dequantize(
         codes: IntTensor<Self>,
         absmax: FloatTensor<Self>,
+        output: FloatTensor<Self>,
         map: MapKind,
         block_size: usize,
-        len: usize,
     ) -> FloatTensor<Self> {
-        flat(cpu::dequantize(&u32_values(&codes), &f32_values(&absmax), map, block_size, len))
+        let mut values = vec![0f32; output.shape().num_elements()];
+        cpu::dequantize(&u32_values(&codes), &f32_values(&absmax), map, block_size, &mut values);
+        flat(values)
     }
 
     fn fused_step(

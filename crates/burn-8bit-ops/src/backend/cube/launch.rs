@@ -148,6 +148,17 @@ pub fn writable(tensor: CubeTensor) -> CubeTensor {
     }
 }
 
+/// An `f32` buffer of `output`'s length whose old values may be discarded: `output` itself when
+/// it is contiguous and its buffer unshared, a fresh buffer otherwise (never a copy of values
+/// about to be overwritten).
+pub fn overwritable(output: CubeTensor) -> CubeTensor {
+    if !output.meta.is_tiled() && output.is_contiguous() && output.is_contiguous_buffer() && output.can_mut() {
+        output
+    } else {
+        empty_f32(&output, output.meta.num_elements())
+    }
+}
+
 /// An `f32` buffer of `len` elements on `like`'s device.
 pub fn empty_f32(like: &CubeTensor, len: usize) -> CubeTensor {
     empty_device_dtype(like.client.clone(), like.device.clone(), [len].into(), DType::F32)
@@ -186,11 +197,11 @@ pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_siz
     codes
 }
 
-/// Runs the dequantize kernel into a fresh `f32` tensor of `len` elements.
-pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_size: usize, len: usize) -> CubeTensor {
+/// Runs the dequantize kernel into `output`, a contiguous `f32` tensor of the decoded length.
+pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, output: &CubeTensor, map: MapKind, block_size: usize) {
+    let len = output.meta.num_elements();
     let launch = BlockLaunch::new(codes, len, block_size);
     let device = DeviceTables::of(codes);
-    let output = empty_f32(codes, len);
     // SAFETY: as in `quantize`.
     unsafe {
         kernels::dequantize_kernel::launch_unchecked(
@@ -209,7 +220,6 @@ pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_s
             launch.units,
         );
     }
-    output
 }
 
 /// One state slot as a kernel binds it: its buffers (none for an absent slot) and its map, whose

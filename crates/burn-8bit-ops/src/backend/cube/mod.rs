@@ -91,13 +91,15 @@ impl BlockwiseOps for CubeBackend {
     fn blockwise_dequantize(
         codes: IntTensor<Self>,
         absmax: FloatTensor<Self>,
+        output: FloatTensor<Self>,
         map: MapKind,
         block_size: usize,
-        len: usize,
     ) -> FloatTensor<Self> {
         let codes = into_contiguous(codes);
         let absmax = into_contiguous(f32_tensor(absmax, "absmax"));
-        launch::dequantize(&codes, &absmax, map, block_size, len)
+        let output = launch::overwritable(f32_tensor(output, "outputs"));
+        launch::dequantize(&codes, &absmax, &output, map, block_size);
+        output
     }
 
     fn fused_step(
