@@ -11,9 +11,14 @@ use crate::map::{MapFamily, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars};
 
+/// Whether the kernels can take `tensor`'s elements as one slice of its buffer.
+fn is_contiguous(tensor: &FlexTensor) -> bool {
+    tensor.is_contiguous() && tensor.layout().contiguous_offsets().is_some()
+}
+
 /// A contiguous Flex tensor (copied only when strided).
 fn contiguous(tensor: FlexTensor) -> FlexTensor {
-    if tensor.is_contiguous() && tensor.layout().contiguous_offsets().is_some() {
+    if is_contiguous(&tensor) {
         tensor
     } else {
         tensor.to_contiguous()
@@ -31,8 +36,7 @@ fn elements_mut<E: burn::tensor::Element + bytemuck::Pod>(tensor: &mut FlexTenso
 /// itself when its buffer is unshared and contiguous, fresh memory otherwise (never a copy of
 /// values about to be overwritten).
 fn overwritable(mut output: FlexTensor) -> FlexTensor {
-    let contiguous = output.is_contiguous() && output.layout().contiguous_offsets().is_some();
-    if contiguous && output.try_storage_mut::<f32>().is_some() {
+    if is_contiguous(&output) && output.try_storage_mut::<f32>().is_some() {
         output
     } else {
         FlexTensor::empty(output.layout().shape().clone(), DType::F32)
