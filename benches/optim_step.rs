@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
         bench_optimizer(&mut group, "burn_adamw_f32", AdamWConfig::new().build(), &device);
         bench_optimizer(&mut group, "adam8bit", Adam8bitConfig::new().build(), &device);
         bench_optimizer(&mut group, "adamw8bit", AdamW8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "sgd8bit", Sgd8bitConfig::new().with_momentum(MomentumConfig::new()).build(), &device);
+        bench_optimizer(&mut group, "sgd8bit", Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build(), &device);
         bench_optimizer(&mut group, "rmsprop8bit", RmsProp8bitConfig::new().build(), &device);
         bench_optimizer(&mut group, "adagrad8bit", AdaGrad8bitConfig::new().build(), &device);
         bench_optimizer(&mut group, "lion8bit", Lion8bitConfig::new().build(), &device);

@@ -12,6 +12,7 @@ mod common;
 
 use std::time::Instant;
 
+use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, Optimizer, RecordState, StateSink};
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_8bit::{
@@ -117,7 +118,7 @@ fn main() {
         measure("Burn AdamW (f32 state)", AdamWConfig::new().build(), &device, &args),
         measure("Adam8bit", Adam8bitConfig::new().build(), &device, &args),
         measure("AdamW8bit", AdamW8bitConfig::new().build(), &device, &args),
-        measure("Sgd8bit", Sgd8bitConfig::new().build(), &device, &args),
+        measure("Sgd8bit", Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build(), &device, &args),
         measure("RmsProp8bit", RmsProp8bitConfig::new().build(), &device, &args),
         measure("AdaGrad8bit", AdaGrad8bitConfig::new().build(), &device, &args),
         measure("Lion8bit", Lion8bitConfig::new().build(), &device, &args),

@@ -514,7 +514,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
         "momentum" => {
             let momentum: f64 = file.meta("momentum")?;
             let config = Sgd8bitConfig::new()
-                .with_momentum(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0))
+                .with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0)))
                 .with_block_size(block_size)
                 .with_min_8bit_size(min_8bit_size);
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?

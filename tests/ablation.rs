@@ -4,6 +4,7 @@
 mod common;
 
 use burn::optim::Optimizer;
+use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit::optim::StateSlot;
 use burn_8bit::{
@@ -117,6 +118,7 @@ fn ablations_lose_precision_where_the_paper_says() {
     for (name, device) in devices() {
         let error = |family: MapFamily, whole_tensor: bool| -> f64 {
             let optim = Sgd8bitConfig::new()
+                .with_momentum(Some(MomentumConfig::new()))
                 .with_map_family(family)
                 .with_whole_tensor_block(whole_tensor)
                 .build();

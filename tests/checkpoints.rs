@@ -11,6 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
 use burn::module::{Module, Param, ParamId};
+use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer, OptimizerRecord};
 use burn::tensor::{Bytes, DType, Device, Tensor};
@@ -79,7 +80,7 @@ fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
         }),
         ("sgd", OptimizerKind::Sgd, || {
             Sgd8bitConfig::new()
-                .with_momentum(MomentumConfig { momentum: 0.9, dampening: 0.0, nesterov: true })
+                .with_momentum(Some(MomentumConfig { momentum: 0.9, dampening: 0.0, nesterov: true }))
                 .with_min_8bit_size(256)
                 .with_block_size(64)
                 .init()
@@ -563,7 +564,7 @@ fn percentile_clipping_survives_a_nan_in_the_first_gradient() {
     for (device_name, device) in devices() {
         let trajectory = |nan_bits: u32, clipping: usize| {
             // Momentum's update is proportional to the gradient, so clipping shows in its size.
-            let optimizer = Sgd8bitConfig::new().with_percentile_clipping(clipping).build();
+            let optimizer = Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).with_percentile_clipping(clipping).build();
             let mut rng = Rng::new(3);
             let mut p = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device);
             let mut state = None;
@@ -666,5 +667,26 @@ fn records_of_other_settings_convert_instead_of_restarting() {
         let weight = &report.parameters[0];
         let per_state = if quantized[0] { 512 + 4 * 512 / 256 } else { 4 * 512 };
         assert_eq!(weight.bytes as usize, states * per_state, "{what}: {report:?}");
+    }
+}
+
+/// Plain SGD (Burn's default: no momentum) keeps no state besides its step and skip counts; its
+/// record loads through the checked loader and the run continues as if uninterrupted.
+#[test]
+fn plain_sgd_records_load_and_continue() {
+    let _alone = one_at_a_time();
+    for (name, device) in devices() {
+        let optimizer = || Sgd8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.1))).init();
+        let model = golden_model(&device.clone().autodiff());
+        let mut first = optimizer();
+        let halfway = run(model.clone(), &mut first, &device, 1..3);
+        let loaded = load_record_checked(optimizer(), first.to_record(), &halfway, OptimizerKind::Sgd)
+            .unwrap_or_else(|e| panic!("[{name}] {e}"));
+        assert!(loaded.report.parameters.iter().all(|p| p.bytes == 0 && p.steps == Some(2)), "[{name}] {:?}", loaded.report);
+        let mut resumed_optim = loaded.optimizer;
+        let resumed = run(halfway, &mut resumed_optim, &device, 3..5);
+        let mut uninterrupted_optim = optimizer();
+        let uninterrupted = run(model, &mut uninterrupted_optim, &device, 1..5);
+        assert_eq!(params_hash(&resumed), params_hash(&uninterrupted), "[{name}]");
     }
 }

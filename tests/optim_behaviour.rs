@@ -5,6 +5,7 @@
 mod common;
 
 use burn::nn::LinearConfig;
+use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{ModuleOptimizer, Optimizer};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
@@ -28,8 +29,9 @@ fn optimizers() -> Vec<(&'static str, Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Opti
     vec![
         ("adam", boxed(Adam8bitConfig::new().build())),
         ("adamw-cautious-amsgrad", boxed(AdamW8bitConfig::new().with_cautious_weight_decay(true).with_amsgrad(true).build())),
-        ("sgd", boxed(Sgd8bitConfig::new().build())),
-        ("sgd-nesterov", boxed(Sgd8bitConfig::new().with_momentum(MomentumConfig::new().with_nesterov(true)).build())),
+        ("sgd", boxed(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build())),
+        ("sgd-plain", boxed(Sgd8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.01))).build())),
+        ("sgd-nesterov", boxed(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_nesterov(true))).build())),
         ("rmsprop-centered", boxed(RmsProp8bitConfig::new().with_centered(true).build())),
         ("rmsprop-plain", boxed(RmsProp8bitConfig::new().with_momentum(0.0).build())),
         ("adagrad", boxed(AdaGrad8bitConfig::new().with_lr_decay(0.01).build())),
@@ -234,7 +236,7 @@ fn invalid_configs_are_typed_errors() {
     assert!(matches!(RmsProp8bitConfig::new().with_alpha(f32::NAN).validate(), Err(ConfigError::OutOfRange { .. })));
     assert!(matches!(AdaGrad8bitConfig::new().with_lr_decay(-1.0).validate(), Err(ConfigError::OutOfRange { .. })));
     assert!(matches!(AdEMAMix8bitConfig::new().with_t_alpha(Some(0)).validate(), Err(ConfigError::OutOfRange { name: "t_alpha", .. })));
-    assert!(matches!(Sgd8bitConfig::new().with_momentum(MomentumConfig::new().with_momentum(2.0)).validate(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(2.0))).validate(), Err(ConfigError::OutOfRange { .. })));
     let Err(panic) = std::panic::catch_unwind(|| Adam8bitConfig::new().with_block_size(8192).init()) else {
         panic!("init accepted block size 8192");
     };

@@ -85,7 +85,7 @@ fn cases() -> Vec<Case> {
             name: "Sgd8bit",
             compare_states: true,
             lr: 1e-2,
-            ours: ours(Sgd8bitConfig::new().build()),
+            ours: ours(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build()),
             reference: Box::new(|lr, p, g, s| {
                 let reference = SgdConfig::new().with_momentum(Some(MomentumConfig::new())).build();
                 let state = s.map(|s| SgdState::new(Some(MomentumState::new(decoded(s)[0].clone()))));
@@ -96,6 +96,17 @@ fn cases() -> Vec<Case> {
                     Some(s) => decoded(s)[0].clone() * 0.9 + g * 0.9,
                 };
                 (p, vec![velocity])
+            }),
+        },
+        Case {
+            name: "Sgd8bit (Burn's default: no momentum; L2 penalty)",
+            compare_states: true,
+            lr: 1e-2,
+            ours: ours(Sgd8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(1e-2))).build()),
+            reference: Box::new(|lr, p, g, _| {
+                let reference = SgdConfig::new().with_weight_decay(Some(WeightDecayConfig::new(1e-2))).build();
+                let (p, _) = reference.step(lr, p, g, None);
+                (p, Vec::new())
             }),
         },
         Case {

@@ -41,7 +41,7 @@ fn pairs() -> Vec<Pair> {
     vec![
         pair!("Adam", OptimizerKind::Adam, AdamConfig::new(), Adam8bitConfig::new()),
         pair!("AdamW (AMSGrad)", OptimizerKind::AdamW, AdamWConfig::new().with_amsgrad(true), AdamW8bitConfig::new().with_amsgrad(true)),
-        pair!("SGD (momentum)", OptimizerKind::Sgd, SgdConfig::new().with_momentum(Some(MomentumConfig::new())), Sgd8bitConfig::new()),
+        pair!("SGD (momentum)", OptimizerKind::Sgd, SgdConfig::new().with_momentum(Some(MomentumConfig::new())), Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new()))),
         pair!("RMSprop (centred)", OptimizerKind::RmsProp, RmsPropConfig::new().with_centered(true), RmsProp8bitConfig::new().with_centered(true)),
         pair!("Adagrad", OptimizerKind::AdaGrad, AdaGradConfig::new(), AdaGrad8bitConfig::new()),
         pair!("Lion", OptimizerKind::Lion, LionConfig::new(), Lion8bitConfig::new()),
@@ -101,6 +101,6 @@ fn optimizers_without_a_burn_twin_and_foreign_records_are_errors() {
     let mut burn = AdamConfig::new().init();
     let _ = train(model(&device), &mut burn, &device, 1, 1);
     assert!(Lars8bitConfig::new().build().from_burn_record(burn.to_record()).is_err());
-    assert!(matches!(Sgd8bitConfig::new().build().from_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. })));
+    assert!(matches!(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build().from_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. })));
     assert!(matches!(Adam8bitConfig::new().build().to_burn_record(burn.to_record()), Err(LoadError::Corrupt { .. } | LoadError::OptimizerMismatch { .. })));
 }

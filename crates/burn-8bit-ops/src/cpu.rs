@@ -314,6 +314,7 @@ macro_rules! with_constant_rule {
             StepRule::Adam { amsgrad: false, cautious: true } => { const $rule: StepRule = StepRule::Adam { amsgrad: false, cautious: true }; $body }
             StepRule::Adam { amsgrad: true, cautious: false } => { const $rule: StepRule = StepRule::Adam { amsgrad: true, cautious: false }; $body }
             StepRule::Adam { amsgrad: true, cautious: true } => { const $rule: StepRule = StepRule::Adam { amsgrad: true, cautious: true }; $body }
+            StepRule::Sgd => { const $rule: StepRule = StepRule::Sgd; $body }
             StepRule::Momentum { nesterov: false } => { const $rule: StepRule = StepRule::Momentum { nesterov: false }; $body }
             StepRule::Momentum { nesterov: true } => { const $rule: StepRule = StepRule::Momentum { nesterov: true }; $body }
             StepRule::RmsProp { centered: false, momentum: false } => { const $rule: StepRule = StepRule::RmsProp { centered: false, momentum: false }; $body }

@@ -21,6 +21,9 @@ pub enum StepRule {
         /// Apply the decoupled decay only where `sign(p) == sign(m)` (cautious weight decay).
         cautious: bool,
     },
+    /// Plain SGD (Burn's `SgdConfig` without momentum): no state; the direction is the gradient
+    /// (with any L2 penalty).
+    Sgd,
     /// SGD with momentum: `m` (signed).
     Momentum {
         /// Nesterov's look-ahead: the update is `g + μ·m`.
@@ -47,7 +50,7 @@ pub enum StepRule {
 
 impl StepRule {
     /// The map of each state slot in `family`, in order (signed for moments, unsigned for
-    /// non-negative states); its length is the number of states (1 to 3).
+    /// non-negative states); its length is the number of states (0 to 3).
     pub fn state_maps(self, family: MapFamily) -> Vec<MapKind> {
         let (signed, unsigned) = (family.kind(true), family.kind(false));
         match self {
@@ -58,6 +61,7 @@ impl StepRule {
                 }
                 maps
             }
+            StepRule::Sgd => Vec::new(),
             StepRule::Momentum { .. } | StepRule::Lion => vec![signed],
             StepRule::RmsProp { centered, momentum } => {
                 let mut maps = vec![unsigned];
@@ -82,6 +86,7 @@ impl StepRule {
             StepRule::Adam { .. } | StepRule::Lamb => 2,
             StepRule::RmsProp { centered, momentum } => 1 + centered as usize + momentum as usize,
             StepRule::Momentum { .. } | StepRule::AdaGrad | StepRule::Lion => 1,
+            StepRule::Sgd => 0,
         }
     }
 
@@ -95,6 +100,7 @@ impl StepRule {
                 }
                 names
             }
+            StepRule::Sgd => Vec::new(),
             StepRule::Momentum { .. } => vec!["velocity"],
             StepRule::Lion => vec!["momentum"],
             StepRule::RmsProp { centered, momentum } => {
@@ -123,6 +129,7 @@ impl StepRule {
             StepRule::Lion => (4, false, false),
             StepRule::AdEMAMix => (5, false, false),
             StepRule::Lamb => (6, false, false),
+            StepRule::Sgd => (7, false, false),
         };
         (variant << 2) | u64::from(a) | (u64::from(b) << 1)
     }
@@ -138,6 +145,7 @@ impl StepRule {
             4 if !a && !b => StepRule::Lion,
             5 if !a && !b => StepRule::AdEMAMix,
             6 if !a && !b => StepRule::Lamb,
+            7 if !a && !b => StepRule::Sgd,
             _ => return None,
         };
         Some(rule)
@@ -150,6 +158,7 @@ impl StepRule {
 /// | rule | fields read |
 /// |---|---|
 /// | Adam | `lr` = lr·sqrt(1−β2^t)/(1−β1^t), `beta1`, `beta2`, `eps` = ε·sqrt(1−β2^t), `decay`, `penalty` |
+/// | SGD | `lr`, `penalty` |
 /// | Momentum | `lr`, `beta1` = μ, `beta3` = 1 − dampening, `first_step`, `penalty` |
 /// | RMSprop | `lr`, `beta1` = α (smoothing), `beta3` = momentum μ, `eps`, `penalty` |
 /// | Adagrad | `lr` = lr / (1 + (t−1)·lr_decay), `eps`, `penalty` |
@@ -247,6 +256,9 @@ pub(crate) fn update_element(
                 decayed = select(same_sign, decayed, p);
             }
         }
+        StepRule::Sgd => {
+            direction = g;
+        }
         StepRule::Momentum { nesterov } => {
             n1 = select(h.first_step != 0, g, h.beta1 * n1 + h.beta3 * g);
             direction = n1;
@@ -317,7 +329,7 @@ mod tests {
     #[test]
     fn every_rule_counts_as_many_states_as_it_has_maps_and_names() {
         let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
-        assert_eq!(rules.len(), 14);
+        assert_eq!(rules.len(), 15);
         for rule in rules {
             for family in [MapFamily::Dynamic, MapFamily::Linear] {
                 assert_eq!(rule.num_states(), rule.state_maps(family).len(), "{rule:?}");

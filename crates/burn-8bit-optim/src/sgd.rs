@@ -12,50 +12,65 @@ use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
 config_8bit! {
-    /// Configuration of [`Sgd8bit`]: the fields of Burn's `SgdConfig`, except that momentum is
-    /// required (plain SGD has no state to quantize), plus the quantization settings.
+    /// Configuration of [`Sgd8bit`]: the fields and defaults of Burn's `SgdConfig` (no momentum
+    /// unless one is given), plus the quantization settings. Without momentum SGD keeps no state,
+    /// so there is nothing to quantize: the step is plain SGD through the same fused op.
     ///
     /// ```
     /// use burn::optim::momentum::MomentumConfig;
     /// use burn_8bit_optim::Sgd8bitConfig;
     ///
     /// let momentum = MomentumConfig::new().with_dampening(0.0).with_nesterov(true);
-    /// let optimizer = Sgd8bitConfig::new().with_momentum(momentum).init();
+    /// let optimizer = Sgd8bitConfig::new().with_momentum(Some(momentum)).init();
     /// # let _ = optimizer;
     /// ```
     #[derive(Config, Debug)]
     pub struct Sgd8bitConfig {
         /// L2 weight decay, added to the gradient.
         pub weight_decay: Option<WeightDecayConfig>,
-        /// Momentum μ, dampening and Nesterov (Burn's defaults: 0.9, 0.1, false).
-        #[config(default = "MomentumConfig::new()")]
-        pub momentum: MomentumConfig,
+        /// Momentum μ, dampening and Nesterov (`MomentumConfig::new()`: 0.9, 0.1, false); `None`
+        /// (the default, as in Burn) is plain SGD.
+        pub momentum: Option<MomentumConfig>,
         /// Gradient clipping applied by the module optimizer before the step.
         pub gradient_clipping: Option<GradientClippingConfig>,
     }
 }
 
-/// SGD with an 8-bit block-wise quantized momentum buffer.
+/// SGD with an 8-bit block-wise quantized momentum buffer (or none: plain SGD).
 #[derive(Clone, Debug)]
 pub struct Sgd8bit {
+    momentum: Option<Momentum>,
+    penalty: f32,
+    settings: StateSettings,
+}
+
+/// The momentum of [`Sgd8bit`], validated.
+#[derive(Clone, Copy, Debug)]
+struct Momentum {
     momentum: f32,
     dampening: f32,
     nesterov: bool,
-    penalty: f32,
-    settings: StateSettings,
 }
 
 impl Sgd8bitConfig {
     /// The optimizer, or the first invalid value as a typed error.
     pub fn try_build(&self) -> Result<Sgd8bit, ConfigError> {
-        check_range("momentum.momentum", self.momentum.momentum, 0.0, 1.0, true, "a value in [0, 1]")?;
-        check_range("momentum.dampening", self.momentum.dampening, 0.0, 1.0, true, "a value in [0, 1]")?;
+        let momentum = match &self.momentum {
+            Some(config) => {
+                check_range("momentum.momentum", config.momentum, 0.0, 1.0, true, "a value in [0, 1]")?;
+                check_range("momentum.dampening", config.dampening, 0.0, 1.0, true, "a value in [0, 1]")?;
+                Some(Momentum {
+                    momentum: config.momentum as f32,
+                    dampening: config.dampening as f32,
+                    nesterov: config.nesterov,
+                })
+            }
+            None => None,
+        };
         let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
         check_non_negative("weight_decay.penalty", penalty.into())?;
         Ok(Sgd8bit {
-            momentum: self.momentum.momentum as f32,
-            dampening: self.momentum.dampening as f32,
-            nesterov: self.momentum.nesterov,
+            momentum,
             penalty,
             settings: self.state_settings()?,
         })
@@ -68,19 +83,26 @@ impl UpdateRule for Sgd8bit {
     const KIND: OptimizerKind = OptimizerKind::Sgd;
 
     fn step_rule(&self) -> StepRule {
-        StepRule::Momentum {
-            nesterov: self.nesterov,
+        match self.momentum {
+            Some(momentum) => StepRule::Momentum { nesterov: momentum.nesterov },
+            None => StepRule::Sgd,
         }
     }
 
     fn scalars(&self, lr: f64, time: usize) -> StepScalars {
-        StepScalars {
+        let plain = StepScalars {
             lr: lr as f32,
-            beta1: self.momentum,
-            beta3: 1.0 - self.dampening,
             penalty: self.penalty,
-            first_step: u32::from(time == 1),
             ..StepScalars::default()
+        };
+        match self.momentum {
+            Some(momentum) => StepScalars {
+                beta1: momentum.momentum,
+                beta3: 1.0 - momentum.dampening,
+                first_step: u32::from(time == 1),
+                ..plain
+            },
+            None => plain,
         }
     }
 

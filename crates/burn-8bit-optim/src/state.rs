@@ -91,6 +91,7 @@ impl OptimizerKind {
             (self, rule),
             (OptimizerKind::Adam | OptimizerKind::AdamW, StepRule::Adam { .. })
                 | (OptimizerKind::Sgd | OptimizerKind::Lars, StepRule::Momentum { .. })
+                | (OptimizerKind::Sgd, StepRule::Sgd)
                 | (OptimizerKind::RmsProp, StepRule::RmsProp { .. })
                 | (OptimizerKind::AdaGrad, StepRule::AdaGrad)
                 | (OptimizerKind::Lion, StepRule::Lion)
