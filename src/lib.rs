@@ -11,7 +11,7 @@
 //!   [`RmsProp8bitConfig`], [`AdaGrad8bitConfig`], [`Lion8bitConfig`], [`Lamb8bitConfig`],
 //!   [`AdEMAMix8bitConfig`], [`Lars8bitConfig`]), each the twin of Burn's 32-bit config of the
 //!   same name (AdEMAMix and LARS follow bitsandbytes), with checkpoints ([`load_record_checked`],
-//!   [`SwitchRecord`]) and a state-memory report ([`StateReport`]);
+//!   [`SwitchRecord`], [`SwitchGroups`]) and a state-memory report ([`StateReport`]);
 //! - [`nn`]: [`nn::StableEmbedding`], the paper's embedding layer for stable 8-bit training,
 //!   and [`nn::keep_embeddings_32bit`], which keeps its weight on 32-bit state;
 //! - [`conformance`]: replays bitsandbytes' reference vectors and judges the results.
@@ -42,7 +42,7 @@ pub use burn_8bit_optim::{
     AdamW8bit, AdamW8bitConfig, CheckedLoad, ConfigError, Lamb8bit, Lamb8bitConfig, Lars8bit,
     Lars8bitConfig, LoadError, Lion8bit, Lion8bitConfig, Optim8bitState, OptimizerKind,
     ParamStateReport, RecordChecksum, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig,
-    StateReport, SwitchRecord, load_record_checked,
+    StateLayout, StateReport, SwitchGroups, SwitchRecord, load_record_checked,
 };
 
 pub mod conformance;

@@ -153,6 +153,9 @@ fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
         .expect("the checkpoint holds AdamW8bit state for this model")
         .optimizer;
     let report = StateReport::of(&loaded).unwrap();
+    let on_disk = StateReport::from_record(OptimizerRecord::load(&optim_checkpoint).unwrap()).unwrap();
+    assert_eq!(on_disk, report, "the checkpoint on disk reports what the loaded optimizer holds");
+    assert_eq!(on_disk.total_skipped(), 0);
     let hidden = report.parameters.iter().find(|p| p.elements == Some((INPUTS * 96) as u64)).expect("hidden weight state");
     assert!(hidden.quantized && hidden.optimizer == Some(OptimizerKind::AdamW), "{hidden:?}");
 

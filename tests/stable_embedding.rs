@@ -4,10 +4,13 @@ mod common;
 
 use burn::module::{Module, ParamGroup};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
-use burn_8bit::nn::{StableEmbedding, StableEmbeddingConfig, StableEmbeddingError, keep_embeddings_32bit};
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, load_record_checked};
+use burn_8bit::nn::{
+    StableEmbedding, StableEmbeddingConfig, StableEmbeddingError, keep_embeddings_32bit, stable_embedding_weights,
+};
+use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, SwitchGroups, SwitchRecord, load_record_checked};
 use common::devices;
 
 #[derive(Module, Debug)]
@@ -188,5 +191,65 @@ fn an_f32_embedding_state_converts_when_loaded_into_a_plain_optimizer() {
         let embedding = report.parameters.iter().find(|p| p.elements == Some(100 * 64)).unwrap();
         assert!(embedding.quantized, "[{name}] the plain optimizer keeps 8-bit state: {report:?}");
         assert_eq!(embedding.steps, Some(3), "[{name}] the embedding's state restarted: {report:?}");
+    }
+}
+
+/// Burn clips per group: the embedding group of `keep_embeddings_32bit` must clip its gradient
+/// as the config clips every other one, so that it steps exactly as it does without the group.
+#[test]
+fn the_embedding_group_clips_as_the_rest_does() {
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let model = TinyLm::new(&device);
+        let clipped = AdamW8bitConfig::new().with_grad_clipping(Some(GradientClippingConfig::Value(1e-6)));
+        let embedding_after = |mut optim: ModuleOptimizer| {
+            let (model, _) = train(model.clone(), &mut optim, &device, 1);
+            floats(model.embedding.weight.val().inner())
+        };
+        let grouped = embedding_after(keep_embeddings_32bit(clipped.init(), &model, clipped.clone().f32_states().build()));
+        let ungrouped = embedding_after(clipped.clone().f32_states().init());
+        let unclipped = embedding_after(AdamW8bitConfig::new().f32_states().init());
+        assert_eq!(grouped, ungrouped, "[{name}] the embedding group stepped differently");
+        assert_ne!(grouped, unclipped, "[{name}] clipping changed nothing: the test cannot tell");
+    }
+}
+
+/// Converting a Burn AdamW record for a `keep_embeddings_32bit` run: with the run's groups the
+/// embedding's state stays `f32`, bit for bit; converted as one optimizer it would be quantized.
+#[test]
+fn switching_with_groups_keeps_the_embedding_state_f32() {
+    for (name, device) in devices() {
+        let device = device.autodiff();
+        let mut burn_adamw = AdamWConfig::new().init();
+        let (model, _) = train(TinyLm::new(&device), &mut burn_adamw, &device, 2);
+        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let embedding_optimizer = config.clone().f32_states().build();
+        let groups = SwitchGroups::new(&config.build()).with_group(stable_embedding_weights(&model), &embedding_optimizer);
+        let grouped = || groups.from_burn_record(burn_adamw.to_record()).unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let plain = || config.build().from_burn_record(burn_adamw.to_record()).unwrap_or_else(|e| panic!("[{name}] {e}"));
+
+        let optim = keep_embeddings_32bit(config.init(), &model, embedding_optimizer.clone());
+        let loaded = load_record_checked(optim, grouped(), &model, OptimizerKind::AdamW)
+            .unwrap_or_else(|e| panic!("[{name}] {e}"));
+        let embedding_state = |report: &StateReport| report.parameters.iter().find(|p| p.elements == Some(100 * 64)).cloned().unwrap();
+        let embedding = embedding_state(&loaded.report);
+        assert!(!embedding.quantized, "[{name}] the embedding state was quantized: {:?}", loaded.report);
+        assert_eq!(embedding.steps, Some(2), "[{name}]");
+        let head = loaded.report.parameters.iter().find(|p| p.elements == Some(64 * 80)).unwrap();
+        assert!(head.quantized, "[{name}] the head's state should be 8-bit: {:?}", loaded.report);
+        assert!(embedding_state(&StateReport::from_record(plain()).unwrap()).quantized, "[{name}]");
+
+        // Back to Burn's record and one more step of Burn's AdamW: the embedding moves exactly as
+        // it does from the original record, which only an unquantized round trip achieves.
+        let embedding_after = |record| {
+            let mut optim = AdamWConfig::new().init().load_record(record);
+            let (model, _) = train(model.clone(), &mut optim, &device, 1);
+            floats(model.embedding.weight.val().inner())
+        };
+        let original = embedding_after(burn_adamw.to_record());
+        let through_groups = embedding_after(groups.to_burn_record(grouped()).unwrap());
+        let through_plain = embedding_after(config.build().to_burn_record(plain()).unwrap());
+        assert_eq!(through_groups, original, "[{name}] the grouped round trip changed the embedding's state");
+        assert_ne!(through_plain, original, "[{name}] quantizing changed nothing: the test cannot tell");
     }
 }

@@ -19,7 +19,8 @@ pub fn stable_embedding_weights<M: Module + 'static>(model: &M) -> ParamGroup {
 }
 
 /// Gives every `StableEmbedding` weight of `model` its own optimizer — the paper keeps these
-/// in 32-bit state — while the rest of `optim` stays as configured.
+/// in 32-bit state — while the rest of `optim` stays as configured. The embedding's gradient is
+/// clipped as `optim` clips every other gradient (its config's `grad_clipping`).
 ///
 /// `optimizer` is usually the 8-bit optimizer's own config with `f32` states, so that
 /// hyper-parameters stay the same:
@@ -40,7 +41,9 @@ pub fn keep_embeddings_32bit<M: Module + 'static, O: DynOptimizer + 'static>(
     model: &M,
     optimizer: O,
 ) -> ModuleOptimizer {
-    optim.with_group(stable_embedding_weights(model), optimizer, None)
+    // Burn clips per group: the embedding group clips as the rest of the model does.
+    let clipping = optim.grad_clipping().cloned();
+    optim.with_group(stable_embedding_weights(model), optimizer, clipping)
 }
 
 /// Collects the `weight` parameter of every module whose type is `StableEmbedding`.

@@ -1,4 +1,4 @@
-//! 8-bit optimizers for [Burn](https://burn.dev): Adam, AdamW, SGD with momentum, RMSprop,
+//! 8-bit optimizers for [Burn](https://burn.dev): Adam, AdamW, SGD (with momentum), RMSprop,
 //! Adagrad, Lion, AdEMAMix, LAMB and LARS whose states are block-wise quantized to 8 bits (Dettmers et al.,
 //! *8-bit Optimizers via Block-wise Quantization*, ICLR 2022).
 //!
@@ -33,7 +33,7 @@
 //! backend has them: they are cast to `f32` around the fused op (one `f32` copy each way), and the
 //! parameter keeps its dtype. With `f32` parameters the 8-bit step allocates nothing of the
 //! tensor's size: parameter, codes and absmax are updated in place when their buffers are
-//! unshared. Tensors under `min_8bit_size` keep `f32` states and step with tensor operations.
+//! unshared. Tensors under `min_8bit_size` keep `f32` states and step through the same fused op.
 //! Percentile clipping takes each gradient's norm with `square().sum()`, which backends without
 //! fusion (Flex, NdArray) compute through a temporary.
 //!
@@ -122,5 +122,5 @@ pub use format::RecordChecksum;
 pub use record::{CheckedLoad, ParamStateReport, StateReport, load_record_checked};
 pub use rmsprop::{RmsProp8bit, RmsProp8bitConfig};
 pub use sgd::{Sgd8bit, Sgd8bitConfig};
-pub use switch::SwitchRecord;
+pub use switch::{StateLayout, SwitchGroups, SwitchRecord};
 pub use state::{DecodedState, Optim8bitState, OptimizerKind, StateSlot};

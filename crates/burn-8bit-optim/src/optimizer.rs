@@ -58,18 +58,8 @@ macro_rules! impl_optimizer {
         }
 
         impl $crate::switch::SwitchRecord for $optimizer {
-            fn from_burn_record(
-                &self,
-                record: burn::optim::OptimizerRecord,
-            ) -> Result<burn::optim::OptimizerRecord, $crate::LoadError> {
-                $crate::switch::from_burn(self, record)
-            }
-
-            fn to_burn_record(
-                &self,
-                record: burn::optim::OptimizerRecord,
-            ) -> Result<burn::optim::OptimizerRecord, $crate::LoadError> {
-                $crate::switch::to_burn::<Self>(record)
+            fn state_layout(&self) -> $crate::switch::StateLayout {
+                $crate::switch::StateLayout::of(self)
             }
         }
     };

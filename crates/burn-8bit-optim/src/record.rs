@@ -93,7 +93,14 @@ impl StateReport {
     /// Reads the states of `optim` (a device → host copy of every state: call it when needed,
     /// not every step).
     pub fn of(optim: &ModuleOptimizer) -> Result<Self, LoadError> {
-        let bytes = optim.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
+        Self::from_record(optim.to_record())
+    }
+
+    /// Reads the states of a record — `ModuleOptimizer::to_record`, or a checkpoint on disk read
+    /// with `OptimizerRecord::load` (a `Learner`'s `checkpoint/optim-N.bpk`) — without loading
+    /// it into an optimizer.
+    pub fn from_record(record: OptimizerRecord) -> Result<Self, LoadError> {
+        let bytes = record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
         Ok(Self::of_entries(&read_entries(bytes)?))
     }
 

@@ -3,24 +3,27 @@
 
 use std::collections::BTreeMap;
 
+use burn::module::{ParamGroup, ParamId};
 use burn::optim::OptimizerRecord;
 use burn::tensor::{Bytes, TensorData};
 use burn_8bit_ops::{MapFamily, StepRule, cpu};
 use burn_pack::{Scalar, Writer};
 
-use crate::engine::UpdateRule;
+use crate::engine::{StateSettings, UpdateRule};
 use crate::error::LoadError;
 use crate::format::{SlotData, StateFields, key};
 use crate::record::{Entries, read_entries};
 use crate::state::OptimizerKind;
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
-/// twin: `AdamConfig` ↔ `Adam8bitConfig`, `AdamWConfig` ↔ `AdamW8bitConfig`, `SgdConfig` with
-/// momentum ↔ `Sgd8bitConfig`, `RmsPropConfig` ↔ `RmsProp8bitConfig`, `AdaGradConfig` ↔
+/// twin: `AdamConfig` ↔ `Adam8bitConfig`, `AdamWConfig` ↔ `AdamW8bitConfig`, `SgdConfig` ↔
+/// `Sgd8bitConfig`, `RmsPropConfig` ↔ `RmsProp8bitConfig`, `AdaGradConfig` ↔
 /// `AdaGrad8bitConfig`, `LionConfig` ↔ `Lion8bitConfig`, `LambConfig` ↔ `Lamb8bitConfig`).
 ///
 /// Importing quantizes Burn's `f32` states with this optimizer's block size (or keeps them `f32`
-/// under `min_8bit_size`); exporting decodes them. The step count carries over.
+/// under `min_8bit_size`); exporting decodes them. The step count carries over. For a
+/// `ModuleOptimizer` with groups (other settings for some parameters), convert with
+/// [`SwitchGroups`], given the same groups.
 ///
 /// ```
 /// use burn::module::Module;
@@ -44,10 +47,129 @@ use crate::state::OptimizerKind;
 /// ```
 pub trait SwitchRecord {
     /// The record of Burn's 32-bit twin, as this optimizer's record.
-    fn from_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError>;
+    fn from_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
+        SwitchGroups::new(self).from_burn_record(record)
+    }
 
     /// This optimizer's record, as the record of Burn's 32-bit twin.
-    fn to_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError>;
+    fn to_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
+        SwitchGroups::new(self).to_burn_record(record)
+    }
+
+    /// How this optimizer keeps each parameter's state: what a converted record must hold.
+    fn state_layout(&self) -> StateLayout;
+}
+
+/// How an 8-bit optimizer keeps each parameter's state (its kind, rule and state settings), as
+/// [`SwitchRecord::state_layout`] reports it; opaque outside this crate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StateLayout {
+    kind: OptimizerKind,
+    rule: StepRule,
+    settings: StateSettings,
+}
+
+impl StateLayout {
+    pub(crate) fn of<R: UpdateRule>(optimizer: &R) -> Self {
+        Self {
+            kind: R::KIND,
+            rule: optimizer.step_rule(),
+            settings: optimizer.settings(),
+        }
+    }
+}
+
+/// Record conversion for a `ModuleOptimizer` with groups: each parameter is converted with the
+/// settings of the optimizer that steps it — the last group that matches it, as in
+/// `ModuleOptimizer::with_group` — so that, say, embeddings kept on `f32` state stay `f32`.
+///
+/// ```
+/// use burn::module::{Module, ParamGroup};
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::optim::{AdamWConfig, GradientsParams};
+/// use burn::tensor::{Device, Tensor};
+/// use burn_8bit_optim::{AdamW8bitConfig, SwitchGroups};
+///
+/// #[derive(Module, Debug)]
+/// struct Net {
+///     encoder: Linear,
+///     head: Linear,
+/// }
+///
+/// let device = Device::default().autodiff();
+/// let net = Net { encoder: LinearConfig::new(128, 128).init(&device), head: LinearConfig::new(128, 64).init(&device) };
+/// let mut burn_adamw = AdamWConfig::new().init();
+/// let loss = net.head.forward(net.encoder.forward(Tensor::<2>::ones([2, 128], &device))).sum();
+/// let net = burn_adamw.step(1e-3, net.clone(), GradientsParams::from_grads(loss.backward(), &net));
+///
+/// // The 8-bit run keeps the head on f32 state; its converted record must say so too.
+/// let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+/// let head = ParamGroup::ids_from_module(net.head.clone());
+/// let head_optimizer = config.clone().f32_states().build();
+/// let record = SwitchGroups::new(&config.build())
+///     .with_group(head.clone(), &head_optimizer)
+///     .from_burn_record(burn_adamw.to_record())?;
+/// let optim = config.init().with_group(head, head_optimizer, None).load_record(record);
+/// # let _ = optim;
+/// # Ok::<(), burn_8bit_optim::LoadError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct SwitchGroups {
+    groups: Vec<(ParamGroup, StateLayout)>,
+}
+
+impl SwitchGroups {
+    /// Every parameter converted for `optimizer` (the module optimizer's first, global optimizer).
+    pub fn new<O: SwitchRecord + ?Sized>(optimizer: &O) -> Self {
+        Self {
+            groups: vec![(ParamGroup::all(), optimizer.state_layout())],
+        }
+    }
+
+    /// The parameters of `group` converted for `optimizer` instead (later groups win).
+    pub fn with_group<O: SwitchRecord + ?Sized>(mut self, group: ParamGroup, optimizer: &O) -> Self {
+        self.groups.push((group, optimizer.state_layout()));
+        self
+    }
+
+    fn layout(&self, param_id: u64, path: Option<&str>) -> StateLayout {
+        let id = ParamId::from(param_id);
+        self.groups
+            .iter()
+            .rev()
+            .find(|(group, _)| group.matches(&id, path))
+            .map(|(_, layout)| *layout)
+            .expect("the first group matches every parameter")
+    }
+
+    /// The record of Burn's 32-bit twins, as the record of the grouped 8-bit optimizers.
+    pub fn from_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
+        let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
+        let mut stateless = Vec::new();
+        for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
+            let target = self.layout(param_id, entries.paths.get(&param_id).map(String::as_str));
+            match from_burn(target, param_id, scalars, tensors)? {
+                Some(fields) => replace_entries(scalars, tensors, fields.entries()),
+                None => stateless.push(param_id),
+            }
+        }
+        for param_id in stateless {
+            entries.params.remove(&param_id);
+            entries.paths.remove(&param_id);
+        }
+        write(entries)
+    }
+
+    /// The record of the grouped 8-bit optimizers, as the record of their Burn 32-bit twins.
+    pub fn to_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
+        let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
+        for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
+            let target = self.layout(param_id, entries.paths.get(&param_id).map(String::as_str));
+            let converted = to_burn(target, param_id, scalars, tensors)?;
+            replace_entries(scalars, tensors, converted);
+        }
+        write(entries)
+    }
 }
 
 /// Where Burn's optimizer keeps the step count and each state, in our slot order.
@@ -68,6 +190,7 @@ fn burn_layout(kind: OptimizerKind, rule: StepRule) -> Result<BurnLayout, LoadEr
             }
             layout(Some("momentum.time"), slots)
         }
+        (OptimizerKind::Sgd, StepRule::Sgd) => layout(None, Vec::new()),
         (OptimizerKind::Sgd, _) => layout(None, vec!["momentum.velocity"]),
         (OptimizerKind::RmsProp, StepRule::RmsProp { centered, momentum }) => {
             let mut slots = vec!["square_avg.square_avg"];
@@ -127,103 +250,113 @@ fn replace_entries(scalars: &mut BTreeMap<String, Scalar>, tensors: &mut BTreeMa
     *tensors = fields.1.into_iter().collect();
 }
 
-pub(crate) fn from_burn<R: UpdateRule>(optimizer: &R, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
-    let rule = optimizer.step_rule();
-    let layout = burn_layout(R::KIND, rule)?;
-    let settings = optimizer.settings();
-    let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
-    for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
-        let missing = |name: &str| LoadError::Corrupt {
-            param_id,
-            reason: format!("not a record of {}'s 32-bit twin: `{name}` is missing", R::KIND.name()),
+/// One parameter's entries of a Burn twin's record as the fields of `target`'s state; `None`
+/// for a rule without state (plain SGD), whose fresh state equals any converted one.
+fn from_burn(
+    target: StateLayout,
+    param_id: u64,
+    scalars: &BTreeMap<String, Scalar>,
+    tensors: &BTreeMap<String, TensorData>,
+) -> Result<Option<StateFields>, LoadError> {
+    let StateLayout { kind, rule, settings } = target;
+    let layout = burn_layout(kind, rule)?;
+    let missing = |name: &str| LoadError::Corrupt {
+        param_id,
+        reason: format!("not a record of {}'s 32-bit twin: `{name}` is missing", kind.name()),
+    };
+    let Some(first) = layout.slots.first() else {
+        return match tensors.keys().next() {
+            Some(name) => Err(LoadError::Corrupt {
+                param_id,
+                reason: format!("the record keeps `{name}`, which {} without momentum has no place for", kind.name()),
+            }),
+            None => Ok(None),
         };
-        let first = tensors.get(layout.slots[0]).ok_or_else(|| missing(layout.slots[0]))?;
-        let shape: Vec<usize> = first.shape().iter().copied().collect();
-        let len: usize = shape.iter().product();
-        let time = match layout.time {
-            Some(key) => u64::try_from(*scalars.get(key).ok_or_else(|| missing(key))?)
-                .map_err(|_| missing(key))?,
-            // Burn's optimizers without a step count have taken at least one step.
-            None => 1,
-        };
-        let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
-        let mut slots = Vec::new();
-        for (key, map) in layout.slots.iter().zip(rule.state_maps(settings.map_family)) {
-            let values = f32_values(tensors.get(*key).ok_or_else(|| missing(key))?, param_id, key)?;
-            if len == 0 {
-                continue;
-            }
-            slots.push(match block_size {
-                Some(block_size) => {
-                    let (words, absmax) = cpu::quantize(&values, map, block_size.get());
-                    SlotData::Quantized { words, absmax }
-                }
-                None => SlotData::Full(values),
-            });
+    };
+    let shape: Vec<usize> = tensors.get(*first).ok_or_else(|| missing(first))?.shape().iter().copied().collect();
+    let len: usize = shape.iter().product();
+    let time = match layout.time {
+        Some(key) => u64::try_from(*scalars.get(key).ok_or_else(|| missing(key))?).map_err(|_| missing(key))?,
+        // Burn's optimizers without a step count have taken at least one step.
+        None => 1,
+    };
+    let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
+    let mut slots = Vec::new();
+    for (key, map) in layout.slots.iter().zip(rule.state_maps(settings.map_family)) {
+        let values = f32_values(tensors.get(*key).ok_or_else(|| missing(key))?, param_id, key)?;
+        if len == 0 {
+            continue;
         }
-        let fields = StateFields {
-            kind: R::KIND,
-            rule,
-            time: usize::try_from(time).map_err(|_| missing("a step count in range"))?,
-            shape,
-            layout: block_size.map(|size| (size, settings.map_family)),
-            slots,
-            skipped: 0,
-            gnorms: None,
-        };
-        replace_entries(scalars, tensors, fields.entries());
+        slots.push(match block_size {
+            Some(block_size) => {
+                let (words, absmax) = cpu::quantize(&values, map, block_size.get());
+                SlotData::Quantized { words, absmax }
+            }
+            None => SlotData::Full(values),
+        });
     }
-    write(entries)
+    Ok(Some(StateFields {
+        kind,
+        rule,
+        time: usize::try_from(time).map_err(|_| missing("a step count in range"))?,
+        shape,
+        layout: block_size.map(|size| (size, settings.map_family)),
+        slots,
+        skipped: 0,
+        gnorms: None,
+    }))
 }
 
-pub(crate) fn to_burn<R: UpdateRule>(record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
-    let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
-    for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
-        let kind = scalars.get(key::KIND).and_then(|&code| u64::try_from(code).ok()).and_then(OptimizerKind::from_code);
-        if kind != Some(R::KIND) {
-            return Err(LoadError::OptimizerMismatch {
-                param_id,
-                recorded: kind.map_or("not a burn-8bit optimizer", OptimizerKind::name).to_string(),
-                expected: R::KIND.name().to_string(),
-            });
-        }
-        let (fields, _) = StateFields::read(&mut (scalars.clone(), tensors.clone()))
-            .map_err(|reason| LoadError::Corrupt { param_id, reason })?;
-        let layout = burn_layout(R::KIND, fields.rule)?;
-        let len = fields.len();
-        let family = fields.layout.map_or(MapFamily::Dynamic, |(_, family)| family);
-        let decoded: Vec<Vec<f32>> = match len {
-            0 => vec![Vec::new(); fields.rule.num_states()],
-            _ => fields
-                .slots
-                .iter()
-                .zip(fields.rule.state_maps(family))
-                .map(|(slot, map)| match slot {
-                    SlotData::Quantized { words, absmax } => {
-                        let (block_size, _) = fields.layout.expect("8-bit slots come with their layout");
-                        let mut values = vec![0.0; len];
-                        cpu::dequantize(words, absmax, map, block_size.get(), &mut values);
-                        values
-                    }
-                    SlotData::Full(values) => values.clone(),
-                })
-                .collect(),
-        };
-        let dims = fields.shape.clone();
-        let mut converted = BTreeMap::new();
-        for (key, values) in layout.slots.iter().zip(&decoded) {
-            converted.insert(key.to_string(), TensorData::new(values.clone(), dims.clone()));
-        }
-        if layout.centered_avg {
-            let centered = matches!(fields.rule, StepRule::RmsProp { centered: true, .. });
-            let avg: Vec<f32> = match centered {
-                true => decoded[0].iter().zip(decoded.last().expect("grad_avg")).map(|(s, m)| s - m * m).collect(),
-                false => decoded[0].clone(),
-            };
-            converted.insert("centered.avg".to_string(), TensorData::new(avg, dims.clone()));
-        }
-        let time_entry = layout.time.map(|key| (key.to_string(), Scalar::from(fields.time)));
-        replace_entries(scalars, tensors, (time_entry.into_iter().collect(), converted.into_iter().collect()));
+/// One parameter's entries of `target`'s record as the entries of its Burn twin's state.
+fn to_burn(
+    target: StateLayout,
+    param_id: u64,
+    scalars: &BTreeMap<String, Scalar>,
+    tensors: &BTreeMap<String, TensorData>,
+) -> Result<(Vec<(String, Scalar)>, Vec<(String, TensorData)>), LoadError> {
+    let kind = scalars.get(key::KIND).and_then(|&code| u64::try_from(code).ok()).and_then(OptimizerKind::from_code);
+    if kind != Some(target.kind) {
+        return Err(LoadError::OptimizerMismatch {
+            param_id,
+            recorded: kind.map_or("not a burn-8bit optimizer", OptimizerKind::name).to_string(),
+            expected: target.kind.name().to_string(),
+        });
     }
-    write(entries)
+    let (fields, _) = StateFields::read(&mut (scalars.clone(), tensors.clone()))
+        .map_err(|reason| LoadError::Corrupt { param_id, reason })?;
+    let layout = burn_layout(target.kind, fields.rule)?;
+    let len = fields.len();
+    let family = fields.layout.map_or(MapFamily::Dynamic, |(_, family)| family);
+    let decoded: Vec<Vec<f32>> = match len {
+        0 => vec![Vec::new(); fields.rule.num_states()],
+        _ => fields
+            .slots
+            .iter()
+            .zip(fields.rule.state_maps(family))
+            .map(|(slot, map)| match slot {
+                SlotData::Quantized { words, absmax } => {
+                    let (block_size, _) = fields.layout.expect("8-bit slots come with their layout");
+                    let mut values = vec![0.0; len];
+                    cpu::dequantize(words, absmax, map, block_size.get(), &mut values);
+                    values
+                }
+                SlotData::Full(values) => values.clone(),
+            })
+            .collect(),
+    };
+    let dims = fields.shape.clone();
+    let mut converted = BTreeMap::new();
+    for (key, values) in layout.slots.iter().zip(&decoded) {
+        converted.insert(key.to_string(), TensorData::new(values.clone(), dims.clone()));
+    }
+    if layout.centered_avg {
+        let centered = matches!(fields.rule, StepRule::RmsProp { centered: true, .. });
+        let avg: Vec<f32> = match centered {
+            true => decoded[0].iter().zip(decoded.last().expect("grad_avg")).map(|(s, m)| s - m * m).collect(),
+            false => decoded[0].clone(),
+        };
+        converted.insert("centered.avg".to_string(), TensorData::new(avg, dims.clone()));
+    }
+    let time_entry = layout.time.map(|key| (key.to_string(), Scalar::from(fields.time)));
+    Ok((time_entry.into_iter().collect(), converted.into_iter().collect()))
 }
