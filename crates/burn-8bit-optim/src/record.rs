@@ -100,8 +100,7 @@ impl StateReport {
     /// with `OptimizerRecord::load` (a `Learner`'s `checkpoint/optim-N.bpk`) — without loading
     /// it into an optimizer.
     pub fn from_record(record: OptimizerRecord) -> Result<Self, LoadError> {
-        let bytes = record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
-        Ok(Self::of_entries(&read_entries(bytes)?))
+        Ok(Self::of_entries(&read_entries(record_bytes(record)?)?))
     }
 
     fn of_entries(entries: &Entries) -> Self {
@@ -178,7 +177,7 @@ pub fn load_record_checked<M: Module>(
     module: &M,
     expected: OptimizerKind,
 ) -> Result<CheckedLoad, LoadError> {
-    let bytes = record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?;
+    let bytes = record_bytes(record)?;
     let entries = read_entries(bytes.clone())?;
     if let Some(name) = entries.stray.first() {
         return Err(LoadError::Unreadable(format!("entry `{name}` belongs to no parameter")));
@@ -270,6 +269,11 @@ pub(crate) struct Entries {
     /// Names of entries that belong to no parameter: a key without an id, or a tensor whose
     /// parameter id differs from its key's.
     pub stray: Vec<String>,
+}
+
+/// A record's bytes, as [`read_entries`] reads them.
+pub(crate) fn record_bytes(record: OptimizerRecord) -> Result<Bytes, LoadError> {
+    record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))
 }
 
 /// Reads every entry of a record's bytes, grouped by parameter id: the one reader behind the

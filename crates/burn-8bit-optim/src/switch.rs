@@ -12,7 +12,7 @@ use burn_pack::{Scalar, Writer};
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::LoadError;
 use crate::format::{SlotData, StateFields, key};
-use crate::record::{Entries, read_entries};
+use crate::record::{Entries, read_entries, record_bytes};
 use crate::state::OptimizerKind;
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
@@ -144,7 +144,7 @@ impl SwitchGroups {
 
     /// The record of Burn's 32-bit twins, as the record of the grouped 8-bit optimizers.
     pub fn from_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
-        let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
+        let mut entries = read_entries(record_bytes(record)?)?;
         let mut stateless = Vec::new();
         for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
             let target = self.layout(param_id, entries.paths.get(&param_id).map(String::as_str));
@@ -162,7 +162,7 @@ impl SwitchGroups {
 
     /// The record of the grouped 8-bit optimizers, as the record of their Burn 32-bit twins.
     pub fn to_burn_record(&self, record: OptimizerRecord) -> Result<OptimizerRecord, LoadError> {
-        let mut entries = read_entries(record.into_bytes().map_err(|e| LoadError::Unreadable(e.to_string()))?)?;
+        let mut entries = read_entries(record_bytes(record)?)?;
         for (&param_id, (scalars, tensors)) in entries.params.iter_mut() {
             let target = self.layout(param_id, entries.paths.get(&param_id).map(String::as_str));
             let converted = to_burn(target, param_id, scalars, tensors)?;
