@@ -6,13 +6,13 @@
 //! `|x|`, codes by the scaled-midpoint rule, decoding by one `f32` product.
 
 use std::borrow::Cow;
-use std::ops::RangeInclusive;
 use std::sync::OnceLock;
 
 use macerator::Arch;
 use rayon::prelude::*;
 
 use crate::block::CODES_PER_WORD;
+use crate::encode::{BOUNDS, GUESS_SHIFT, GuessTable, block_bounds};
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars, update_element};
@@ -509,73 +509,31 @@ fn code_bytes(words: &[u32]) -> Cow<'_, [u8]> {
     }
 }
 
-/// A guess bucket is the top 16 bits of `x / absmax` (sign, exponent, 7 mantissa bits): the key
-/// needs no clamping.
-const GUESS_SHIFT: u32 = 16;
-const GUESS_LEN: usize = 1 << (32 - GUESS_SHIFT);
-/// Thresholds each bucket compares `x` with.
-const COMPARISONS: usize = 2;
-
-/// Encodes blocks by the scaled-midpoint rule in O(1) and without branches: the bucket of
-/// `x / absmax` names `g`, the number of thresholds certainly below every `x` of the bucket, and
-/// two comparisons against the exact thresholds `t[g + 1]`, `t[g + 2]` (`midpoint · absmax`)
-/// count the ones that may be. Blocks whose absmax lies outside the range where the rounding
-/// bound of [`Encoder::new`] holds are binary-searched instead. The guess decides speed only:
-/// every code returned satisfies `t[c] < x <= t[c + 1]` (0 for NaN, as the search gives).
+/// Encodes blocks by the scaled-midpoint rule in O(1) and without branches, by the guesses of
+/// [`GuessTable`]: `g` from the bucket of `x / absmax`, then two comparisons against the exact
+/// thresholds `t[g + 1]`, `t[g + 2]`. Blocks whose absmax lies outside the table's settled range
+/// are binary-searched instead. Every code returned satisfies `t[c] < x <= t[c + 1]` (0 for NaN,
+/// as the search gives): the kernels' `encode::encode_code`, as a loop the compiler vectorises.
 struct Encoder {
     values: [f32; MAP_LEN],
     midpoints: [f32; MAP_LEN - 1],
     zero_code: u8,
-    /// Per bucket: `g`.
-    guess: Box<[u8; GUESS_LEN]>,
-    /// The absmax for which the ratio and every threshold are normal floats (or zero), so the
-    /// rounding bound of [`Encoder::new`] holds.
-    settled_absmax: RangeInclusive<f32>,
+    guesses: &'static GuessTable,
 }
 
 impl Encoder {
     fn get(map: MapKind) -> &'static Encoder {
         static ENCODERS: [OnceLock<Encoder>; 4] = [const { OnceLock::new() }; 4];
         let slot = MapKind::ALL.iter().position(|&kind| kind == map).expect("listed");
-        ENCODERS[slot].get_or_init(|| Encoder::new(map))
-    }
-
-    fn new(kind: MapKind) -> Self {
-        let map = kind.map();
-        let midpoints = map.midpoints();
-        // The ratio `x * (1 / absmax)` lies within 3 units in the last place of `x / absmax`
-        // (2^-149 when subnormal), and a threshold within half a unit of `midpoint · absmax`.
-        // A midpoint further than `margin` from a bucket therefore compares with every `x` of
-        // the bucket as it compares with the bucket; only the ones nearer need comparing.
-        let margin = |midpoint: f32| midpoint.abs() * 2f32.powi(-20) + 2f32.powi(-120);
-        let mut guess = Box::new([0u8; GUESS_LEN]);
-        for (key, slot) in guess.iter_mut().enumerate() {
-            let (low, high) = bucket_range(key);
-            *slot = if low.is_finite() && high.is_finite() {
-                let certainly_below = midpoints.partition_point(|&m| m + margin(m) < low);
-                let possibly_below = midpoints.partition_point(|&m| m - margin(m) < high);
-                assert!(
-                    possibly_below - certainly_below <= COMPARISONS,
-                    "{kind:?}: more than {COMPARISONS} thresholds near the ratios of bucket {key:#06x}"
-                );
-                certainly_below as u8
-            } else if low == f32::INFINITY {
-                // +∞, or a finite `x` above `absmax · 2^128`: above every threshold.
-                (MAP_LEN - 1) as u8
-            } else {
-                // -∞, below every threshold, and NaN, which compares below every threshold:
-                // a NaN `x` makes the ratio a quiet NaN (IEEE 754), never the +∞ key.
-                0
-            };
-        }
-        let smallest = midpoints.iter().map(|m| m.abs()).filter(|&m| m > 0.0).fold(1.0, f32::min);
-        Self {
-            values: *map.values(),
-            midpoints,
-            zero_code: map.zero_code(),
-            guess,
-            settled_absmax: (2.0 * f32::MIN_POSITIVE / smallest)..=2f32.powi(125),
-        }
+        ENCODERS[slot].get_or_init(|| {
+            let table = map.map();
+            Encoder {
+                values: *table.values(),
+                midpoints: table.midpoints(),
+                zero_code: table.zero_code(),
+                guesses: GuessTable::get(map),
+            }
+        })
     }
 
     /// Encodes `block` straight into `words` (`ceil(len / 4)` of them): four codes per word,
@@ -600,61 +558,34 @@ impl Encoder {
             codes.fill(self.zero_code);
             return;
         }
-        let thresholds = Thresholds::new(&self.midpoints, absmax);
-        if !self.settled_absmax.contains(&absmax) {
+        let bounds = block_bounds(&self.midpoints, absmax);
+        if !self.guesses.settled_absmax.contains(&absmax) {
             for (code, &x) in codes.iter_mut().zip(block) {
-                *code = thresholds.search(x) as u8;
+                *code = search(&bounds, x) as u8;
             }
             return;
         }
         let inverse = 1.0 / absmax;
-        let bounds = &thresholds.0;
+        let guess = &self.guesses.guess;
         for (code, &x) in codes.iter_mut().zip(block) {
-            let below = usize::from(self.guess[((x * inverse).to_bits() >> GUESS_SHIFT) as usize]);
+            let below = usize::from(guess[((x * inverse).to_bits() >> GUESS_SHIFT) as usize]);
             let settled = below + usize::from(x > bounds[below + 1]) + usize::from(x > bounds[below + 2]);
             *code = settled as u8;
         }
     }
 }
 
-/// The encode thresholds of one block with sentinels at each end: `[-∞, midpoint[0] * absmax,
-/// …, midpoint[254] * absmax, +∞, +∞]`, so code `c` is right exactly when `t[c] < x <= t[c + 1]`,
-/// and [`Encoder`]'s comparisons past the last midpoint read `+∞`.
-struct Thresholds([f32; MAP_LEN + COMPARISONS]);
-
-impl Thresholds {
-    #[inline(always)]
-    fn new(midpoints: &[f32; MAP_LEN - 1], absmax: f32) -> Self {
-        let mut bounds = [f32::INFINITY; MAP_LEN + COMPARISONS];
-        bounds[0] = f32::NEG_INFINITY;
-        for (bound, &midpoint) in bounds[1..MAP_LEN].iter_mut().zip(midpoints) {
-            *bound = midpoint * absmax;
-        }
-        Self(bounds)
+/// The code of `x` under a block's `bounds`: the number of thresholds below it, by branch-free
+/// binary search.
+#[inline(always)]
+fn search(bounds: &[f32; BOUNDS], x: f32) -> usize {
+    let mut code = 0;
+    let mut step = MAP_LEN / 2;
+    while step > 0 {
+        code += step * usize::from(x > bounds[code + step]);
+        step /= 2;
     }
-
-    /// The code of `x`: the number of thresholds below it, by branch-free binary search.
-    #[inline(always)]
-    fn search(&self, x: f32) -> usize {
-        let mut code = 0;
-        let mut step = MAP_LEN / 2;
-        while step > 0 {
-            code += step * usize::from(x > self.0[code + step]);
-            step /= 2;
-        }
-        code
-    }
-}
-
-/// The smallest and largest ratio (signed) whose guess key is `key`.
-fn bucket_range(key: usize) -> (f32, f32) {
-    let first = f32::from_bits((key as u32) << GUESS_SHIFT);
-    let last = f32::from_bits(((key as u32) << GUESS_SHIFT) | ((1 << GUESS_SHIFT) - 1));
-    if first.is_sign_negative() {
-        (last, first)
-    } else {
-        (first, last)
-    }
+    code
 }
 
 #[cfg(test)]
@@ -872,16 +803,6 @@ mod tests {
         let nan = block_absmax(&[f32::INFINITY, f32::from_bits(0xffc0_0001)]);
         assert_eq!(nan.to_bits(), f32::NAN.to_bits());
         assert_eq!(block_absmax(&[0.0, -0.0]).to_bits(), 0);
-    }
-
-    #[test]
-    fn guess_buckets_cover_their_keys() {
-        for key in [0usize, 1, 0x3f80, 0x3f7f, 0x8000, 0xbf80, 0xffff] {
-            let (low, high) = bucket_range(key);
-            assert!(low <= high || low.is_nan());
-            assert_eq!((low.to_bits() >> GUESS_SHIFT) as usize, key);
-            assert_eq!((high.to_bits() >> GUESS_SHIFT) as usize, key);
-        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use cubecl::prelude::*;
 
-use crate::encode::{GUESSES, MIDPOINTS, encode_code};
+use crate::encode::{BOUNDS, GUESSES, MIDPOINTS, SETTLED, encode_code};
 use crate::map::MAP_LEN;
 use crate::rule::{ABS_MASK, CANONICAL_NAN_BITS, INFINITY_BITS};
 use crate::step::{StepRule, StepScalars, update_element};
@@ -56,8 +56,6 @@ pub struct StepLayout {
     pub block_size: usize,
     /// Units per cube.
     pub units: usize,
-    /// Single steps after the guess of the encoder.
-    pub guess_steps: u32,
 }
 
 /// Each block-wise slot's table offset (in the tables buffer) and zero code.
@@ -70,6 +68,9 @@ pub struct SlotMaps {
     pub zero2: u32,
     pub zero3: u32,
 }
+
+/// The bits of `-∞`, the first bound of every block.
+const NEG_INFINITY_BITS: u32 = 0xff80_0000;
 
 #[cube]
 fn is_finite(x: f32) -> bool {
@@ -97,19 +98,23 @@ fn stage_values(tables: &[u32], table: u32, values: &mut [f32], #[comptime] slot
     }
 }
 
-/// Writes `midpoint · scale` of the map at `table` into `thresholds[slot · 255 …]`.
+/// Writes the bounds of a block of absmax `scale` under the map at `table` (`encode::BOUNDS`:
+/// `-∞`, every `midpoint · scale`, `+∞`, `+∞`) into `bounds[slot · BOUNDS …]`.
 #[cube]
-fn stage_thresholds(
+fn stage_bounds(
     tables: &[u32],
     table: u32,
     scale: f32,
-    thresholds: &mut [f32],
+    bounds: &mut [f32],
     #[comptime] slot: usize,
     #[comptime] units: usize,
 ) {
     let mut k = UNIT_POS as usize;
-    while k < comptime![MAP_LEN - 1] {
-        thresholds[comptime![slot * (MAP_LEN - 1)] + k] = f32::reinterpret(tables[table as usize + MIDPOINTS + k]) * scale;
+    while k < BOUNDS {
+        let inside = k > 0 && k < MAP_LEN;
+        let midpoint = f32::reinterpret(tables[table as usize + MIDPOINTS + select(inside, k, 1usize) - 1]);
+        let infinity = f32::reinterpret(select(k == 0, NEG_INFINITY_BITS, INFINITY_BITS));
+        bounds[comptime![slot * BOUNDS] + k] = select(inside, midpoint * scale, infinity);
         k += units;
     }
 }
@@ -165,25 +170,26 @@ fn max(a: u32, b: u32) -> u32 {
 #[allow(clippy::too_many_arguments)]
 #[cube]
 fn encode_in_block(
-    thresholds: &[f32],
+    bounds: &[f32],
     tables: &[u32],
     table: u32,
     zero_code: u32,
     scale_bits: u32,
     x: f32,
     #[comptime] slot: usize,
-    #[comptime] steps: u32,
 ) -> u32 {
     let degenerate = scale_bits == 0 || scale_bits >= INFINITY_BITS;
+    // A positive float's bits order as the float does.
+    let settled = scale_bits >= tables[table as usize + SETTLED] && scale_bits <= tables[table as usize + SETTLED + 1];
     let inverse = 1.0f32 / f32::reinterpret(scale_bits);
     let code = encode_code(
-        thresholds,
-        comptime![slot * (MAP_LEN - 1)],
+        bounds,
+        comptime![slot * BOUNDS],
         tables,
         table as usize + GUESSES,
         x,
         u32::reinterpret(x * inverse),
-        steps,
+        settled,
     );
     select(degenerate, zero_code, code)
 }
@@ -227,7 +233,6 @@ pub fn quantize_kernel(
     #[comptime] given_absmax: bool,
     #[comptime] block_size: usize,
     #[comptime] units: usize,
-    #[comptime] steps: u32,
 ) {
     let block = CUBE_POS;
     if block >= num_blocks {
@@ -265,8 +270,8 @@ pub fn quantize_kernel(
             absmax[block] = scale;
         }
     }
-    let mut thresholds = Shared::<[f32]>::new_slice(comptime![MAP_LEN - 1]);
-    stage_thresholds(tables, table, scale, &mut thresholds, 0usize, units);
+    let mut bounds = Shared::<[f32]>::new_slice(BOUNDS);
+    stage_bounds(tables, table, scale, &mut bounds, 0usize, units);
     sync_cube();
     let canonical_bits = u32::reinterpret(scale);
     #[unroll]
@@ -278,7 +283,7 @@ pub fn quantize_kernel(
             for e in 0..4usize {
                 let i = word * 4 + e;
                 if i < len {
-                    let code = encode_in_block(&thresholds, tables, table, zero_code, canonical_bits, x[comptime![j * 4 + e]], 0usize, steps);
+                    let code = encode_in_block(&bounds, tables, table, zero_code, canonical_bits, x[comptime![j * 4 + e]], 0usize);
                     packed |= code << comptime![8 * e as u32];
                 }
             }
@@ -517,15 +522,15 @@ pub fn fused_step_kernel(
         let scale1 = absmax_from_bits(new1);
         let scale2 = absmax_from_bits(new2);
         let scale3 = absmax_from_bits(new3);
-        let mut thresholds = Shared::<[f32]>::new_slice(comptime![3 * (MAP_LEN - 1)]);
+        let mut bounds = Shared::<[f32]>::new_slice(comptime![3 * BOUNDS]);
         if q1 {
-            stage_thresholds(tables, maps.table1, scale1, &mut thresholds, 0usize, units);
+            stage_bounds(tables, maps.table1, scale1, &mut bounds, 0usize, units);
         }
         if q2 {
-            stage_thresholds(tables, maps.table2, scale2, &mut thresholds, 1usize, units);
+            stage_bounds(tables, maps.table2, scale2, &mut bounds, 1usize, units);
         }
         if q3 {
-            stage_thresholds(tables, maps.table3, scale3, &mut thresholds, 2usize, units);
+            stage_bounds(tables, maps.table3, scale3, &mut bounds, 2usize, units);
         }
         if UNIT_POS == 0 {
             if q1 {
@@ -542,7 +547,6 @@ pub fn fused_step_kernel(
         let bits1 = u32::reinterpret(scale1);
         let bits2 = u32::reinterpret(scale2);
         let bits3 = u32::reinterpret(scale3);
-        let steps = comptime![layout.guess_steps];
         #[unroll]
         for j in 0..words_per_unit {
             let word = first_word + j * units;
@@ -557,13 +561,13 @@ pub fn fused_step_kernel(
                     let shift = comptime![8 * e as u32];
                     if i < len {
                         if q1 {
-                            packed1 |= encode_in_block(&thresholds, tables, maps.table1, maps.zero1, bits1, n1[k], 0usize, steps) << shift;
+                            packed1 |= encode_in_block(&bounds, tables, maps.table1, maps.zero1, bits1, n1[k], 0usize) << shift;
                         }
                         if q2 {
-                            packed2 |= encode_in_block(&thresholds, tables, maps.table2, maps.zero2, bits2, n2[k], 1usize, steps) << shift;
+                            packed2 |= encode_in_block(&bounds, tables, maps.table2, maps.zero2, bits2, n2[k], 1usize) << shift;
                         }
                         if q3 {
-                            packed3 |= encode_in_block(&thresholds, tables, maps.table3, maps.zero3, bits3, n3[k], 2usize, steps) << shift;
+                            packed3 |= encode_in_block(&bounds, tables, maps.table3, maps.zero3, bits3, n3[k], 2usize) << shift;
                         }
                     }
                 }

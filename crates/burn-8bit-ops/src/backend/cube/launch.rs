@@ -23,9 +23,12 @@ use crate::step::{StepRule, StepScalars};
 /// Most units per cube: within every device's limit (WebGPU guarantees 256).
 const MAX_UNITS: usize = 256;
 
-/// Units per cube for a block: one per word, at most [`MAX_UNITS`] (each then owns several).
-pub fn units_per_block(block_size: usize) -> usize {
-    (block_size / CODES_PER_WORD).min(MAX_UNITS)
+/// Units per cube for a block: one per word, at most [`MAX_UNITS`] and the device's
+/// `max_units_per_cube` (each then owns several words; cubecl-cpu allows one unit per core), a
+/// power of two so that every unit owns as many words as the next.
+pub fn units_per_block(block_size: usize, max_units_per_cube: u32) -> usize {
+    let device_max = 1usize << (max_units_per_cube.max(1).ilog2());
+    (block_size / CODES_PER_WORD).min(MAX_UNITS).min(device_max)
 }
 
 /// A grid of one cube per block that fits the device's `max_cube_count` (x, y, z): cubes are
@@ -68,10 +71,11 @@ impl BlockLaunch {
     pub fn new(tensor: &CubeTensor, len: usize, block_size: usize) -> Self {
         let client = tensor.client.clone();
         let num_blocks = len.div_ceil(block_size);
-        let max = client.properties().hardware.max_cube_count;
+        let hardware = &client.properties().hardware;
+        let max = hardware.max_cube_count;
         let (x, y, z) = block_grid(num_blocks as u64, (max.0, max.1, max.2))
             .unwrap_or_else(|| panic!("{num_blocks} blocks exceed the device's grid {max:?}"));
-        let units = units_per_block(block_size);
+        let units = units_per_block(block_size, hardware.max_units_per_cube);
         Self {
             client,
             len,
@@ -130,12 +134,6 @@ impl DeviceTables {
     }
 }
 
-/// Single steps after the encoder's guess, computed once.
-pub fn guess_steps() -> u32 {
-    static STEPS: OnceLock<u32> = OnceLock::new();
-    *STEPS.get_or_init(encode::guess_steps)
-}
-
 /// A contiguous tensor whose buffer this op may write: the input itself when unshared, else a copy.
 /// A buffer larger than the tensor (allocations are rounded up, e.g. the 8-byte skip counter)
 /// is written in place too: the kernels touch its first elements only.
@@ -191,7 +189,6 @@ pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_siz
             given_absmax,
             block_size,
             launch.units,
-            guess_steps(),
         );
     }
     codes
@@ -335,7 +332,6 @@ fn launch_step(
         update_scaled: args.update_scale.is_some(),
         block_size,
         units: launch.units,
-        guess_steps: guess_steps(),
     };
     // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
     // element type the kernel declares; the spare `sums` of a step is never accessed.
@@ -396,10 +392,15 @@ mod tests {
     #[test]
     fn units_own_whole_words() {
         for block in [64usize, 128, 256, 512, 1024, 2048, 4096] {
-            let units = units_per_block(block);
-            assert!(units <= MAX_UNITS && units.is_power_of_two());
-            assert_eq!((block / CODES_PER_WORD) % units, 0);
+            for device_max in [1u32, 2, 3, 16, 100, 256, 1024] {
+                let units = units_per_block(block, device_max);
+                assert!(units <= MAX_UNITS && units <= device_max as usize && units.is_power_of_two());
+                assert_eq!((block / CODES_PER_WORD) % units, 0);
+            }
         }
+        assert_eq!(units_per_block(256, 1024), 64);
+        assert_eq!(units_per_block(4096, 1024), MAX_UNITS);
+        assert_eq!(units_per_block(256, 2), 2);
     }
 
     #[test]
