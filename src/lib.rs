@@ -34,7 +34,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub use burn_8bit_ops as ops;
-pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapFamily, MapKind, QuantError};
+pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapFamily, MapKind, QuantError, shared_buffer_copies};
 pub use burn_8bit_nn as nn;
 pub use burn_8bit_optim as optim;
 pub use burn_8bit_optim::{

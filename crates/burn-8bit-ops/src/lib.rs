@@ -20,6 +20,7 @@
 
 mod backend;
 mod block;
+mod copies;
 pub mod cpu;
 mod encode;
 mod error;
@@ -30,6 +31,7 @@ mod rule;
 mod step;
 
 pub use block::{BlockSize, CODES_PER_WORD, num_words};
+pub use copies::shared_buffer_copies;
 pub use error::QuantError;
 pub use ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
 pub use map::{CodeMap, MAP_LEN, MapFamily, MapKind};

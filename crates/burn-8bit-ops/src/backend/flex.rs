@@ -5,6 +5,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData};
 
+use crate::copies;
 use crate::cpu::{self, StateMut, StateRef, StateSlice};
 use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
@@ -26,8 +27,11 @@ fn contiguous(tensor: FlexTensor) -> FlexTensor {
 }
 
 /// The elements of a contiguous tensor, mutably: in place when the buffer is unshared, copied
-/// first otherwise.
+/// first otherwise (and counted by [`shared_buffer_copies`](crate::shared_buffer_copies)).
 fn elements_mut<E: burn::tensor::Element + bytemuck::Pod>(tensor: &mut FlexTensor) -> &mut [E] {
+    if !tensor.is_unique() {
+        copies::count_shared_copy();
+    }
     let (start, end) = tensor.layout().contiguous_offsets().expect("contiguous");
     &mut tensor.storage_mut::<E>()[start..end]
 }

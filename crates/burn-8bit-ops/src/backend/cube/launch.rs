@@ -14,6 +14,7 @@ use cubecl::server::Handle;
 
 use super::kernels::{self, Pass, SlotKind, SlotMapsLaunch, StepLayout};
 use crate::block::{CODES_PER_WORD, num_words};
+use crate::copies;
 use crate::ext::StateBuffer;
 use crate::encode::{self, TABLE_STRIDE};
 use crate::map::MapKind;
@@ -142,6 +143,7 @@ pub fn writable(tensor: CubeTensor) -> CubeTensor {
     if tensor.can_mut() {
         tensor
     } else {
+        copies::count_shared_copy();
         tensor.copy()
     }
 }
