@@ -69,6 +69,12 @@ pub struct SlotMaps {
     pub zero3: u32,
 }
 
+/// Words per unit up to which a unit's loop over its words is unrolled (its elements then live
+/// in registers): every GPU launch stays within it (64–256 units per block), while a device
+/// with few units per cube (cubecl-cpu: one per core) keeps a loop instead of thousands of
+/// copies of the element code.
+const MAX_UNROLLED_WORDS: usize = 4;
+
 /// The bits of `-∞`, the first bound of every block.
 const NEG_INFINITY_BITS: u32 = 0xff80_0000;
 
@@ -243,13 +249,13 @@ pub fn quantize_kernel(
     let total_words = len.div_ceil(4);
     let mut x = Array::<f32>::new(comptime![block_size / units]);
     let mut local_max = 0u32;
-    #[unroll]
+    #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
         let word = first_word + j * units;
         #[unroll]
         for e in 0..4usize {
             let i = word * 4 + e;
-            let k = comptime![j * 4 + e];
+            let k = j * 4 + e;
             x[k] = 0.0;
             if i < len {
                 x[k] = input[i];
@@ -274,7 +280,7 @@ pub fn quantize_kernel(
     stage_bounds(tables, table, scale, &mut bounds, 0usize, units);
     sync_cube();
     let canonical_bits = u32::reinterpret(scale);
-    #[unroll]
+    #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
         let word = first_word + j * units;
         if word < total_words {
@@ -283,7 +289,7 @@ pub fn quantize_kernel(
             for e in 0..4usize {
                 let i = word * 4 + e;
                 if i < len {
-                    let code = encode_in_block(&bounds, tables, table, zero_code, canonical_bits, x[comptime![j * 4 + e]], 0usize);
+                    let code = encode_in_block(&bounds, tables, table, zero_code, canonical_bits, x[j * 4 + e], 0usize);
                     packed |= code << comptime![8 * e as u32];
                 }
             }
@@ -319,7 +325,7 @@ pub fn dequantize_kernel(
     let scale = absmax[block];
     let non_finite = abs_bits(scale) >= INFINITY_BITS;
     let nan = f32::reinterpret(CANONICAL_NAN_BITS);
-    #[unroll]
+    #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
         let word = first_word + j * units;
         if word < total_words {
@@ -421,7 +427,7 @@ pub fn fused_step_kernel(
     let mut local_skipped = 0u32;
     let mut direction2 = 0.0f32;
     let mut param2 = 0.0f32;
-    #[unroll]
+    #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
         let word = first_word + j * units;
         let mut w1 = 0u32;
@@ -441,7 +447,7 @@ pub fn fused_step_kernel(
         #[unroll]
         for e in 0..4usize {
             let i = word * 4 + e;
-            let k = comptime![j * 4 + e];
+            let k = j * 4 + e;
             let shift = comptime![8 * e as u32];
             if i < len {
                 let mut s1 = 0.0f32;
@@ -547,7 +553,7 @@ pub fn fused_step_kernel(
         let bits1 = u32::reinterpret(scale1);
         let bits2 = u32::reinterpret(scale2);
         let bits3 = u32::reinterpret(scale3);
-        #[unroll]
+        #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
         for j in 0..words_per_unit {
             let word = first_word + j * units;
             if word < total_words {
@@ -557,7 +563,7 @@ pub fn fused_step_kernel(
                 #[unroll]
                 for e in 0..4usize {
                     let i = word * 4 + e;
-                    let k = comptime![j * 4 + e];
+                    let k = j * 4 + e;
                     let shift = comptime![8 * e as u32];
                     if i < len {
                         if q1 {

@@ -57,6 +57,18 @@ pub fn address_type(len: usize) -> AddressType {
     }
 }
 
+/// The device's limit on units per cube; in this crate's tests, the one a test forced (as
+/// cubecl-cpu's one unit per core), so that the kernels' loop over many words per unit runs on
+/// the adapter the tests have.
+fn max_units_per_cube(device_max: u32) -> u32 {
+    #[cfg(test)]
+    match tests::FORCED_MAX_UNITS.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => {}
+        forced => return forced,
+    }
+    device_max
+}
+
 /// How one kernel over the blocks of a `len`-element tensor is launched.
 pub struct BlockLaunch {
     pub client: Client,
@@ -76,7 +88,7 @@ impl BlockLaunch {
         let max = hardware.max_cube_count;
         let (x, y, z) = block_grid(num_blocks as u64, (max.0, max.1, max.2))
             .unwrap_or_else(|| panic!("{num_blocks} blocks exceed the device's grid {max:?}"));
-        let units = units_per_block(block_size, hardware.max_units_per_cube);
+        let units = units_per_block(block_size, max_units_per_cube(hardware.max_units_per_cube));
         Self {
             client,
             len,
@@ -388,8 +400,15 @@ fn scalars_arg(s: &StepScalars) -> crate::step::StepScalarsLaunch {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicU32;
+
     use super::*;
+
+    /// A limit on units per cube forced on every launch (0: none). Process-wide, because
+    /// kernels are launched on the device's own thread; only one test of this crate launches
+    /// kernels.
+    pub(crate) static FORCED_MAX_UNITS: AtomicU32 = AtomicU32::new(0);
 
     #[test]
     fn units_own_whole_words() {

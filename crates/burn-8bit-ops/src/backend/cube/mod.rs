@@ -131,3 +131,114 @@ impl BlockwiseOps for CubeBackend {
         launch::update_norms(&args, rule, &scalars, block_size)
     }
 }
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::tensor::{DType, Device, DeviceKind, Distribution, Tensor, TensorData};
+
+    use std::sync::atomic::Ordering;
+
+    use super::launch::tests::FORCED_MAX_UNITS;
+    use crate::{
+        BlockQuantized, BlockSize, BlockwiseOps, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, Scale, StateBuffer,
+        StepRule, StepScalars, StepTensors,
+    };
+    use burn::backend::Dispatch;
+
+    /// The wgpu device, or `None` (a visible skip) without an adapter unless CI requires one.
+    fn wgpu_device() -> Option<Device> {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let probe = device.clone();
+        if std::panic::catch_unwind(move || Tensor::<1>::from_floats([1.0], &probe).into_data()).is_ok() {
+            return Some(device);
+        }
+        if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|value| value == "1") {
+            panic!("BURN8BIT_REQUIRE_WGPU=1 but no wgpu adapter is available");
+        }
+        eprintln!("SKIPPED: wgpu: no adapter available");
+        None
+    }
+
+    /// `f`'s result with at most `max_units` units per cube (0: the device's limit); `f` reads
+    /// its results back, so every kernel it queued has run before the limit is lifted.
+    fn with_max_units<R>(max_units: u32, f: impl FnOnce() -> R) -> R {
+        FORCED_MAX_UNITS.store(max_units, Ordering::SeqCst);
+        let result = f();
+        FORCED_MAX_UNITS.store(0, Ordering::SeqCst);
+        result
+    }
+
+    /// Codes, absmax and decoded values of `x`.
+    fn quantized(x: &Tensor<1>, block_size: BlockSize) -> (TensorData, TensorData, TensorData) {
+        let q = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block_size);
+        let decoded = q.dequantize::<1>().expect("same shape").into_data();
+        (q.codes().to_data(), q.absmax().to_data(), decoded)
+    }
+
+    /// Parameter, codes and absmax of both states after three Adam steps from `param`.
+    fn adam_steps(param: &TensorData, grad: &TensorData, block_size: BlockSize, device: &Device) -> Vec<TensorData> {
+        let len = param.shape().num_elements();
+        let mut param = Tensor::<1>::from_data(param.clone(), device);
+        let grad = Tensor::<1>::from_data(grad.clone(), device);
+        let mut skipped = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![0u32; COUNT_WORDS], [COUNT_WORDS]), (device, DType::U32));
+        let zeros = |map| BlockQuantized::zeros([len].into(), map, block_size, device).into_parts();
+        let mut states: Vec<_> =
+            StepRule::Adam { amsgrad: false, cautious: false }.state_maps(MapFamily::Dynamic).into_iter().map(zeros).collect();
+        for step in 1..=3u32 {
+            let scalars = StepScalars {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                decay: 1.0,
+                first_step: u32::from(step == 1),
+                ..StepScalars::default()
+            };
+            let buffers = states
+                .iter()
+                .map(|(codes, absmax)| StateBuffer::Blockwise(PackedBlocks { codes: codes.clone().into_dispatch(), absmax: absmax.clone().into_dispatch() }))
+                .collect();
+            let out = Dispatch::fused_step(
+                StepTensors::new(param.into_dispatch(), skipped.into_dispatch(), buffers),
+                grad.clone().into_dispatch(),
+                Scale::One,
+                Scale::One,
+                StepRule::Adam { amsgrad: false, cautious: false },
+                MapFamily::Dynamic,
+                scalars,
+                block_size.get(),
+            );
+            let (new_param, new_skipped, buffers) = out.into_parts();
+            param = Tensor::from_dispatch(new_param);
+            skipped = Tensor::from_dispatch(new_skipped);
+            states = buffers
+                .into_iter()
+                .map(|buffer| match buffer {
+                    StateBuffer::Blockwise(packed) => (Tensor::from_dispatch(packed.codes), Tensor::from_dispatch(packed.absmax)),
+                    _ => unreachable!("8-bit states stay 8-bit"),
+                })
+                .collect();
+        }
+        let mut out = vec![param.into_data()];
+        for (codes, absmax) in states {
+            out.extend([codes.into_data(), absmax.into_data()]);
+        }
+        out
+    }
+
+    #[test]
+    fn few_units_per_cube_compute_the_same_bits() {
+        let Some(device) = wgpu_device() else { return };
+        for block_size in [64, 256, 4096].map(|size| BlockSize::new(size).expect("valid")) {
+            let len = 3 * block_size.get() + 5;
+            let x = Tensor::<1>::random([len], Distribution::Normal(0.0, 1.0), &device);
+            let many = with_max_units(0, || quantized(&x, block_size));
+            let few = with_max_units(2, || quantized(&x, block_size));
+            assert_eq!(many, few, "quantize, block {block_size:?}");
+            let param = x.to_data();
+            let grad = x.clone().mul_scalar(1e-2).flip([0]).to_data();
+            let steps = |max| with_max_units(max, || adam_steps(&param, &grad, block_size, &device));
+            assert_eq!(steps(0), steps(2), "Adam step, block {block_size:?}");
+        }
+    }
+}
