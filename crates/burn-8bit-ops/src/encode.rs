@@ -139,7 +139,9 @@ pub(crate) fn kernel_table(kind: MapKind) -> Vec<u32> {
     table
 }
 
-/// The bounds of one block (see [`BOUNDS`]).
+/// The bounds of one block (see [`BOUNDS`]). Inlined into the CPU twin's per-level loops, as
+/// their other helpers are, so that it runs with that level's instructions.
+#[inline(always)]
 pub(crate) fn block_bounds(midpoints: &[f32; MAP_LEN - 1], absmax: f32) -> [f32; BOUNDS] {
     let mut bounds = [f32::INFINITY; BOUNDS];
     bounds[0] = f32::NEG_INFINITY;

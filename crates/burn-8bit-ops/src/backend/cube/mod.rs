@@ -145,6 +145,8 @@ mod tests {
     };
     use burn::backend::Dispatch;
 
+    const ADAM: StepRule = StepRule::Adam { amsgrad: false, cautious: false };
+
     /// The wgpu device, or `None` (a visible skip) without an adapter unless CI requires one.
     fn wgpu_device() -> Option<Device> {
         let device = Device::wgpu(DeviceKind::DefaultDevice);
@@ -183,7 +185,7 @@ mod tests {
         let mut skipped = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![0u32; COUNT_WORDS], [COUNT_WORDS]), (device, DType::U32));
         let zeros = |map| BlockQuantized::zeros([len].into(), map, block_size, device).into_parts();
         let mut states: Vec<_> =
-            StepRule::Adam { amsgrad: false, cautious: false }.state_maps(MapFamily::Dynamic).into_iter().map(zeros).collect();
+            ADAM.state_maps(MapFamily::Dynamic).into_iter().map(zeros).collect();
         for step in 1..=3u32 {
             let scalars = StepScalars {
                 lr: 1e-3,
@@ -203,7 +205,7 @@ mod tests {
                 grad.clone().into_dispatch(),
                 Scale::One,
                 Scale::One,
-                StepRule::Adam { amsgrad: false, cautious: false },
+                ADAM,
                 MapFamily::Dynamic,
                 scalars,
                 block_size.get(),
