@@ -1,7 +1,7 @@
 //! The per-parameter state every 8-bit optimizer keeps, its record, and its decoded view.
 
 use burn::optim::{RecordState, StateSink, StateSource};
-use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
 use burn::backend::Dispatch;
 use burn_8bit_ops::{
     BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, StateBuffer, StepRule, count_value,
@@ -263,9 +263,16 @@ impl<const D: usize> Optim8bitState<D> {
     /// or ∞ ever enters the ring) enters the ring (every slot on step 1, slot `t mod 100` after),
     /// the clip is the root of the ring's `percentile`-th smallest entry, and the factor is
     /// `clip / ‖g‖` when `‖g‖` exceeds it, else 1. Call after `time` was advanced.
+    ///
+    /// The squares are summed in `f64` where the backend has it: exactly squared, and summed in
+    /// order by the CPU backends, so the norm has the same bits on every machine and thread
+    /// count (Flex's `f32` sum depends on the CPU's vector width and, past 4 Mi elements, on
+    /// rayon's split). Backends without `f64` (wgpu) sum in `f32`.
     pub(crate) fn clip_scale(&mut self, grad: &Tensor<1>, percentile: usize) -> Tensor<1> {
+        let wide = if grad.device().supports_dtype(DType::F64) { FloatDType::F64 } else { FloatDType::F32 };
+        let grad = grad.clone().cast(wide);
         let not_finite = grad.clone().is_finite().bool_not();
-        let norm2 = grad.clone().square().mask_fill(not_finite, 0.0).sum().clamp_max(f32::MAX);
+        let norm2 = grad.square().mask_fill(not_finite, 0.0).sum().cast(FloatDType::F32).clamp_max(f32::MAX);
         let slot = self.time % RING_LEN;
         let ring = match self.gnorms.take() {
             Some(ring) if self.time > 1 => ring.slice_assign([slot..slot + 1], norm2.clone()),
