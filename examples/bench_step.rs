@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! cargo run --release --example bench_step -- [--device flex|ndarray|wgpu] [--params N] [--steps N]
+//!     [--dtype f32|f16|bf16]
 //! ```
-//! Defaults: Flex, 16,777,216 parameters, 10 timed steps after 2 warm-up steps. Peak memory is
+//! Defaults: Flex, 16,777,216 `f32` parameters (and gradients), 10 timed steps after 2 warm-up
+//! steps. Peak memory is
 //! the process's peak resident set during the timed steps (Linux, CPU backends), reset before
 //! them through `/proc/self/clear_refs`.
 
@@ -14,7 +16,7 @@ use std::time::Instant;
 
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, Optimizer, RecordState, StateSink};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 use burn_8bit::{
     AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
     Lars8bitConfig, Lion8bitConfig, RmsProp8bitConfig, Sgd8bitConfig,
@@ -24,10 +26,11 @@ struct Args {
     device: String,
     params: usize,
     steps: usize,
+    dtype: FloatDType,
 }
 
 fn args() -> Result<Args, String> {
-    let mut args = Args { device: "flex".into(), params: 16_777_216, steps: 10 };
+    let mut args = Args { device: "flex".into(), params: 16_777_216, steps: 10, dtype: FloatDType::F32 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -35,6 +38,14 @@ fn args() -> Result<Args, String> {
             "--device" => args.device = value()?,
             "--params" => args.params = value()?.parse().map_err(|e| format!("--params: {e}"))?,
             "--steps" => args.steps = value()?.parse().map_err(|e| format!("--steps: {e}"))?,
+            "--dtype" => {
+                args.dtype = match value()?.as_str() {
+                    "f32" => FloatDType::F32,
+                    "f16" => FloatDType::F16,
+                    "bf16" => FloatDType::BF16,
+                    other => return Err(format!("--dtype: `{other}` is not f32, f16 or bf16")),
+                }
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -70,8 +81,8 @@ struct Row {
 }
 
 fn measure<O: Optimizer>(name: &'static str, optimizer: O, device: &Device, args: &Args) -> Row {
-    let grad = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1e-2), device);
-    let mut param = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1.0), device);
+    let grad = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1e-2), device).cast(args.dtype);
+    let mut param = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1.0), device).cast(args.dtype);
     let mut state = None;
     for _ in 0..2 {
         (param, state) = optimizer.step(1e-3, param, grad.clone(), state);
@@ -108,8 +119,9 @@ fn main() {
         std::process::exit(2)
     });
     println!(
-        "{} parameters on {}, {} timed steps, {} rayon threads",
+        "{} {:?} parameters on {}, {} timed steps, {} rayon threads",
         args.params,
+        args.dtype,
         args.device,
         args.steps,
         rayon_threads()
@@ -126,7 +138,11 @@ fn main() {
         measure("Lamb8bit", Lamb8bitConfig::new().build(), &device, &args),
         measure("Lars8bit", Lars8bitConfig::new().build(), &device, &args),
     ];
-    let tensors = 2 * 4 * args.params as u64;
+    let element_bytes = match args.dtype {
+        FloatDType::F16 | FloatDType::BF16 => 2,
+        _ => 4,
+    };
+    let tensors = 2 * element_bytes * args.params as u64;
     println!("| optimizer | ns/param | state bytes/param | peak extra during a step |");
     println!("|---|---:|---:|---:|");
     for row in &rows {

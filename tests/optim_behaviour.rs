@@ -202,26 +202,43 @@ fn empty_tensors_step_without_change() {
     }
 }
 
-/// f16 and bf16 parameters and gradients step with f32 arithmetic and keep their dtype.
+/// f16 and bf16 parameters and gradients, read and written by the op in their own type, step
+/// to the bits of the `f32` step between two casts: every optimizer, 8-bit and `f32` states,
+/// three steps with a NaN and an infinite gradient element (those elements keep their bits).
 #[test]
-fn half_precision_parameters_keep_their_dtype() {
+fn half_precision_parameters_step_as_f32_between_casts() {
     for (device_name, device) in devices() {
         for dtype in [FloatDType::F16, FloatDType::BF16] {
             if !device.supports_dtype(DType::from(dtype)) {
                 common::skip(&format!("{device_name}: no {dtype:?}"));
                 continue;
             }
-            let mut rng = Rng::new(9);
-            let p32 = Tensor::<1>::from_floats(rng.normals(8192).as_slice(), &device);
-            let g32 = Tensor::<1>::from_floats(rng.normals(8192).as_slice(), &device);
-            let optimizer = AdamW8bitConfig::new().build();
-            let (expected, _) = optimizer.step(1e-2, p32.clone().cast(dtype).cast(FloatDType::F32), g32.clone().cast(dtype).cast(FloatDType::F32), None);
-            let (p, state) = optimizer.step(1e-2, p32.cast(dtype), g32.cast(dtype), None);
-            assert_eq!(p.dtype(), DType::from(dtype), "[{device_name}]");
-            assert!(state.unwrap().is_quantized());
-            let expected = values(&expected.cast(dtype));
-            let got = values(&p);
-            assert_eq!(got, expected, "[{device_name}] {dtype:?}: differs from the f32 step rounded");
+            for (name, step) in optimizers() {
+                // 8-bit states with a partial last block, then `f32` states (under 4096 elements).
+                for len in [8192 + 37, 1000] {
+                    let mut rng = Rng::new(9);
+                    let mut p = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device).cast(dtype);
+                    let (mut state, mut reference_state) = (None, None);
+                    for t in 0..3 {
+                        let mut g = rng.normals(len);
+                        g[3] = f32::NAN;
+                        g[len - 2] = f32::INFINITY;
+                        let g = Tensor::<1>::from_floats(g.as_slice(), &device).cast(dtype);
+                        let (expected, next_reference) =
+                            step(1e-2, p.clone().cast(FloatDType::F32), g.clone().cast(FloatDType::F32), reference_state);
+                        let (next, next_state) = step(1e-2, p.clone(), g, state);
+                        assert_eq!(next.dtype(), DType::from(dtype), "[{device_name}] {name}");
+                        let bits = |t: &Tensor<1>| values(t).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        let got = bits(&next);
+                        assert_eq!(got, bits(&expected.cast(dtype)), "[{device_name}] {name} {dtype:?} len {len} step {t}: differs from the f32 step between casts");
+                        let before = bits(&p);
+                        assert_eq!((got[3], got[len - 2]), (before[3], before[len - 2]), "[{device_name}] {name}: skipped elements changed");
+                        let next_state = next_state.unwrap();
+                        assert_eq!(next_state.is_quantized(), len > 4096, "[{device_name}] {name}");
+                        (p, state, reference_state) = (next, Some(next_state), next_reference);
+                    }
+                }
+            }
         }
     }
 }

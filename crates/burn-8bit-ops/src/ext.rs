@@ -68,7 +68,8 @@ pub enum StateBuffer<B: Backend> {
 #[derive(ExtensionType)]
 #[extension_type(fusion: cfg(feature = "cube"))]
 pub struct StepTensors<B: Backend> {
-    /// Flat `f32` parameter.
+    /// The flat parameter: `f32`, `f16` or `bf16`, read and written in its own type (the
+    /// step's arithmetic is `f32`).
     pub param: FloatTensor<B>,
     /// `u32[2]`: elements skipped so far, a 64-bit count as `[low, high]` words.
     pub skipped: IntTensor<B>,
@@ -164,8 +165,10 @@ pub trait BlockwiseOps: Backend {
 
     /// The fused optimizer step of any rule, in place where the buffers are unshared: per block,
     /// decode → update (parameter included) → new absmax → encode, in one pass over the data
-    /// (docs/algorithm.md §3.1). `Full` states are read and written as they are. `grad` is flat
-    /// `f32` of the parameter's length; every gradient element is multiplied by `grad_scale`
+    /// (docs/algorithm.md §3.1). `Full` states are read and written as they are. `grad` is flat,
+    /// of the parameter's length and float type (`f32`, `f16` or `bf16`: the backend's half types
+    /// are read and written inside the op, with no cast pass around it; NdArray has none);
+    /// every gradient element is multiplied by `grad_scale`
     /// (percentile clipping's factor) before the update, and the step size by `update_scale`
     /// (LAMB's or LARS's trust ratio from [`BlockwiseOps::update_norms`]). Blockwise states use
     /// the maps of `family` ([`StepRule::state_maps`]).

@@ -121,21 +121,19 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
         trust: rule.trust(),
     };
     let dtype = tensor.dtype();
-    let param = tensor.cast(FloatDType::F32).reshape([len]);
-    let grad = grad.cast(FloatDType::F32).reshape([len]);
+    // The op reads and writes f32, f16 and bf16 parameters itself; anything else (f64, or a
+    // gradient of another type than its parameter) steps as f32 between two casts.
+    let native = matches!(dtype, DType::F32 | DType::F16 | DType::BF16) && grad.dtype() == dtype;
+    let step_dtype = if native { dtype } else { DType::F32 };
+    let param = tensor.cast(FloatDType::from(step_dtype)).reshape([len]);
+    let grad = grad.cast(FloatDType::from(step_dtype)).reshape([len]);
     let grad_scale = settings.percentile.map(|percentile| state.clip_scale(&grad, percentile));
     let (param, state) = if quantized && settings.whole_tensor_block {
         step.whole_tensor(state, param, grad, grad_scale)
     } else {
         step.apply(state, param, grad, grad_scale)
     };
-    let param = param.reshape(shape);
-    let param = if dtype == DType::F32 {
-        param
-    } else {
-        param.cast(FloatDType::from(dtype))
-    };
-    (param, Some(state))
+    (param.reshape(shape).cast(FloatDType::from(dtype)), Some(state))
 }
 
 /// What one step of one tensor applies, whatever its states are held in.

@@ -30,12 +30,13 @@
 //! # Precision and memory
 //!
 //! The update arithmetic is `f32`. Parameters and gradients may be `f16` or `bf16` where the
-//! backend has them: they are cast to `f32` around the fused op (one `f32` copy each way), and the
-//! parameter keeps its dtype. With `f32` parameters the 8-bit step allocates nothing of the
-//! tensor's size: parameter, codes and absmax are updated in place when their buffers are
-//! unshared. Tensors under `min_8bit_size` keep `f32` states and step through the same fused op.
-//! Percentile clipping takes each gradient's norm with `square().sum()`, which backends without
-//! fusion (Flex, NdArray) compute through a temporary.
+//! backend has them: the fused op reads and writes them in their own type (the result is the
+//! `f32` step between two casts, without the casts), and the parameter keeps its dtype. The
+//! 8-bit step allocates nothing of the tensor's size: parameter, codes and absmax are updated in
+//! place when their buffers are unshared. Tensors under `min_8bit_size` keep `f32` states and step through the same fused op.
+//! Percentile clipping takes each gradient's norm with `square().sum()` (in `f64` where the
+//! backend has it, so that the CPU backends give the same bits on every machine), which backends
+//! without fusion (Flex, NdArray) compute through temporaries.
 //!
 //! # Per-parameter overrides
 //!

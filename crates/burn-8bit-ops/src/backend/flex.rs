@@ -3,10 +3,11 @@
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, Element, TensorData, bf16, f16};
+use bytemuck::Pod;
 
 use crate::copies;
-use crate::cpu::{self, StateMut, StateRef, StateSlice};
+use crate::cpu::{self, ParamElement, StateMut, StateRef, StateSlice};
 use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::rule;
@@ -28,7 +29,7 @@ fn contiguous(tensor: FlexTensor) -> FlexTensor {
 
 /// The elements of a contiguous tensor, mutably: in place when the buffer is unshared, copied
 /// first otherwise (and counted by [`shared_buffer_copies`](crate::shared_buffer_copies)).
-fn elements_mut<E: burn::tensor::Element + bytemuck::Pod>(tensor: &mut FlexTensor) -> &mut [E] {
+fn elements_mut<E: Element + Pod>(tensor: &mut FlexTensor) -> &mut [E] {
     if !tensor.is_unique() {
         copies::count_shared_copy();
     }
@@ -47,7 +48,7 @@ fn overwritable(mut output: FlexTensor) -> FlexTensor {
     }
 }
 
-fn elements<E: burn::tensor::Element + bytemuck::Pod>(tensor: &FlexTensor) -> &[E] {
+fn elements<E: Element + Pod>(tensor: &FlexTensor) -> &[E] {
     tensor.as_slice::<E>().expect("a contiguous tensor of the kernel's element type")
 }
 
@@ -58,7 +59,7 @@ fn scale(scale: Scale<Flex>) -> f32 {
     }
 }
 
-fn flat<E: burn::tensor::Element>(values: Vec<E>) -> FlexTensor {
+fn flat<E: Element>(values: Vec<E>) -> FlexTensor {
     let len = values.len();
     FlexTensor::from_data(TensorData::new(values, [len]))
 }
@@ -102,6 +103,37 @@ fn state_ref(state: &StateBuffer<Flex>, map: MapKind) -> StateRef<'_> {
         StateBuffer::Full(values) => StateSlice::Full(elements(values)),
         StateBuffer::Absent => unreachable!("absent slots are filtered out"),
     }
+}
+
+/// One fused step's values besides its buffers, applied to parameters and gradients of the
+/// parameter's element type.
+struct StepRun<'a> {
+    rule: StepRule,
+    scalars: &'a StepScalars,
+    grad_scale: f32,
+    update_scale: f32,
+    block_size: usize,
+}
+
+impl StepRun<'_> {
+    /// The step over parameter and gradient elements of type `P`; the number of skipped elements.
+    fn step<P: ParamElement + Element + Pod>(&self, param: &mut FlexTensor, grad: &FlexTensor, states: &mut [StateMut<'_>]) -> u64 {
+        let (param, grad) = (elements_mut::<P>(param), elements::<P>(grad));
+        cpu::fused_step(self.rule, self.scalars, self.grad_scale, self.update_scale, param, grad, states, self.block_size)
+    }
+
+    /// The update-norm pass over parameter and gradient elements of type `P`.
+    fn norms<P: ParamElement + Element + Pod>(&self, param: &FlexTensor, grad: &FlexTensor, states: &[StateRef<'_>]) -> Vec<f32> {
+        let (param, grad) = (elements::<P>(param), elements::<P>(grad));
+        cpu::update_norms(self.rule, self.scalars, self.grad_scale, param, grad, states, self.block_size)
+    }
+}
+
+/// The parameter's float type, which the gradient shares.
+fn param_dtype(param: &FlexTensor, grad: &FlexTensor) -> DType {
+    let dtype = param.dtype();
+    assert_eq!(grad.dtype(), dtype, "the gradient's dtype differs from the parameter's");
+    dtype
 }
 
 impl BlockwiseOps for Flex {
@@ -154,16 +186,19 @@ impl BlockwiseOps for Flex {
             .zip(rule.state_maps(family))
             .map(|(state, map)| state_mut(state, map))
             .collect();
-        let newly_skipped = cpu::fused_step(
+        let run = StepRun {
             rule,
-            &scalars,
-            scale(grad_scale),
-            scale(update_scale),
-            elements_mut(&mut param),
-            elements(&grad),
-            &mut views,
+            scalars: &scalars,
+            grad_scale: scale(grad_scale),
+            update_scale: scale(update_scale),
             block_size,
-        );
+        };
+        let newly_skipped = match param_dtype(&param, &grad) {
+            DType::F32 => run.step::<f32>(&mut param, &grad, &mut views),
+            DType::F16 => run.step::<f16>(&mut param, &grad, &mut views),
+            DType::BF16 => run.step::<bf16>(&mut param, &grad, &mut views),
+            other => panic!("the fused step takes f32, f16 or bf16 parameters, got {other:?}"),
+        };
         drop(views);
         let count: &mut [u32; rule::COUNT_WORDS] =
             elements_mut::<u32>(&mut skipped).try_into().expect("a two-word skip counter");
@@ -187,21 +222,55 @@ impl BlockwiseOps for Flex {
             .zip(rule.state_maps(family))
             .map(|(state, map)| state_ref(state, map))
             .collect();
-        flat(cpu::update_norms(
-            rule,
-            &scalars,
-            scale(grad_scale),
-            elements(&param),
-            elements(&grad),
-            &views,
-            block_size,
-        ))
+        let run = StepRun { rule, scalars: &scalars, grad_scale: scale(grad_scale), update_scale: 1.0, block_size };
+        flat(match param_dtype(&param, &grad) {
+            DType::F32 => run.norms::<f32>(&param, &grad, &views),
+            DType::F16 => run.norms::<f16>(&param, &grad, &views),
+            DType::BF16 => run.norms::<bf16>(&param, &grad, &views),
+            other => panic!("the update-norm pass takes f32, f16 or bf16 parameters, got {other:?}"),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One momentum step of `param` (any float type) over a gradient of its type, with an `f32`
+    /// velocity of ones.
+    fn momentum_step(param: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let len = param.layout().shape().num_elements();
+        let states = vec![StateBuffer::Full(flat(vec![1.0f32; len]))];
+        let tensors = StepTensors::new(param, flat(vec![0u32; 2]), states);
+        let scalars = StepScalars { lr: 0.1, beta1: 0.9, beta3: 1.0, ..StepScalars::default() };
+        let rule = StepRule::Momentum { nesterov: false };
+        let out = Flex::fused_step(tensors, grad, Scale::One, Scale::One, rule, MapFamily::Dynamic, scalars, 256);
+        out.into_parts().0
+    }
+
+    /// A step over `H` parameters and gradients writes the parameter's buffer, as `H`, with the
+    /// bits of the `f32` step of the widened values rounded back.
+    fn steps_in_place_as_f32_between_casts<H: ParamElement + Element + Pod + PartialEq + std::fmt::Debug>(dtype: DType) {
+        let len = 1000;
+        let param: Vec<H> = (0..len).map(|i| H::from_f32((i as f32 - 500.0) / 7.0)).collect();
+        let grad: Vec<H> = (0..len).map(|i| H::from_f32((i % 13) as f32 / 3.0 - 2.0)).collect();
+        let widened = |values: &[H]| values.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let reference = momentum_step(flat(widened(&param)), flat(widened(&grad)));
+        let rounded: Vec<H> = elements::<f32>(&reference).iter().map(|&x| H::from_f32(x)).collect();
+
+        let param = flat(param);
+        let address = elements::<H>(&param).as_ptr();
+        let stepped = momentum_step(param, flat(grad));
+        assert_eq!(stepped.dtype(), dtype);
+        assert_eq!(elements::<H>(&stepped).as_ptr(), address, "an unshared {dtype:?} parameter is written in place");
+        assert_eq!(elements::<H>(&stepped), rounded.as_slice(), "{dtype:?}: the f32 step between casts");
+    }
+
+    #[test]
+    fn half_precision_parameters_step_in_place_in_their_own_type() {
+        steps_in_place_as_f32_between_casts::<f16>(DType::F16);
+        steps_in_place_as_f32_between_casts::<bf16>(DType::BF16);
+    }
 
     #[test]
     fn dequantize_writes_into_an_unshared_output_and_spares_a_shared_one() {

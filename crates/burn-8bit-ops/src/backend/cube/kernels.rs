@@ -346,11 +346,13 @@ pub fn dequantize_kernel(
 /// states once, keeps the updated states in registers while the cube reduces each block-wise
 /// state's new absmax, then writes the parameter, `Full` states, codes and absmax once. With
 /// [`Pass::Norms`] the same update is computed and only its norms are written, to `sums`.
+/// Parameters and gradients are read and written in their own float type `P` (`f32`, `f16`,
+/// `bf16`: `dtype`); the arithmetic is `f32`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked, address_type = "dynamic")]
-pub fn fused_step_kernel(
-    param: &mut [f32],
-    grad: &[f32],
+pub fn fused_step_kernel<P: Float>(
+    param: &mut [P],
+    grad: &[P],
     words1: &mut [u32],
     floats1: &mut [f32],
     words2: &mut [u32],
@@ -367,6 +369,7 @@ pub fn fused_step_kernel(
     h: &StepScalars,
     maps: &SlotMaps,
     #[comptime] layout: StepLayout,
+    #[define(P)] _dtype: ElemType,
 ) {
     let block = CUBE_POS;
     if block >= num_blocks {
@@ -471,12 +474,13 @@ pub fn fused_step_kernel(
                 if f3 {
                     s3 = floats3[i];
                 }
-                let p = param[i];
-                let g = grad[i] * g_scale;
+                let stored = param[i];
+                let p = f32::cast_from(stored);
+                let g = f32::cast_from(grad[i]) * g_scale;
                 let u = update_element(h, lr, p, g, s1, s2, s3, comptime![layout.rule]);
                 let applied = is_finite(g) && is_finite(u.p) && is_finite(u.s1) && is_finite(u.s2) && is_finite(u.s3);
                 if comptime![step] {
-                    param[i] = select(applied, u.p, p);
+                    param[i] = select(applied, P::cast_from(u.p), stored);
                     local_skipped += select(applied, 0u32, 1u32);
                     let a = select(applied, u.s1, s1);
                     let b = select(applied, u.s2, s2);

@@ -9,6 +9,7 @@ use burn_cubecl::{CubeBackend, CubeDevice};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::ir::FloatKind;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -377,8 +378,20 @@ fn launch_step(
             scalars_arg(scalars),
             slot_maps(&args.slots),
             layout,
+            param_elem_type(args.param.dtype),
         );
     }
+}
+
+/// The kernels' element type for parameters and gradients of `dtype`.
+fn param_elem_type(dtype: DType) -> ElemType {
+    let kind = match dtype {
+        DType::F32 => FloatKind::F32,
+        DType::F16 => FloatKind::F16,
+        DType::BF16 => FloatKind::BF16,
+        other => panic!("the fused step takes f32, f16 or bf16 parameters, got {other:?}"),
+    };
+    ElemType::Float(kind)
 }
 
 /// The step scalars as the kernels' launch argument.

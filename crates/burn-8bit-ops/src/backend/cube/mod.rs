@@ -57,9 +57,10 @@ fn step_args(
         Scale::One => None,
         Scale::Device(tensor) => Some(into_contiguous(f32_tensor(tensor, "scales"))),
     };
+    assert_eq!(grad.dtype, param.dtype, "the gradient's dtype differs from the parameter's");
     StepArgs {
-        param: prepare(f32_tensor(param, "parameters")),
-        grad: into_contiguous(f32_tensor(grad, "gradients")),
+        param: prepare(param),
+        grad: into_contiguous(grad),
         skipped: prepare(skipped),
         slots,
         grad_scale: device_scale(grad_scale),
