@@ -264,10 +264,11 @@ impl<const D: usize> Optim8bitState<D> {
     /// the clip is the root of the ring's `percentile`-th smallest entry, and the factor is
     /// `clip / ‖g‖` when `‖g‖` exceeds it, else 1. Call after `time` was advanced.
     ///
-    /// The squares are summed in `f64` where the backend has it: exactly squared, and summed in
-    /// order by the CPU backends, so the norm has the same bits on every machine and thread
-    /// count (Flex's `f32` sum depends on the CPU's vector width and, past 4 Mi elements, on
-    /// rayon's split). Backends without `f64` (wgpu) sum in `f32`.
+    /// The squares are summed in `f64` where the backend has it: exactly squared, and summed by
+    /// the CPU backends in an order that depends on the length alone, so the norm has the same
+    /// bits on every machine and thread count (Flex's `f32` sum depends on the CPU's vector
+    /// width and, past 4 Mi elements, on rayon's split). Backends without `f64` (wgpu) sum in
+    /// `f32`.
     pub(crate) fn clip_scale(&mut self, grad: &Tensor<1>, percentile: usize) -> Tensor<1> {
         let wide = if grad.device().supports_dtype(DType::F64) { FloatDType::F64 } else { FloatDType::F32 };
         let grad = grad.clone().cast(wide);
