@@ -11,6 +11,7 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, ExtensionType, backend_extension};
+use burn::tensor::DType;
 
 use crate::map::{MapFamily, MapKind};
 use crate::step::{StepRule, StepScalars};
@@ -104,6 +105,47 @@ impl<B: Backend> StepTensors<B> {
             .filter(|state| !matches!(state, StateBuffer::Absent))
             .collect();
         (self.param, self.skipped, states)
+    }
+}
+
+/// The float types in which the fused step reads and writes parameters and gradients (its
+/// arithmetic is `f32` whatever they are): the one list the backends and the optimizers use.
+///
+/// ```
+/// use burn::tensor::DType;
+/// use burn_8bit_ops::ParamDType;
+///
+/// assert_eq!(ParamDType::of(DType::BF16), Some(ParamDType::BF16));
+/// assert_eq!(ParamDType::of(DType::F64), None); // stepped as f32 between two casts
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamDType {
+    /// `f32`.
+    F32,
+    /// `f16`.
+    F16,
+    /// `bf16`.
+    BF16,
+}
+
+impl ParamDType {
+    /// The step's type for tensors of `dtype`, `None` where the step does not take it.
+    pub fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Self::F32),
+            DType::F16 => Some(Self::F16),
+            DType::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    /// The type a step's parameter and gradient share.
+    ///
+    /// # Panics
+    /// When their dtypes differ or the step does not take it.
+    pub(crate) fn of_step(param: DType, grad: DType) -> Self {
+        assert_eq!(grad, param, "the gradient's dtype differs from the parameter's");
+        Self::of(param).unwrap_or_else(|| panic!("the fused step takes f32, f16 or bf16 parameters, got {param:?}"))
     }
 }
 

@@ -33,7 +33,7 @@ mod step;
 pub use block::{BlockSize, CODES_PER_WORD, num_words};
 pub use copies::shared_buffer_copies;
 pub use error::QuantError;
-pub use ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
+pub use ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
 pub use map::{CodeMap, MAP_LEN, MapFamily, MapKind};
 pub use quantized::BlockQuantized;
 pub use rule::{COUNT_WORDS, add_to_count, count_value, count_words};

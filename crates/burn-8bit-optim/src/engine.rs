@@ -4,7 +4,7 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, FloatDType, Tensor};
 use burn_8bit_ops::{
-    BlockQuantized, BlockSize, BlockwiseOps, MapFamily, Scale, StepRule, StepScalars, StepTensors,
+    BlockQuantized, BlockSize, BlockwiseOps, MapFamily, ParamDType, Scale, StepRule, StepScalars, StepTensors,
 };
 
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
@@ -123,7 +123,7 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let dtype = tensor.dtype();
     // The op reads and writes f32, f16 and bf16 parameters itself; anything else (f64, or a
     // gradient of another type than its parameter) steps as f32 between two casts.
-    let native = matches!(dtype, DType::F32 | DType::F16 | DType::BF16) && grad.dtype() == dtype;
+    let native = ParamDType::of(dtype).is_some() && grad.dtype() == dtype;
     let step_dtype = if native { dtype } else { DType::F32 };
     let param = tensor.cast(FloatDType::from(step_dtype)).reshape([len]);
     let grad = grad.cast(FloatDType::from(step_dtype)).reshape([len]);

@@ -8,7 +8,7 @@ use bytemuck::Pod;
 
 use crate::copies;
 use crate::cpu::{self, ParamElement, StateMut, StateRef, StateSlice};
-use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
+use crate::ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars};
@@ -129,13 +129,6 @@ impl StepRun<'_> {
     }
 }
 
-/// The parameter's float type, which the gradient shares.
-fn param_dtype(param: &FlexTensor, grad: &FlexTensor) -> DType {
-    let dtype = param.dtype();
-    assert_eq!(grad.dtype(), dtype, "the gradient's dtype differs from the parameter's");
-    dtype
-}
-
 impl BlockwiseOps for Flex {
     fn blockwise_quantize(input: FloatTensor<Self>, map: MapKind, block_size: usize) -> PackedBlocks<Self> {
         let input = contiguous(input);
@@ -193,11 +186,10 @@ impl BlockwiseOps for Flex {
             update_scale: scale(update_scale),
             block_size,
         };
-        let newly_skipped = match param_dtype(&param, &grad) {
-            DType::F32 => run.step::<f32>(&mut param, &grad, &mut views),
-            DType::F16 => run.step::<f16>(&mut param, &grad, &mut views),
-            DType::BF16 => run.step::<bf16>(&mut param, &grad, &mut views),
-            other => panic!("the fused step takes f32, f16 or bf16 parameters, got {other:?}"),
+        let newly_skipped = match ParamDType::of_step(param.dtype(), grad.dtype()) {
+            ParamDType::F32 => run.step::<f32>(&mut param, &grad, &mut views),
+            ParamDType::F16 => run.step::<f16>(&mut param, &grad, &mut views),
+            ParamDType::BF16 => run.step::<bf16>(&mut param, &grad, &mut views),
         };
         drop(views);
         let count: &mut [u32; rule::COUNT_WORDS] =
@@ -223,11 +215,10 @@ impl BlockwiseOps for Flex {
             .map(|(state, map)| state_ref(state, map))
             .collect();
         let run = StepRun { rule, scalars: &scalars, grad_scale: scale(grad_scale), update_scale: 1.0, block_size };
-        flat(match param_dtype(&param, &grad) {
-            DType::F32 => run.norms::<f32>(&param, &grad, &views),
-            DType::F16 => run.norms::<f16>(&param, &grad, &views),
-            DType::BF16 => run.norms::<bf16>(&param, &grad, &views),
-            other => panic!("the update-norm pass takes f32, f16 or bf16 parameters, got {other:?}"),
+        flat(match ParamDType::of_step(param.dtype(), grad.dtype()) {
+            ParamDType::F32 => run.norms::<f32>(&param, &grad, &views),
+            ParamDType::F16 => run.norms::<f16>(&param, &grad, &views),
+            ParamDType::BF16 => run.norms::<bf16>(&param, &grad, &views),
         })
     }
 }

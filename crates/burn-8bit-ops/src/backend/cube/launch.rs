@@ -16,7 +16,7 @@ use cubecl::server::Handle;
 use super::kernels::{self, Pass, SlotKind, SlotMapsLaunch, StepLayout};
 use crate::block::{CODES_PER_WORD, num_words};
 use crate::copies;
-use crate::ext::StateBuffer;
+use crate::ext::{ParamDType, StateBuffer};
 use crate::encode::{self, TABLE_STRIDE};
 use crate::map::MapKind;
 use crate::rule;
@@ -300,6 +300,8 @@ fn scale_arg(scale: &Option<CubeTensor>, device: &DeviceTables) -> BufferArg {
 
 /// The tensors of one fused step, contiguous, and writable where the step writes.
 pub struct StepArgs {
+    /// The float type `param` and `grad` share.
+    pub param_type: ParamDType,
     pub param: CubeTensor,
     pub grad: CubeTensor,
     pub skipped: CubeTensor,
@@ -378,20 +380,18 @@ fn launch_step(
             scalars_arg(scalars),
             slot_maps(&args.slots),
             layout,
-            param_elem_type(args.param.dtype),
+            param_elem_type(args.param_type),
         );
     }
 }
 
-/// The kernels' element type for parameters and gradients of `dtype`.
-fn param_elem_type(dtype: DType) -> ElemType {
-    let kind = match dtype {
-        DType::F32 => FloatKind::F32,
-        DType::F16 => FloatKind::F16,
-        DType::BF16 => FloatKind::BF16,
-        other => panic!("the fused step takes f32, f16 or bf16 parameters, got {other:?}"),
-    };
-    ElemType::Float(kind)
+/// The kernels' element type for parameters and gradients of `param_type`.
+fn param_elem_type(param_type: ParamDType) -> ElemType {
+    ElemType::Float(match param_type {
+        ParamDType::F32 => FloatKind::F32,
+        ParamDType::F16 => FloatKind::F16,
+        ParamDType::BF16 => FloatKind::BF16,
+    })
 }
 
 /// The step scalars as the kernels' launch argument.

@@ -10,7 +10,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
+use crate::ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::step::{StepRule, StepScalars};
 use launch::{SlotBinding, StepArgs, writable};
@@ -57,8 +57,8 @@ fn step_args(
         Scale::One => None,
         Scale::Device(tensor) => Some(into_contiguous(f32_tensor(tensor, "scales"))),
     };
-    assert_eq!(grad.dtype, param.dtype, "the gradient's dtype differs from the parameter's");
     StepArgs {
+        param_type: ParamDType::of_step(param.dtype, grad.dtype),
         param: prepare(param),
         grad: into_contiguous(grad),
         skipped: prepare(skipped),
