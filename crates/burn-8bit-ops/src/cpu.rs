@@ -18,11 +18,16 @@ use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars, update_element};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// The instruction set the element loops are compiled for: each `#[inline(always)]` loop below
 /// is inlined into one function per level (macerator's, Burn's own SIMD dispatch) with that
 /// level's target features on, so the compiler vectorises it (AVX2/AVX-512 on x86-64, NEON on
 /// aarch64, plain scalar code elsewhere). Every level runs the same scalar IEEE operations (no
 /// fused multiply-add: Rust never contracts `a * b + c`), so every level writes the same bits.
+/// The two table lookups the compiler leaves scalar, decode and the encoder's guess, are
+/// written with AVX-512 intrinsics for the x86-64 level that has it (`avx512.rs`).
 #[derive(Clone, Copy, Debug)]
 struct Level(Arch);
 
@@ -40,6 +45,15 @@ impl Level {
             return level;
         }
         Self::detected()
+    }
+
+    /// Whether this level has AVX-512 (F, BW and VL), which the loops of `avx512.rs` need.
+    #[inline(always)]
+    fn has_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return matches!(self.0, Arch::V4);
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     /// `f`, run with this level's target features enabled.
@@ -180,7 +194,7 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
                         }
                         Absmax::Given => rule::absmax_from_bits(absmax.to_bits() & rule::ABS_MASK),
                     };
-                    encoder.encode_into(block, scale, words);
+                    encoder.encode_into(level, block, scale, words);
                 }
             },
         )
@@ -207,7 +221,7 @@ pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize
                     .zip(words.chunks(block_size / CODES_PER_WORD))
                     .zip(absmax)
                 {
-                    decode_block(words, absmax, values, block);
+                    decode_block(level, words, absmax, values, block);
                 }
             },
         )
@@ -238,13 +252,13 @@ pub type StateRef<'a> = StateSlice<&'a [u32], &'a [f32]>;
 impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<W, F> {
     /// Writes block `block` (`output.len()` elements) of this state into `output`.
     #[inline(always)]
-    fn read_block(&self, block: usize, block_size: usize, output: &mut [f32]) {
+    fn read_block(&self, level: Level, block: usize, block_size: usize, output: &mut [f32]) {
         let start = block * block_size;
         match self {
             StateSlice::Blockwise { words, absmax, map } => {
                 let first = start / CODES_PER_WORD;
                 let words = &words.as_ref()[first..first + output.len().div_ceil(CODES_PER_WORD)];
-                decode_block(words, absmax.as_ref()[block], &Encoder::get(*map).values, output);
+                decode_block(level, words, absmax.as_ref()[block], &Encoder::get(*map).values, output);
             }
             StateSlice::Full(values) => output.copy_from_slice(&values.as_ref()[start..start + output.len()]),
         }
@@ -285,7 +299,7 @@ impl StateMut<'_> {
     /// Stores `values` as block `block` of this state: the block's new absmax (`max_bits`, the
     /// largest `bits(|x|)` in it) and codes, or the values themselves.
     #[inline(always)]
-    fn write_block(&mut self, block: usize, block_size: usize, values: &[f32], max_bits: u32) {
+    fn write_block(&mut self, level: Level, block: usize, block_size: usize, values: &[f32], max_bits: u32) {
         let start = block * block_size;
         match self {
             StateSlice::Blockwise { words, absmax, map } => {
@@ -293,7 +307,7 @@ impl StateMut<'_> {
                 absmax[block] = scale;
                 let first = start / CODES_PER_WORD;
                 let words = &mut words[first..first + values.len().div_ceil(CODES_PER_WORD)];
-                Encoder::get(*map).encode_into(values, scale, words);
+                Encoder::get(*map).encode_into(level, values, scale, words);
             }
             StateSlice::Full(target) => target[start..start + values.len()].copy_from_slice(values),
         }
@@ -348,7 +362,7 @@ pub fn fused_step<P: ParamElement>(
             (param, grad, states)
         })
         .collect();
-    let step = Step { scalars, lr, grad_scale };
+    let step = Step { level, scalars, lr, grad_scale };
     let skipped = run_tasks(tasks, |(param, grad, mut states)| {
         level.run(
             #[inline(always)]
@@ -361,6 +375,7 @@ pub fn fused_step<P: ParamElement>(
 /// The per-step values every element of [`fused_step`] shares.
 #[derive(Clone, Copy)]
 struct Step<'a> {
+    level: Level,
     scalars: &'a StepScalars,
     lr: f32,
     grad_scale: f32,
@@ -442,7 +457,7 @@ impl Step<'_> {
         let mut skipped = 0u32;
         for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
             let len = param.len();
-            let [s0, s1, s2] = scratch.read(states, block, block_size, len);
+            let [s0, s1, s2] = scratch.read(self.level, states, block, block_size, len);
             let (grad, s0, s1, s2) = (&grad[..len], &mut s0[..len], &mut s1[..len], &mut s2[..len]);
             let mut max_bits = [0u32; 3];
             for i in 0..len {
@@ -464,7 +479,7 @@ impl Step<'_> {
                 }
             }
             for ((state, values), max) in states.iter_mut().zip([&*s0, &*s1, &*s2]).zip(max_bits) {
-                state.write_block(block, block_size, values, max);
+                state.write_block(self.level, block, block_size, values, max);
             }
         }
         skipped
@@ -483,6 +498,7 @@ impl Scratch {
     #[inline(always)]
     fn read<W: AsRef<[u32]>, F: AsRef<[f32]>>(
         &mut self,
+        level: Level,
         states: &[StateSlice<W, F>],
         block: usize,
         block_size: usize,
@@ -492,7 +508,7 @@ impl Scratch {
         let (s1, s2) = rest.split_at_mut(block_size);
         let mut slots = [&mut s0[..len], &mut s1[..len], &mut s2[..len]];
         for (state, slot) in states.iter().zip(slots.iter_mut()) {
-            state.read_block(block, block_size, slot);
+            state.read_block(level, block, block_size, slot);
         }
         slots
     }
@@ -512,7 +528,7 @@ pub fn update_norms<P: ParamElement>(
 ) -> Vec<f32> {
     let level = Level::current();
     let num_blocks = param.len().div_ceil(block_size);
-    let step = Step { scalars, lr: scalars.lr, grad_scale };
+    let step = Step { level, scalars, lr: scalars.lr, grad_scale };
     let mut sums = vec![0f32; 2 * num_blocks];
     let group = blocks_per_task(block_size);
     let tasks: Vec<_> = sums.chunks_mut(2 * group).enumerate().collect();
@@ -525,7 +541,7 @@ pub fn update_norms<P: ParamElement>(
                     let block = task * group + offset;
                     let start = block * block_size;
                     let len = block_size.min(param.len() - start);
-                    let [s0, s1, s2] = scratch.read(states, block, block_size, len);
+                    let [s0, s1, s2] = scratch.read(level, states, block, block_size, len);
                     let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
                     let (mut direction2, mut param2) = (0f32, 0f32);
                     with_constant_rule!(rule, |RULE| {
@@ -560,9 +576,15 @@ pub fn block_absmax(block: &[f32]) -> f32 {
 /// Decodes one block: `map[code] * absmax`, the product taken per element as on the GPU; a block
 /// with a non-finite absmax decodes to the canonical NaN everywhere.
 #[inline(always)]
-fn decode_block(words: &[u32], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
+fn decode_block(level: Level, words: &[u32], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
     if !absmax.is_finite() {
         output.fill(f32::from_bits(rule::CANONICAL_NAN_BITS));
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level.has_avx512() {
+        // SAFETY: the level has AVX-512; `words` hold a code for every element of `output`.
+        unsafe { avx512::decode(&code_bytes(words), absmax, values, output) };
         return;
     }
     for (out, &code) in output.iter_mut().zip(code_bytes(words).iter()) {
@@ -585,11 +607,18 @@ fn code_bytes(words: &[u32]) -> Cow<'_, [u8]> {
 /// thresholds `t[g + 1]`, `t[g + 2]`. Blocks whose absmax lies outside the table's settled range
 /// are binary-searched instead. Every code returned satisfies `t[c] < x <= t[c + 1]` (0 for NaN,
 /// as the search gives): the kernels' `encode::encode_code`, as a loop the compiler vectorises.
+/// At levels with AVX-512 the guesses are gathered 16 at a time and only the elements whose
+/// bucket has thresholds near it are compared (`avx512::encode`).
 struct Encoder {
     values: [f32; MAP_LEN],
     midpoints: [f32; MAP_LEN - 1],
     zero_code: u8,
     guesses: &'static GuessTable,
+    /// Per bucket, the guess in the low byte and in the high byte the number of thresholds that
+    /// may lie among the bucket's ratios (0 where the guess is the code), then one entry of
+    /// padding: AVX-512 gathers entries two at a time.
+    #[cfg(target_arch = "x86_64")]
+    marked: Box<[u16]>,
 }
 
 impl Encoder {
@@ -598,11 +627,20 @@ impl Encoder {
         let slot = MapKind::ALL.iter().position(|&kind| kind == map).expect("listed");
         ENCODERS[slot].get_or_init(|| {
             let table = map.map();
+            let guesses = GuessTable::get(map);
             Encoder {
                 values: *table.values(),
                 midpoints: table.midpoints(),
                 zero_code: table.zero_code(),
-                guesses: GuessTable::get(map),
+                guesses,
+                #[cfg(target_arch = "x86_64")]
+                marked: guesses
+                    .guess
+                    .iter()
+                    .zip(guesses.undecided.iter())
+                    .map(|(&guess, &undecided)| u16::from(guess) | u16::from(undecided) << 8)
+                    .chain([0])
+                    .collect(),
             }
         })
     }
@@ -610,10 +648,10 @@ impl Encoder {
     /// Encodes `block` straight into `words` (`ceil(len / 4)` of them): four codes per word,
     /// little-endian, the unused bytes of a partial last word zero.
     #[inline(always)]
-    fn encode_into(&self, block: &[f32], absmax: f32, words: &mut [u32]) {
+    fn encode_into(&self, level: Level, block: &[f32], absmax: f32, words: &mut [u32]) {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(words);
         let (codes, padding) = bytes.split_at_mut(block.len());
-        self.encode_block(block, absmax, codes);
+        self.encode_block(level, block, absmax, codes);
         padding.fill(0);
         // Code `i` is byte `i` in memory, which is the little-endian order only on
         // little-endian targets; elsewhere each word is swapped (this loop is empty on x86-64
@@ -624,7 +662,7 @@ impl Encoder {
     }
 
     #[inline(always)]
-    fn encode_block(&self, block: &[f32], absmax: f32, codes: &mut [u8]) {
+    fn encode_block(&self, level: Level, block: &[f32], absmax: f32, codes: &mut [u8]) {
         if !(absmax > 0.0 && absmax.is_finite()) {
             codes.fill(self.zero_code);
             return;
@@ -637,13 +675,25 @@ impl Encoder {
             return;
         }
         let inverse = 1.0 / absmax;
+        #[cfg(target_arch = "x86_64")]
+        if level.has_avx512() {
+            // SAFETY: the level has AVX-512; `marked` has an entry per key plus one.
+            unsafe { avx512::encode(block, inverse, &self.marked, &bounds, codes) };
+            return;
+        }
         let guess = &self.guesses.guess;
         for (code, &x) in codes.iter_mut().zip(block) {
-            let below = usize::from(guess[((x * inverse).to_bits() >> GUESS_SHIFT) as usize]);
-            let settled = below + usize::from(x > bounds[below + 1]) + usize::from(x > bounds[below + 2]);
-            *code = settled as u8;
+            *code = settle(&bounds, guess[((x * inverse).to_bits() >> GUESS_SHIFT) as usize], x);
         }
     }
+}
+
+/// The code of `x` from its bucket's guess `below`: the two thresholds above it that may lie
+/// below `x`, counted (see [`GuessTable`]).
+#[inline(always)]
+fn settle(bounds: &[f32; BOUNDS], below: u8, x: f32) -> u8 {
+    let below = usize::from(below);
+    (below + usize::from(x > bounds[below + 1]) + usize::from(x > bounds[below + 2])) as u8
 }
 
 /// The code of `x` under a block's `bounds`: the number of thresholds below it, by branch-free
@@ -874,7 +924,8 @@ mod tests {
             let midpoints = map.midpoints();
             // Inside the absmax range the guess table serves, and outside it on both sides.
             for absmax in [1.0f32, 3.7e-7, 1.0e30, 0.013, 65504.0, 1.0e-36, 1.0e38] {
-                let block: Vec<f32> = (0..4096)
+                // Not a multiple of 16 lanes: the last vector is partial.
+                let block: Vec<f32> = (0..4096 + 13)
                     .map(|i| {
                         let unit = next_unit(&mut state);
                         // Thresholds and their neighbours: where rounding the ratio could mislead.
@@ -904,10 +955,12 @@ mod tests {
                         }
                     })
                     .collect();
-                let mut codes = vec![0u8; block.len()];
-                encoder.encode_block(&block, absmax, &mut codes);
-                for (&x, &code) in block.iter().zip(&codes) {
-                    assert_eq!(code, reference_code(x, absmax, &midpoints), "{kind:?} x={x:e}");
+                for level in available_levels() {
+                    let mut codes = vec![0u8; block.len()];
+                    level.run(|| encoder.encode_block(level, &block, absmax, &mut codes));
+                    for (&x, &code) in block.iter().zip(&codes) {
+                        assert_eq!(code, reference_code(x, absmax, &midpoints), "{kind:?} {level:?} x={x:e}");
+                    }
                 }
             }
         }
@@ -942,11 +995,12 @@ mod tests {
     #[test]
     fn codes_are_packed_little_endian_and_zero_padded() {
         let encoder = Encoder::get(MapKind::LinearSigned);
+        let level = Level::current();
         let block = [-1.0, -0.5, 0.0, 0.5, 1.0];
         let mut codes = [0u8; 5];
-        encoder.encode_block(&block, 1.0, &mut codes);
+        encoder.encode_block(level, &block, 1.0, &mut codes);
         let mut words = [u32::MAX; 2];
-        encoder.encode_into(&block, 1.0, &mut words);
+        encoder.encode_into(level, &block, 1.0, &mut words);
         assert_eq!(words, [u32::from_le_bytes([codes[0], codes[1], codes[2], codes[3]]), u32::from(codes[4])]);
     }
 }

@@ -41,6 +41,11 @@ pub(crate) const TABLE_STRIDE: usize = GUESSES + GUESS_LEN / 4;
 pub(crate) struct GuessTable {
     /// Per bucket: `g`.
     pub(crate) guess: Box<[u8; GUESS_LEN]>,
+    /// Per bucket: how many thresholds above `g` may lie below some `x` of the bucket (at most
+    /// [`COMPARISONS`]); where none, `g` is the code of every `x` of the bucket. Only the
+    /// AVX-512 encoder skips the comparisons where it can.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) undecided: Box<[u8; GUESS_LEN]>,
     /// The absmax for which the ratio and every threshold are normal floats (or zero), so the
     /// rounding bound of [`GuessTable::new`] holds.
     pub(crate) settled_absmax: RangeInclusive<f32>,
@@ -64,15 +69,17 @@ impl GuessTable {
         // only the ones nearer need comparing.
         let margin = |midpoint: f32| midpoint.abs() * 2f32.powi(-20) + 2f32.powi(-120);
         let mut guess = Box::new([0u8; GUESS_LEN]);
-        for (key, slot) in guess.iter_mut().enumerate() {
+        let mut undecided = Box::new([0u8; GUESS_LEN]);
+        for (key, (guess, undecided)) in guess.iter_mut().zip(undecided.iter_mut()).enumerate() {
             let (low, high) = bucket_range(key);
-            *slot = if low.is_finite() && high.is_finite() {
+            *guess = if low.is_finite() && high.is_finite() {
                 let certainly_below = midpoints.partition_point(|&m| m + margin(m) < low);
                 let possibly_below = midpoints.partition_point(|&m| m - margin(m) < high);
                 assert!(
                     possibly_below - certainly_below <= COMPARISONS,
                     "{kind:?}: more than {COMPARISONS} thresholds near the ratios of bucket {key:#06x}"
                 );
+                *undecided = (possibly_below - certainly_below) as u8;
                 certainly_below as u8
             } else if low == f32::INFINITY {
                 // +∞, or a finite `x` above `absmax · 2^128`: above every threshold.
@@ -84,7 +91,7 @@ impl GuessTable {
             };
         }
         let smallest = midpoints.iter().map(|m| m.abs()).filter(|&m| m > 0.0).fold(1.0, f32::min);
-        Self { guess, settled_absmax: (2.0 * f32::MIN_POSITIVE / smallest)..=2f32.powi(125) }
+        Self { guess, undecided, settled_absmax: (2.0 * f32::MIN_POSITIVE / smallest)..=2f32.powi(125) }
     }
 }
 
@@ -162,6 +169,38 @@ mod tests {
             assert!(low <= high || low.is_nan());
             assert_eq!((low.to_bits() >> GUESS_SHIFT) as usize, key);
             assert_eq!((high.to_bits() >> GUESS_SHIFT) as usize, key);
+        }
+    }
+
+    #[test]
+    fn a_bucket_without_undecided_thresholds_guesses_the_code() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for kind in MapKind::ALL {
+            let table = GuessTable::get(kind);
+            let midpoints = kind.map().midpoints();
+            let mut decided = 0;
+            for absmax in [1.0f32, 3.7e-7, 0.013, 65504.0] {
+                let thresholds = &block_bounds(&midpoints, absmax)[1..MAP_LEN];
+                for _ in 0..200_000 {
+                    // Ratios spread over every binade of the maps, both signs.
+                    let ratio = f32::from_bits(0x3380_0000 + (next() >> 40) as u32 % 0x0c00_0000)
+                        * if next() & 1 == 0 { 1.0 } else { -1.0 };
+                    let x = ratio * absmax;
+                    let key = ((x * (1.0 / absmax)).to_bits() >> GUESS_SHIFT) as usize;
+                    if table.undecided[key] == 0 {
+                        decided += 1;
+                        let code = thresholds.iter().filter(|&&t| x > t).count();
+                        assert_eq!(usize::from(table.guess[key]), code, "{kind:?} absmax {absmax:e} x {x:e}");
+                    }
+                }
+            }
+            assert!(decided > 100_000, "{kind:?}: most ratios lie in decided buckets ({decided})");
         }
     }
 

@@ -1,0 +1,113 @@
+//! The two block loops of the CPU twin that the compiler cannot vectorise, written with AVX-512
+//! (F, BW, VL) intrinsics: both are table lookups, which the portable loops do lane by lane.
+//! They produce exactly the portable loops' results; `cpu.rs` calls them at levels with
+//! AVX-512 and its tests compare every level bit for bit.
+//!
+//! Gathers are the obvious tool and the slow one on the CPUs measured (AMD Zen 4: a 16-lane
+//! gather from a 1 KiB table decoded slower than the scalar loop), so the decode table lives in
+//! registers and is read by permutes, and the encoder gathers only its guess.
+
+use std::arch::x86_64::*;
+
+use super::settle;
+use crate::encode::{BOUNDS, GUESS_SHIFT};
+use crate::map::MAP_LEN;
+
+/// `f32` lanes of a 512-bit register.
+const LANES: usize = 16;
+
+/// Elements the encoder guesses before it settles the undecided ones: indices fit in a byte.
+const CHUNK: usize = 256;
+
+/// The first `len` lanes (all of them when `len >= LANES`).
+#[inline(always)]
+fn lane_mask(len: usize) -> __mmask16 {
+    if len >= LANES { __mmask16::MAX } else { (1 << len) - 1 }
+}
+
+/// Decodes `codes` into `output` (as many elements): `values[code] * absmax` per element.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `codes` is at least as long as `output`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn decode(codes: &[u8], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
+    debug_assert!(codes.len() >= output.len());
+    let scale = _mm512_set1_ps(absmax);
+    // SAFETY: each load reads 16 of the 256 values.
+    let table: [__m512; MAP_LEN / LANES] =
+        std::array::from_fn(|part| unsafe { _mm512_loadu_ps(values.as_ptr().add(part * LANES)) });
+    for start in (0..output.len()).step_by(LANES) {
+        let mask = lane_mask(output.len() - start);
+        // SAFETY: masked lanes are neither read nor written, the others lie inside both slices.
+        unsafe {
+            let code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, codes.as_ptr().add(start).cast()));
+            let value = _mm512_mul_ps(lookup(&table, code), scale);
+            _mm512_mask_storeu_ps(output.as_mut_ptr().add(start), mask, value);
+        }
+    }
+}
+
+/// `table[index]` per lane, for indices below 256 and a table of 256 entries held in 16
+/// registers: a two-register permute per pair of registers, then three blends on the index's
+/// top bits.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn lookup(table: &[__m512; MAP_LEN / LANES], index: __m512i) -> __m512 {
+    let bit = |bit: i32| _mm512_test_epi32_mask(index, _mm512_set1_epi32(bit));
+    let (bit5, bit6, bit7) = (bit(32), bit(64), bit(128));
+    let pairs: [__m512; 8] =
+        std::array::from_fn(|pair| _mm512_permutex2var_ps(table[2 * pair], index, table[2 * pair + 1]));
+    let quarters: [__m512; 4] = std::array::from_fn(|q| _mm512_mask_blend_ps(bit5, pairs[2 * q], pairs[2 * q + 1]));
+    let halves = [
+        _mm512_mask_blend_ps(bit6, quarters[0], quarters[1]),
+        _mm512_mask_blend_ps(bit6, quarters[2], quarters[3]),
+    ];
+    _mm512_mask_blend_ps(bit7, halves[0], halves[1])
+}
+
+/// Encodes `block` into `codes` (as many): per element the bucket's guess, gathered 16 at a time
+/// from `marked` (the guess in each entry's low byte, a non-zero high byte where thresholds lie
+/// near the bucket), then [`settle`] for just the elements whose bucket has thresholds near it.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `marked` holds an entry for every 16-bit key plus one;
+/// `codes` is as long as `block`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
+pub(super) unsafe fn encode(
+    block: &[f32],
+    inverse: f32,
+    marked: &[u16],
+    bounds: &[f32; BOUNDS],
+    codes: &mut [u8],
+) {
+    debug_assert_eq!(marked.len(), (1 << (32 - GUESS_SHIFT)) + 1);
+    debug_assert_eq!(block.len(), codes.len());
+    let inverse = _mm512_set1_ps(inverse);
+    let lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (block, codes) in block.chunks(CHUNK).zip(codes.chunks_mut(CHUNK)) {
+        // Indices into the chunk of the undecided elements; 16 bytes of room for the last store.
+        let mut undecided = [0u8; CHUNK + LANES];
+        let mut count = 0;
+        for start in (0..block.len()).step_by(LANES) {
+            let mask = lane_mask(block.len() - start);
+            // SAFETY: masked lanes are neither read nor written; the others lie inside `block`
+            // and `codes`; a key is at most 0xffff, and the gather reads entries key and key + 1;
+            // `count + 16` never passes the end of `undecided`.
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(mask, block.as_ptr().add(start));
+                let key = _mm512_srli_epi32::<{ GUESS_SHIFT }>(_mm512_castps_si512(_mm512_mul_ps(x, inverse)));
+                let entry = _mm512_mask_i32gather_epi32::<2>(_mm512_setzero_si512(), mask, key, marked.as_ptr().cast());
+                _mm512_mask_cvtepi32_storeu_epi8(codes.as_mut_ptr().add(start).cast(), mask, entry);
+                let open = _mm512_mask_test_epi32_mask(mask, entry, _mm512_set1_epi32(0xff00));
+                let index = _mm512_add_epi32(lane, _mm512_set1_epi32(start as i32));
+                let packed = _mm512_cvtepi32_epi8(_mm512_maskz_compress_epi32(open, index));
+                _mm_storeu_si128(undecided.as_mut_ptr().add(count).cast(), packed);
+                count += open.count_ones() as usize;
+            }
+        }
+        for &i in &undecided[..count] {
+            let i = usize::from(i);
+            codes[i] = settle(bounds, codes[i], block[i]);
+        }
+    }
+}
