@@ -514,9 +514,39 @@ impl Scratch {
     }
 }
 
+/// Partial sums of a block's norms: element `i` adds into lane `i % SUM_LANES`, so the lanes
+/// are independent chains the compiler keeps in one vector register (a single running sum is
+/// one chain of dependent additions, which took longer than the whole fused step).
+const SUM_LANES: usize = 16;
+
+/// The sum of `terms`: element `i` is added into lane `i % SUM_LANES`, then the lanes are
+/// added in a fixed order, halving them each round, so every level adds in the same order.
+#[inline(always)]
+fn lane_sum(terms: &[f32]) -> f32 {
+    let mut lanes = [0f32; SUM_LANES];
+    let mut chunks = terms.chunks_exact(SUM_LANES);
+    for chunk in &mut chunks {
+        for (lane, &term) in lanes.iter_mut().zip(chunk) {
+            *lane += term;
+        }
+    }
+    for (lane, &term) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane += term;
+    }
+    let mut width = SUM_LANES;
+    while width > 1 {
+        width /= 2;
+        for lane in 0..width {
+            lanes[lane] += lanes[lane + width];
+        }
+    }
+    lanes[0]
+}
+
 /// The first pass of LAMB and LARS: per block, the sums of `direction²` and `p²` of the update
 /// `fused_step` would apply (states read, nothing written), as `[d₀, p₀, d₁, p₁, …]`.
-/// Skipped elements contribute nothing to the direction's sum.
+/// Skipped elements contribute nothing to the direction's sum. Each sum runs over
+/// [`SUM_LANES`] partial sums, added in a fixed order.
 pub fn update_norms<P: ParamElement>(
     rule: StepRule,
     scalars: &StepScalars,
@@ -536,25 +566,31 @@ pub fn update_norms<P: ParamElement>(
         level.run(
             #[inline(always)]
             || {
+                // A local copy, as in `Step::blocks_with`: the loop's stores cannot alias it.
+                let scalars = *step.scalars;
+                let step = Step { scalars: &scalars, ..step };
                 let mut scratch = Scratch::new(block_size);
+                let (mut direction2, mut param2) = (vec![0f32; block_size], vec![0f32; block_size]);
                 for (offset, sums) in sums.chunks_mut(2).enumerate() {
                     let block = task * group + offset;
                     let start = block * block_size;
                     let len = block_size.min(param.len() - start);
                     let [s0, s1, s2] = scratch.read(level, states, block, block_size, len);
                     let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
-                    let (mut direction2, mut param2) = (0f32, 0f32);
+                    // Every slice cut to `len`, so the loop below has no bounds checks and vectorises.
+                    let (s0, s1, s2) = (&s0[..len], &s1[..len], &s2[..len]);
+                    let (direction2, param2) = (&mut direction2[..len], &mut param2[..len]);
                     with_constant_rule!(rule, |RULE| {
                         for i in 0..len {
                             let p = param[i].to_f32();
                             let (_, direction, _) =
                                 step_element(step, RULE, step.lr, p, grad[i].to_f32(), [s0[i], s1[i], s2[i]]);
-                            direction2 += direction * direction;
-                            param2 += p * p;
+                            direction2[i] = direction * direction;
+                            param2[i] = p * p;
                         }
                     });
-                    sums[0] = direction2;
-                    sums[1] = param2;
+                    sums[0] = lane_sum(direction2);
+                    sums[1] = lane_sum(param2);
                 }
             },
         )
