@@ -12,7 +12,7 @@ mod common;
 
 use std::process::ExitCode;
 
-use burn_8bit::conformance::{VectorFile, run_case};
+use burn_8bit_conformance::{VectorFile, run_case};
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -56,7 +56,7 @@ fn run(args: Vec<String>) -> Result<bool, String> {
                 failed += 1;
                 let stem = path.file_stem().unwrap_or_default().to_string_lossy();
                 let reason = error.to_string().replace(char::is_whitespace, "_");
-                format!("{stem} unknown FAIL reason={reason} hash={:016x}", burn_8bit::conformance::fnv1a64([]))
+                format!("{stem} unknown FAIL reason={reason} hash={:016x}", burn_8bit_conformance::fnv1a64([]))
             }
         };
         println!("{line}");

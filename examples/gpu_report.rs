@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_8bit::conformance::{VectorFile, run_case};
+use burn_8bit_conformance::{VectorFile, run_case};
 use burn_8bit::ops::{BlockQuantized, BlockSize, MapKind};
 use burn_8bit::Adam8bitConfig;
 

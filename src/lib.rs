@@ -13,8 +13,7 @@
 //!   same name (AdEMAMix and LARS follow bitsandbytes), with checkpoints ([`load_record_checked`],
 //!   [`SwitchRecord`], [`SwitchGroups`]) and a state-memory report ([`StateReport`]);
 //! - [`nn`]: [`nn::StableEmbedding`], the paper's embedding layer for stable 8-bit training,
-//!   and [`nn::keep_embeddings_32bit`], which keeps its weight on 32-bit state;
-//! - [`conformance`]: replays bitsandbytes' reference vectors and judges the results.
+//!   and [`nn::keep_embeddings_32bit`], which keeps its weight on 32-bit state.
 //!
 //! Backends are compiled in by Cargo feature (`flex` by default, `ndarray`, `wgpu`, `vulkan`,
 //! `cuda`, `cpu`) and picked at run time by the [`burn::tensor::Device`] a tensor lives on.
@@ -44,5 +43,3 @@ pub use burn_8bit_optim::{
     ParamStateReport, RecordChecksum, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig,
     StateLayout, StateReport, SwitchGroups, SwitchRecord, load_record_checked,
 };
-
-pub mod conformance;

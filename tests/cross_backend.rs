@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use burn_8bit::conformance::{VectorFile, run_case};
+use burn_8bit_conformance::{VectorFile, run_case};
 use burn_8bit::{BlockQuantized, BlockSize, MapKind};
 use common::{Rng, devices, vector_files};
 

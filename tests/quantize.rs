@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
-use burn_8bit::conformance::{VectorFile, run_case};
+use burn_8bit_conformance::{VectorFile, run_case};
 use burn_8bit::{BlockQuantized, BlockSize, MapKind, QuantError};
 use common::{Rng, devices, vector_files};
 
@@ -93,7 +93,7 @@ fn any_length_round_trips_with_partial_blocks() {
             for (i, (&x, &yi)) in input.iter().zip(&y).enumerate() {
                 let a = absmax[i / 64];
                 assert_eq!(yi.to_bits(), (map.values()[codes[i] as usize] * a).to_bits());
-                assert!(burn_8bit::conformance::is_nearest(&map, x, codes[i], a), "[{name}] len {len} i {i}");
+                assert!(burn_8bit_conformance::is_nearest(&map, x, codes[i], a), "[{name}] len {len} i {i}");
             }
             let words = q.codes().clone().into_data().try_to_vec::<u32>().unwrap();
             if len % 4 != 0 {

@@ -10,8 +10,8 @@ use burn::tensor::{Device, FloatDType, Tensor};
 /// Every `.safetensors` vector file (of `VectorFile::default_dir`), in name order; fails loudly
 /// when there are none.
 pub fn vector_files() -> Vec<PathBuf> {
-    let dir = burn_8bit::conformance::VectorFile::default_dir();
-    let files = burn_8bit::conformance::VectorFile::list(&dir)
+    let dir = burn_8bit_conformance::VectorFile::default_dir();
+    let files = burn_8bit_conformance::VectorFile::list(&dir)
         .unwrap_or_else(|error| panic!("reference vectors not found ({error}); set BURN8BIT_VECTORS"));
     assert!(!files.is_empty(), "no vectors in {}", dir.display());
     files

@@ -3,16 +3,18 @@
 //! judges the result.
 //!
 //! The `conformance` example is a command-line front end to [`run_case`]; the test suite calls
-//! the same function, so the runner and `cargo test` apply one set of criteria.
+//! the same function, so the runner and `cargo test` apply one set of criteria. This crate is
+//! not published: it serves the repository's example, tests and CI, so that the crates users
+//! compile carry neither the runner nor its `safetensors` dependency.
 //!
 //! ```no_run
 //! use burn::tensor::Device;
-//! use burn_8bit::conformance::{VectorFile, run_case};
+//! use burn_8bit_conformance::{VectorFile, run_case};
 //!
 //! let file = VectorFile::open(VectorFile::default_dir().join("maps.safetensors"))?;
 //! let report = run_case(&file, &Device::default());
 //! println!("{}", report.line());
-//! # Ok::<(), burn_8bit::conformance::VectorError>(())
+//! # Ok::<(), burn_8bit_conformance::VectorError>(())
 //! ```
 
 use std::collections::HashMap;
@@ -79,7 +81,7 @@ impl VectorFile {
     pub fn default_dir() -> PathBuf {
         match std::env::var_os("BURN8BIT_VECTORS") {
             Some(dir) => PathBuf::from(dir),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bitsandbytes-0.50.2"),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/bitsandbytes-0.50.2"),
         }
     }
 
