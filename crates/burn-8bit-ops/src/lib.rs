@@ -3,6 +3,7 @@
 //!
 //! - [`CodeMap`] / [`MapKind`]: the dynamic and linear maps of bitsandbytes, bit for bit.
 //! - [`BlockQuantized`]: quantize any tensor into packed codes plus per-block absmax, and back.
+//! - [`host`]: the same codes on plain slices, without a device (what records hold).
 //! - [`BlockwiseOps`]: the backend-extension trait, implemented by CubeCL kernels (`wgpu`, `cuda`,
 //!   `cpu` features) and by a native CPU twin (`flex`, `ndarray`) with bit-identical results.
 //!
@@ -25,6 +26,7 @@ pub mod cpu;
 mod encode;
 mod error;
 mod ext;
+pub mod host;
 mod map;
 mod quantized;
 mod rule;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use burn::module::{ParamGroup, ParamId};
 use burn::optim::OptimizerRecord;
 use burn::tensor::{Bytes, TensorData};
-use burn_8bit_ops::{MapFamily, StepRule, cpu};
+use burn_8bit_ops::{MapFamily, StepRule, host};
 use burn_pack::{Scalar, Writer};
 
 use crate::engine::{StateSettings, UpdateRule};
@@ -289,7 +289,7 @@ fn from_burn(
         }
         slots.push(match block_size {
             Some(block_size) => {
-                let (words, absmax) = cpu::quantize(&values, map, block_size.get());
+                let (words, absmax) = host::quantize(&values, map, block_size);
                 SlotData::Quantized { words, absmax }
             }
             None => SlotData::Full(values),
@@ -336,13 +336,12 @@ fn to_burn(
             .map(|(slot, map)| match slot {
                 SlotData::Quantized { words, absmax } => {
                     let (block_size, _) = fields.layout.expect("8-bit slots come with their layout");
-                    let mut values = vec![0.0; len];
-                    cpu::dequantize(words, absmax, map, block_size.get(), &mut values);
-                    values
+                    host::dequantize(words, absmax, map, block_size, len)
+                        .map_err(|error| LoadError::Corrupt { param_id, reason: error.to_string() })
                 }
-                SlotData::Full(values) => values.clone(),
+                SlotData::Full(values) => Ok(values.clone()),
             })
-            .collect(),
+            .collect::<Result<_, _>>()?,
     };
     let dims = fields.shape.clone();
     let mut converted = BTreeMap::new();

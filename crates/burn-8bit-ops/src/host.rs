@@ -1,0 +1,50 @@
+//! Block-wise codes in host memory, without a device: the form checkpoint records hold.
+//!
+//! The codes are those [`crate::BlockQuantized`] produces on every backend (the CPU twin
+//! computes them here), for code that holds plain slices rather than tensors, such as the
+//! conversion of a record between `f32` and 8-bit states.
+//!
+//! ```
+//! use burn_8bit_ops::{BlockSize, MapKind, host};
+//!
+//! let values = [0.5, -2.0, 0.0];
+//! let (words, absmax) = host::quantize(&values, MapKind::DynamicSigned, BlockSize::DEFAULT);
+//! assert_eq!(absmax, [2.0]);
+//! let decoded = host::dequantize(&words, &absmax, MapKind::DynamicSigned, BlockSize::DEFAULT, values.len())?;
+//! assert_eq!(decoded[2], 0.0);
+//! assert!(host::dequantize(&words, &[], MapKind::DynamicSigned, BlockSize::DEFAULT, 3).is_err());
+//! # Ok::<(), burn_8bit_ops::QuantError>(())
+//! ```
+
+use crate::{BlockSize, MapKind, QuantError, cpu, num_words};
+
+/// The packed codes (`num_words(values.len())` words) and the per-block absmax of `values`
+/// quantized block-wise in `map`.
+pub fn quantize(values: &[f32], map: MapKind, block_size: BlockSize) -> (Vec<u32>, Vec<f32>) {
+    cpu::quantize(values, map, block_size.get())
+}
+
+/// The `len` values that `words` and `absmax` encode in `map`, or [`QuantError::Inconsistent`]
+/// when their lengths do not describe `len` values at `block_size`.
+pub fn dequantize(
+    words: &[u32],
+    absmax: &[f32],
+    map: MapKind,
+    block_size: BlockSize,
+    len: usize,
+) -> Result<Vec<f32>, QuantError> {
+    let (expected_words, expected_blocks) = (num_words(len), block_size.num_blocks(len));
+    if words.len() != expected_words || absmax.len() != expected_blocks {
+        return Err(QuantError::Inconsistent {
+            reason: format!(
+                "{len} values at block size {} take {expected_words} words and {expected_blocks} absmax, not {} and {}",
+                block_size.get(),
+                words.len(),
+                absmax.len()
+            ),
+        });
+    }
+    let mut values = vec![0.0; len];
+    cpu::dequantize(words, absmax, map, block_size.get(), &mut values);
+    Ok(values)
+}
