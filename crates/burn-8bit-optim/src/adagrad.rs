@@ -84,3 +84,27 @@ impl UpdateRule for AdaGrad8bit {
 }
 
 impl_optimizer!(AdaGrad8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{assert_close, assert_rejects};
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(AdaGrad8bitConfig::new().validate().is_ok());
+        assert_rejects(AdaGrad8bitConfig::new().with_lr_decay(-1.0).try_build(), "lr_decay");
+        assert_rejects(AdaGrad8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");
+        let negative = Some(WeightDecayConfig::new(-1.0));
+        assert_rejects(AdaGrad8bitConfig::new().with_weight_decay(negative).try_build(), "weight_decay.penalty");
+    }
+
+    #[test]
+    fn the_step_size_decays_with_the_step_count() {
+        let optimizer = AdaGrad8bitConfig::new().with_lr_decay(0.5).build();
+        assert_close(optimizer.scalars(0.1, 1).lr, 0.1);
+        // lr / (1 + (t − 1)·lr_decay) at t = 3.
+        assert_close(optimizer.scalars(0.1, 3).lr, 0.05);
+        assert_eq!(optimizer.step_rule(), StepRule::AdaGrad);
+    }
+}

@@ -110,3 +110,33 @@ impl UpdateRule for Adam8bit {
 }
 
 impl_optimizer!(Adam8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{assert_close, assert_rejects};
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(Adam8bitConfig::new().validate().is_ok());
+        assert_rejects(Adam8bitConfig::new().with_beta_1(1.0).try_build(), "beta_1");
+        assert_rejects(Adam8bitConfig::new().with_beta_2(-0.1).try_build(), "beta_2");
+        assert_rejects(Adam8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");
+        let negative = Some(WeightDecayConfig::new(-1.0));
+        assert_rejects(Adam8bitConfig::new().with_weight_decay(negative).try_build(), "weight_decay.penalty");
+    }
+
+    #[test]
+    fn bias_corrections_fold_into_the_step_size_and_epsilon() {
+        let optimizer = Adam8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.01))).build();
+        let scalars = optimizer.scalars(1e-3, 1);
+        // lr·√(1 − β2)/(1 − β1) and ε·√(1 − β2) at t = 1, of the `f32` betas.
+        let (beta_1, beta_2) = (f64::from(0.9f32), f64::from(0.999f32));
+        assert_close(scalars.lr, 1e-3 * (1.0 - beta_2).sqrt() / (1.0 - beta_1));
+        assert_close(scalars.eps, f64::from(1e-5f32) * (1.0 - beta_2).sqrt());
+        assert_eq!((scalars.penalty, scalars.decay), (0.01, 1.0));
+        assert_eq!(optimizer.step_rule(), StepRule::Adam { amsgrad: false, cautious: false });
+        let amsgrad = Adam8bitConfig::new().with_amsgrad(true).build();
+        assert_eq!(amsgrad.step_rule(), StepRule::Adam { amsgrad: true, cautious: false });
+    }
+}

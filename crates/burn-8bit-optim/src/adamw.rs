@@ -101,3 +101,30 @@ impl UpdateRule for AdamW8bit {
 }
 
 impl_optimizer!(AdamW8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{assert_close, assert_rejects};
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(AdamW8bitConfig::new().validate().is_ok());
+        assert_rejects(AdamW8bitConfig::new().with_beta_1(-0.5).try_build(), "beta_1");
+        assert_rejects(AdamW8bitConfig::new().with_beta_2(1.0).try_build(), "beta_2");
+        assert_rejects(AdamW8bitConfig::new().with_epsilon(-1e-8).try_build(), "epsilon");
+        assert_rejects(AdamW8bitConfig::new().with_weight_decay(-0.1).try_build(), "weight_decay");
+    }
+
+    #[test]
+    fn decoupled_weight_decay_scales_the_parameter() {
+        let optimizer = AdamW8bitConfig::new().with_weight_decay(0.1).with_cautious_weight_decay(true).build();
+        let scalars = optimizer.scalars(1e-2, 2);
+        assert_close(scalars.decay, 1.0 - 1e-2 * 0.1);
+        assert_eq!(scalars.penalty, 0.0);
+        // t = 2: lr·√(1 − β2²)/(1 − β1²), of the `f32` betas.
+        let (beta_1, beta_2) = (f64::from(0.9f32), f64::from(0.999f32));
+        assert_close(scalars.lr, 1e-2 * (1.0 - beta_2.powi(2)).sqrt() / (1.0 - beta_1.powi(2)));
+        assert_eq!(optimizer.step_rule(), StepRule::Adam { amsgrad: false, cautious: true });
+    }
+}

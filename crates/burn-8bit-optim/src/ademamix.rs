@@ -153,3 +153,33 @@ impl UpdateRule for AdEMAMix8bit {
 }
 
 impl_optimizer!(AdEMAMix8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{assert_close, assert_rejects};
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(AdEMAMix8bitConfig::new().validate().is_ok());
+        assert_rejects(AdEMAMix8bitConfig::new().with_beta_3(1.0).try_build(), "beta_3");
+        assert_rejects(AdEMAMix8bitConfig::new().with_alpha(-1.0).try_build(), "alpha");
+        assert_rejects(AdEMAMix8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");
+        assert_rejects(AdEMAMix8bitConfig::new().with_t_alpha(Some(0)).try_build(), "t_alpha");
+        assert_rejects(AdEMAMix8bitConfig::new().with_t_beta3(Some(0)).try_build(), "t_beta3");
+    }
+
+    #[test]
+    fn alpha_and_beta_3_warm_up_over_their_schedules() {
+        let optimizer = AdEMAMix8bitConfig::new().with_t_alpha(Some(100)).with_t_beta3(Some(100)).build();
+        assert_close(optimizer.scalars(1e-3, 50).alpha, 2.5);
+        assert_close(optimizer.scalars(1e-3, 200).alpha, 5.0);
+        // β3 starts near β1 and reaches its own value at the end of the schedule.
+        let beta_3: Vec<f32> = [1, 50, 100].map(|time| optimizer.scalars(1e-3, time).beta3).into();
+        assert!(0.9 < beta_3[0] && beta_3[0] < beta_3[1] && beta_3[1] < beta_3[2], "{beta_3:?}");
+        assert_close(beta_3[2], f64::from(0.9999f32));
+        let first = optimizer.scalars(1e-3, 1);
+        assert_close(first.correction1, 1.0 - f64::from(0.9f32));
+        assert_close(first.correction2, (1.0 - f64::from(0.999f32)).sqrt());
+    }
+}

@@ -106,3 +106,21 @@ pub(crate) fn check_positive(name: &'static str, value: f64) -> Result<(), Confi
 pub(crate) fn check_non_negative(name: &'static str, value: f64) -> Result<(), ConfigError> {
     check_range(name, value, 0.0, f64::MAX, true, "a finite value >= 0")
 }
+
+/// Asserts that `result` is a [`ConfigError::OutOfRange`] naming `field`.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_rejects<T: std::fmt::Debug>(result: Result<T, ConfigError>, field: &str) {
+    match result {
+        Err(ConfigError::OutOfRange { name, .. }) => assert_eq!(name, field),
+        other => panic!("expected `{field}` to be rejected, got {other:?}"),
+    }
+}
+
+/// Asserts that `actual` is `expected` within a relative `1e-6`.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_close(actual: f32, expected: f64) {
+    let error = (f64::from(actual) - expected).abs();
+    assert!(error <= 1e-6 * expected.abs(), "{actual} is not {expected}");
+}

@@ -108,3 +108,29 @@ impl UpdateRule for Lamb8bit {
 }
 
 impl_optimizer!(Lamb8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{assert_close, assert_rejects};
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(Lamb8bitConfig::new().validate().is_ok());
+        assert_rejects(Lamb8bitConfig::new().with_beta_1(1.0).try_build(), "beta_1");
+        assert_rejects(Lamb8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");
+        assert_rejects(Lamb8bitConfig::new().with_weight_decay(-0.1).try_build(), "weight_decay");
+    }
+
+    #[test]
+    fn the_trust_ratio_is_optional() {
+        let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).build();
+        assert_eq!(optimizer.trust(), Some(Trust::Lamb));
+        assert_eq!(Lamb8bitConfig::new().with_use_trust_ratio(false).build().trust(), None);
+        let scalars = optimizer.scalars(1e-3, 1);
+        // LAMB's corrections are 1 − β^t, the second without a square root.
+        assert_close(scalars.correction1, 1.0 - f64::from(0.9f32));
+        assert_close(scalars.correction2, 1.0 - f64::from(0.999f32));
+        assert_eq!(scalars.weight_decay, 0.01);
+    }
+}

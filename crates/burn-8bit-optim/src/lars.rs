@@ -101,3 +101,28 @@ impl UpdateRule for Lars8bit {
 }
 
 impl_optimizer!(Lars8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::assert_rejects;
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(Lars8bitConfig::new().validate().is_ok());
+        assert_rejects(Lars8bitConfig::new().with_momentum(1.0).try_build(), "momentum");
+        assert_rejects(Lars8bitConfig::new().with_dampening(1.5).try_build(), "dampening");
+        assert_rejects(Lars8bitConfig::new().with_weight_decay(-1.0).try_build(), "weight_decay");
+        assert_rejects(Lars8bitConfig::new().with_max_unorm(0.0).try_build(), "max_unorm");
+    }
+
+    #[test]
+    fn momentum_with_a_clipped_trust_ratio() {
+        let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).with_dampening(0.1).build();
+        assert_eq!(optimizer.trust(), Some(Trust::Lars { max_unorm: 0.02 }));
+        assert_eq!(optimizer.step_rule(), StepRule::Momentum { nesterov: false });
+        let (first, later) = (optimizer.scalars(0.1, 1), optimizer.scalars(0.1, 2));
+        assert_eq!((first.beta1, first.beta3, first.penalty, first.first_step), (0.9, 0.9, 1e-4, 1));
+        assert_eq!(later.first_step, 0);
+    }
+}

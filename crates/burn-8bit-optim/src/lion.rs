@@ -84,3 +84,24 @@ impl UpdateRule for Lion8bit {
 }
 
 impl_optimizer!(Lion8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{assert_close, assert_rejects};
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(Lion8bitConfig::new().validate().is_ok());
+        assert_rejects(Lion8bitConfig::new().with_beta_1(1.0).try_build(), "beta_1");
+        assert_rejects(Lion8bitConfig::new().with_beta_2(1.5).try_build(), "beta_2");
+        assert_rejects(Lion8bitConfig::new().with_weight_decay(-1.0).try_build(), "weight_decay");
+    }
+
+    #[test]
+    fn weight_decay_is_decoupled() {
+        let scalars = Lion8bitConfig::new().with_weight_decay(0.5).build().scalars(1e-2, 4);
+        assert_close(scalars.decay, 1.0 - 1e-2 * 0.5);
+        assert_eq!((scalars.lr, scalars.beta1, scalars.beta2, scalars.penalty), (1e-2, 0.9, 0.99, 0.0));
+    }
+}

@@ -153,3 +153,31 @@ pub(crate) fn bias_corrections(beta_1: f32, beta_2: f32, time: usize) -> (f64, f
     let t = i32::try_from(time).unwrap_or(i32::MAX);
     (1.0 - f64::from(beta_1).powi(t), (1.0 - f64::from(beta_2).powi(t)).sqrt())
 }
+
+#[cfg(test)]
+mod tests {
+    use burn_8bit_ops::QuantError;
+
+    use super::*;
+    use crate::error::assert_rejects;
+
+    #[test]
+    fn the_shared_fields_are_validated() {
+        let valid = settings(256, 4096, 100, MapFamily::Dynamic, false).unwrap();
+        assert_eq!(valid.percentile, None);
+        assert_eq!(settings(256, 4096, 5, MapFamily::Dynamic, false).unwrap().percentile, Some(5));
+        assert_rejects(settings(256, 4096, 101, MapFamily::Dynamic, false), "percentile_clipping");
+        assert!(matches!(
+            settings(100, 4096, 100, MapFamily::Dynamic, false),
+            Err(ConfigError::BlockSize(QuantError::InvalidBlockSize(100)))
+        ));
+    }
+
+    #[test]
+    fn bias_corrections_at_the_first_step() {
+        let (correction1, correction2) = bias_corrections(0.9, 0.999, 1);
+        assert_eq!(correction1, 1.0 - f64::from(0.9f32));
+        assert_eq!(correction2, (1.0 - f64::from(0.999f32)).sqrt());
+        assert_eq!(bias_corrections(0.9, 0.999, usize::MAX), (1.0, 1.0));
+    }
+}

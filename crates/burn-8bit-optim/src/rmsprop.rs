@@ -101,3 +101,29 @@ impl UpdateRule for RmsProp8bit {
 }
 
 impl_optimizer!(RmsProp8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::assert_rejects;
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(RmsProp8bitConfig::new().validate().is_ok());
+        assert_rejects(RmsProp8bitConfig::new().with_alpha(1.0).try_build(), "alpha");
+        assert_rejects(RmsProp8bitConfig::new().with_momentum(-0.1).try_build(), "momentum");
+        assert_rejects(RmsProp8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");
+        let negative = Some(WeightDecayConfig::new(-1.0));
+        assert_rejects(RmsProp8bitConfig::new().with_weight_decay(negative).try_build(), "weight_decay.penalty");
+    }
+
+    #[test]
+    fn the_rule_keeps_only_the_states_it_uses() {
+        let plain = RmsProp8bitConfig::new().with_momentum(0.0).build();
+        assert_eq!(plain.step_rule(), StepRule::RmsProp { centered: false, momentum: false });
+        let full = RmsProp8bitConfig::new().with_centered(true).build();
+        assert_eq!(full.step_rule(), StepRule::RmsProp { centered: true, momentum: true });
+        let scalars = full.scalars(0.01, 7);
+        assert_eq!((scalars.lr, scalars.beta1, scalars.beta3, scalars.eps), (0.01, 0.99, 0.9, 1e-5));
+    }
+}

@@ -112,3 +112,34 @@ impl UpdateRule for Sgd8bit {
 }
 
 impl_optimizer!(Sgd8bit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::assert_rejects;
+
+    #[test]
+    fn invalid_values_are_rejected_by_name() {
+        assert!(Sgd8bitConfig::new().validate().is_ok());
+        let momentum = |momentum: f64, dampening: f64| {
+            Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(dampening)))
+        };
+        assert_rejects(momentum(1.5, 0.0).try_build(), "momentum.momentum");
+        assert_rejects(momentum(0.9, -0.1).try_build(), "momentum.dampening");
+        let negative = Some(WeightDecayConfig::new(-1.0));
+        assert_rejects(Sgd8bitConfig::new().with_weight_decay(negative).try_build(), "weight_decay.penalty");
+    }
+
+    #[test]
+    fn momentum_takes_its_state_and_dampening_from_the_second_step() {
+        let plain = Sgd8bitConfig::new().build();
+        assert_eq!(plain.step_rule(), StepRule::Sgd);
+        assert_eq!(plain.scalars(0.5, 1).lr, 0.5);
+        let config = MomentumConfig::new().with_momentum(0.8).with_dampening(0.25).with_nesterov(true);
+        let optimizer = Sgd8bitConfig::new().with_momentum(Some(config)).build();
+        assert_eq!(optimizer.step_rule(), StepRule::Momentum { nesterov: true });
+        let (first, second) = (optimizer.scalars(0.5, 1), optimizer.scalars(0.5, 2));
+        assert_eq!((first.beta1, first.beta3, first.first_step), (0.8, 0.75, 1));
+        assert_eq!(second.first_step, 0);
+    }
+}
