@@ -172,15 +172,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_bucket_without_undecided_thresholds_guesses_the_code() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
+    /// An xorshift64 stream from `state`.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             state
-        };
+        }
+    }
+
+    #[test]
+    fn a_bucket_without_undecided_thresholds_guesses_the_code() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for kind in MapKind::ALL {
             let table = GuessTable::get(kind);
             let midpoints = kind.map().midpoints();
@@ -206,13 +210,7 @@ mod tests {
 
     #[test]
     fn the_kernel_encoder_equals_the_rule_on_every_map() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         for kind in MapKind::ALL {
             let table = kernel_table(kind);
             let map = kind.map();
