@@ -514,9 +514,9 @@ impl Scratch {
     }
 }
 
-/// Partial sums of a block's norms: element `i` adds into lane `i % SUM_LANES`, so the lanes
-/// are independent chains the compiler keeps in one vector register (a single running sum is
-/// one chain of dependent additions, which took longer than the whole fused step).
+/// Lanes of a block's norm sums: independent chains of additions that fill one vector
+/// register, where a single running sum is one chain of dependent additions (the norm pass took
+/// 2.2 ns/element with one, 1.0–1.15 with 16 lanes, on one Zen 4 thread).
 const SUM_LANES: usize = 16;
 
 /// The sum of `terms`: element `i` is added into lane `i % SUM_LANES`, then the lanes are
