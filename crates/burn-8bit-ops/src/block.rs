@@ -76,6 +76,18 @@ pub fn num_words(len: usize) -> usize {
     len.div_ceil(CODES_PER_WORD)
 }
 
+/// Why `words` code words and `absmax` values do not describe `len` elements in blocks of
+/// `block_size`, or `None` when they do.
+pub(crate) fn length_mismatch(words: usize, absmax: usize, len: usize, block_size: BlockSize) -> Option<String> {
+    if words != num_words(len) {
+        return Some(format!("{words} code words for {len} elements, expected {}", num_words(len)));
+    }
+    let blocks = block_size.num_blocks(len);
+    (absmax != blocks).then(|| {
+        format!("{absmax} absmax values for {len} elements in blocks of {}, expected {blocks}", block_size.get())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

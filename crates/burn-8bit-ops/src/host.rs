@@ -16,7 +16,8 @@
 //! # Ok::<(), burn_8bit_ops::QuantError>(())
 //! ```
 
-use crate::{BlockSize, MapKind, QuantError, cpu, num_words};
+use crate::block::length_mismatch;
+use crate::{BlockSize, MapKind, QuantError, cpu};
 
 /// The packed codes (`num_words(values.len())` words) and the per-block absmax of `values`
 /// quantized block-wise in `map`.
@@ -33,16 +34,8 @@ pub fn dequantize(
     block_size: BlockSize,
     len: usize,
 ) -> Result<Vec<f32>, QuantError> {
-    let (expected_words, expected_blocks) = (num_words(len), block_size.num_blocks(len));
-    if words.len() != expected_words || absmax.len() != expected_blocks {
-        return Err(QuantError::Inconsistent {
-            reason: format!(
-                "{len} values at block size {} take {expected_words} words and {expected_blocks} absmax, not {} and {}",
-                block_size.get(),
-                words.len(),
-                absmax.len()
-            ),
-        });
+    if let Some(reason) = length_mismatch(words.len(), absmax.len(), len, block_size) {
+        return Err(QuantError::Inconsistent { reason });
     }
     let mut values = vec![0.0; len];
     cpu::dequantize(words, absmax, map, block_size.get(), &mut values);

@@ -3,7 +3,7 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
 
-use crate::block::{BlockSize, num_words};
+use crate::block::{BlockSize, length_mismatch, num_words};
 use crate::error::QuantError;
 use crate::ext::BlockwiseOps;
 use crate::map::MapKind;
@@ -155,17 +155,7 @@ impl BlockQuantized {
             (codes.dtype() != DType::U32).then(|| format!("codes are {:?}, not U32", codes.dtype())),
             (absmax.dtype() != DType::F32)
                 .then(|| format!("absmax is {:?}, not F32", absmax.dtype())),
-            (codes.dims()[0] != num_words(len)).then(|| {
-                format!("{} code words for {len} elements, expected {}", codes.dims()[0], num_words(len))
-            }),
-            (absmax.dims()[0] != block_size.num_blocks(len)).then(|| {
-                format!(
-                    "{} absmax values for {len} elements in blocks of {}, expected {}",
-                    absmax.dims()[0],
-                    block_size.get(),
-                    block_size.num_blocks(len)
-                )
-            }),
+            length_mismatch(codes.dims()[0], absmax.dims()[0], len, block_size),
         ];
         if let Some(reason) = problems.into_iter().flatten().next() {
             return Err(QuantError::Inconsistent { reason });
