@@ -36,6 +36,10 @@ mod checkpoints {}
 mod precision_and_memory {}
 
 #[cfg(doctest)]
+#[doc = include_str!("../../../docs/scaling-out.md")]
+mod scaling_out {}
+
+#[cfg(doctest)]
 #[doc = include_str!("../../../docs/quantization.md")]
 mod quantization {}
 
