@@ -848,10 +848,10 @@ mod tests {
             eps: 1e-8,
             correction1: 0.1,
             correction2: 0.0447,
-            decay: 0.99,
-            penalty: 0.01,
+            decay_factor: 0.99,
+            l2_penalty: 0.01,
             first_step: 0,
-            weight_decay: 0.01,
+            direction_decay: 0.01,
         };
         let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
         for rule in rules {
@@ -913,7 +913,7 @@ mod tests {
             eps: 1e-8,
             correction1: 0.1,
             correction2: 0.0447,
-            decay: 0.99,
+            decay_factor: 0.99,
             ..StepScalars::default()
         };
         let grad: Vec<P> = random_values(len, 11).into_iter().map(P::from_f32).collect();

@@ -157,21 +157,27 @@ impl StepRule {
 ///
 /// | rule | fields read |
 /// |---|---|
-/// | Adam | `lr` = lr·sqrt(1−β2^t)/(1−β1^t), `beta1`, `beta2`, `eps` = ε·sqrt(1−β2^t), `decay`, `penalty` |
-/// | SGD | `lr`, `penalty` |
-/// | Momentum | `lr`, `beta1` = μ, `beta3` = 1 − dampening, `first_step`, `penalty` |
-/// | RMSprop | `lr`, `beta1` = α (smoothing), `beta3` = momentum μ, `eps`, `penalty` |
-/// | Adagrad | `lr` = lr / (1 + (t−1)·lr_decay), `eps`, `penalty` |
-/// | Lion | `lr`, `beta1`, `beta2`, `decay` |
-/// | AdEMAMix | `lr`, `beta1`, `beta2`, `beta3`, `alpha`, `eps`, `correction1`, `correction2`, `decay` |
-/// | LAMB | `lr`, `beta1`, `beta2`, `eps`, `correction1` = 1−β1^t, `correction2` = 1−β2^t, `weight_decay` |
+/// | Adam | `lr` = lr·sqrt(1−β2^t)/(1−β1^t), `beta1`, `beta2`, `eps` = ε·sqrt(1−β2^t), `decay_factor`, `l2_penalty` |
+/// | SGD | `lr`, `l2_penalty` |
+/// | Momentum | `lr`, `beta1` = μ, `beta3` = 1 − dampening, `first_step`, `l2_penalty` |
+/// | RMSprop | `lr`, `beta1` = α (smoothing), `beta3` = momentum μ, `eps`, `l2_penalty` |
+/// | Adagrad | `lr` = lr / (1 + (t−1)·lr_decay), `eps`, `l2_penalty` |
+/// | Lion | `lr`, `beta1`, `beta2`, `decay_factor` |
+/// | AdEMAMix | `lr`, `beta1`, `beta2`, `beta3`, `alpha`, `eps`, `correction1`, `correction2`, `decay_factor` |
+/// | LAMB | `lr`, `beta1`, `beta2`, `eps`, `correction1`, `correction2`, `direction_decay` |
+///
+/// Weight decay enters at one of three places, one field each: the parameter's multiplier
+/// (`decay_factor`, decoupled), the gradient (`l2_penalty`, coupled) or the update direction
+/// before LAMB's trust ratio (`direction_decay`). The bias corrections mean the same for every
+/// rule that reads them. The default is the identity step with every rate and decay off (and
+/// `decay_factor` = 1).
 ///
 /// ```
 /// use burn_8bit_ops::StepScalars;
 /// let scalars = StepScalars { lr: 1e-3, beta1: 0.9, ..StepScalars::default() };
-/// assert_eq!(scalars.penalty, 0.0);
+/// assert_eq!((scalars.decay_factor, scalars.l2_penalty), (1.0, 0.0));
 /// ```
-#[derive(CubeType, CubeLaunch, Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(CubeType, CubeLaunch, Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepScalars {
     /// The step size applied to the update direction: Adam `lr·sqrt(1−β2^t)/(1−β1^t)`, Adagrad the
     /// decayed rate, every other rule the learning rate.
@@ -186,18 +192,39 @@ pub struct StepScalars {
     pub alpha: f32,
     /// ε added to the root of the second moment (Adam: `ε·sqrt(1−β2^t)`).
     pub eps: f32,
-    /// AdEMAMix's `1 − β1^t`.
+    /// The first moment's bias correction `1 − β1^t` (AdEMAMix, LAMB).
     pub correction1: f32,
-    /// AdEMAMix's `sqrt(1 − β2^t)`.
+    /// The second moment's bias correction `sqrt(1 − β2^t)` (AdEMAMix, LAMB): the root of the
+    /// second moment is divided by it.
     pub correction2: f32,
-    /// Decoupled weight decay as a multiplier of the parameter, `1 − lr·wd` (1 when off).
-    pub decay: f32,
-    /// Coupled (L2) weight decay: `g += penalty·p` (0 when off).
-    pub penalty: f32,
+    /// Decoupled weight decay as the parameter's multiplier, `p *= 1 − lr·λ` (1 when off).
+    pub decay_factor: f32,
+    /// Coupled (L2) weight decay: `g += l2_penalty·p` (0 when off).
+    pub l2_penalty: f32,
     /// 1 on the optimizer's first step for this tensor, else 0 (Momentum starts with `m = g`).
     pub first_step: u32,
-    /// LAMB's weight decay, added to the direction as `weight_decay·p`.
-    pub weight_decay: f32,
+    /// Weight decay added to the update direction, `direction += direction_decay·p`, before
+    /// LAMB's trust ratio scales it (0 when off).
+    pub direction_decay: f32,
+}
+
+impl Default for StepScalars {
+    fn default() -> Self {
+        Self {
+            lr: 0.0,
+            beta1: 0.0,
+            beta2: 0.0,
+            beta3: 0.0,
+            alpha: 0.0,
+            eps: 0.0,
+            correction1: 1.0,
+            correction2: 1.0,
+            decay_factor: 1.0,
+            l2_penalty: 0.0,
+            first_step: 0,
+            direction_decay: 0.0,
+        }
+    }
 }
 
 /// One element after [`update_element`], before the finiteness check (docs/algorithm.md §3.7):
@@ -234,7 +261,7 @@ pub(crate) fn update_element(
     s3: f32,
     #[comptime] rule: StepRule,
 ) -> Updated {
-    let g = g_raw + h.penalty * p;
+    let g = g_raw + h.l2_penalty * p;
     let mut n1 = s1;
     let mut n2 = s2;
     let mut n3 = s3;
@@ -250,7 +277,7 @@ pub(crate) fn update_element(
                 v = n3;
             }
             direction = n1 / (f32::sqrt(v) + h.eps);
-            decayed = p * h.decay;
+            decayed = p * h.decay_factor;
             if comptime!(cautious) {
                 let same_sign = (p >= 0.0) == (n1 >= 0.0);
                 decayed = select(same_sign, decayed, p);
@@ -296,7 +323,7 @@ pub(crate) fn update_element(
             let c = h.beta1 * n1 + (1.0 - h.beta1) * g;
             direction = select(c > 0.0, 1.0f32, select(c < 0.0, -1.0f32, 0.0f32));
             n1 = h.beta2 * n1 + (1.0 - h.beta2) * g;
-            decayed = p * h.decay;
+            decayed = p * h.decay_factor;
         }
         StepRule::AdEMAMix => {
             n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
@@ -304,13 +331,13 @@ pub(crate) fn update_element(
             n3 = h.beta2 * n3 + (1.0 - h.beta2) * (g * g);
             direction =
                 (n1 / h.correction1 + h.alpha * n2) / (f32::sqrt(n3) / h.correction2 + h.eps);
-            decayed = p * h.decay;
+            decayed = p * h.decay_factor;
         }
         StepRule::Lamb => {
             n1 = h.beta1 * n1 + (1.0 - h.beta1) * g;
             n2 = h.beta2 * n2 + (1.0 - h.beta2) * (g * g);
-            direction = (n1 / h.correction1) / (f32::sqrt(n2 / h.correction2) + h.eps)
-                + h.weight_decay * p;
+            direction = (n1 / h.correction1) / (f32::sqrt(n2) / h.correction2 + h.eps)
+                + h.direction_decay * p;
         }
     }
     Updated {

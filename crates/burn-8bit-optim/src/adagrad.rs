@@ -73,7 +73,7 @@ impl UpdateRule for AdaGrad8bit {
         StepScalars {
             lr: (lr / (1.0 + (time as f64 - 1.0) * self.lr_decay)) as f32,
             eps: self.epsilon,
-            penalty: self.penalty,
+            l2_penalty: self.penalty,
             ..StepScalars::default()
         }
     }

@@ -82,7 +82,6 @@ pub(crate) fn adam_scalars(beta_1: f32, beta_2: f32, epsilon: f32, lr: f64, time
         beta1: beta_1,
         beta2: beta_2,
         eps: (f64::from(epsilon) * correction2) as f32,
-        decay: 1.0,
         ..StepScalars::default()
     }
 }
@@ -99,7 +98,7 @@ impl UpdateRule for Adam8bit {
 
     fn scalars(&self, lr: f64, time: usize) -> StepScalars {
         StepScalars {
-            penalty: self.penalty,
+            l2_penalty: self.penalty,
             ..adam_scalars(self.beta_1, self.beta_2, self.epsilon, lr, time)
         }
     }
@@ -134,7 +133,7 @@ mod tests {
         let (beta_1, beta_2) = (f64::from(0.9f32), f64::from(0.999f32));
         assert_close(scalars.lr, 1e-3 * (1.0 - beta_2).sqrt() / (1.0 - beta_1));
         assert_close(scalars.eps, f64::from(1e-5f32) * (1.0 - beta_2).sqrt());
-        assert_eq!((scalars.penalty, scalars.decay), (0.01, 1.0));
+        assert_eq!((scalars.l2_penalty, scalars.decay_factor), (0.01, 1.0));
         assert_eq!(optimizer.step_rule(), StepRule::Adam { amsgrad: false, cautious: false });
         let amsgrad = Adam8bitConfig::new().with_amsgrad(true).build();
         assert_eq!(amsgrad.step_rule(), StepRule::Adam { amsgrad: true, cautious: false });

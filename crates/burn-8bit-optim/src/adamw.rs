@@ -7,7 +7,7 @@ use burn_8bit_ops::{StepRule, StepScalars};
 use crate::adam::adam_scalars;
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{config_8bit, decay_factor, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
 config_8bit! {
@@ -90,7 +90,7 @@ impl UpdateRule for AdamW8bit {
 
     fn scalars(&self, lr: f64, time: usize) -> StepScalars {
         StepScalars {
-            decay: (1.0 - lr * f64::from(self.weight_decay)) as f32,
+            decay_factor: decay_factor(lr, self.weight_decay),
             ..adam_scalars(self.beta_1, self.beta_2, self.epsilon, lr, time)
         }
     }
@@ -120,8 +120,8 @@ mod tests {
     fn decoupled_weight_decay_scales_the_parameter() {
         let optimizer = AdamW8bitConfig::new().with_weight_decay(0.1).with_cautious_weight_decay(true).build();
         let scalars = optimizer.scalars(1e-2, 2);
-        assert_close(scalars.decay, 1.0 - 1e-2 * 0.1);
-        assert_eq!(scalars.penalty, 0.0);
+        assert_close(scalars.decay_factor, 1.0 - 1e-2 * 0.1);
+        assert_eq!(scalars.l2_penalty, 0.0);
         // t = 2: lr·√(1 − β2²)/(1 − β1²), of the `f32` betas.
         let (beta_1, beta_2) = (f64::from(0.9f32), f64::from(0.999f32));
         assert_close(scalars.lr, 1e-2 * (1.0 - beta_2.powi(2)).sqrt() / (1.0 - beta_1.powi(2)));

@@ -7,7 +7,7 @@ use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{bias_corrections, config_8bit, decay_factor, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
 config_8bit! {
@@ -142,7 +142,7 @@ impl UpdateRule for AdEMAMix8bit {
             eps: self.epsilon,
             correction1: correction1 as f32,
             correction2: correction2 as f32,
-            decay: (1.0 - lr * f64::from(self.weight_decay)) as f32,
+            decay_factor: decay_factor(lr, self.weight_decay),
             ..StepScalars::default()
         }
     }

@@ -6,7 +6,7 @@ use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, Trust, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{bias_corrections, config_8bit, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
 config_8bit! {
@@ -84,16 +84,15 @@ impl UpdateRule for Lamb8bit {
     }
 
     fn scalars(&self, lr: f64, time: usize) -> StepScalars {
-        let t = i32::try_from(time).unwrap_or(i32::MAX);
+        let (correction1, correction2) = bias_corrections(self.beta_1, self.beta_2, time);
         StepScalars {
             lr: lr as f32,
             beta1: self.beta_1,
             beta2: self.beta_2,
             eps: self.epsilon,
-            correction1: 1.0 - self.beta_1.powi(t),
-            correction2: 1.0 - self.beta_2.powi(t),
-            weight_decay: self.weight_decay,
-            decay: 1.0,
+            correction1: correction1 as f32,
+            correction2: correction2 as f32,
+            direction_decay: self.weight_decay,
             ..StepScalars::default()
         }
     }
@@ -128,9 +127,9 @@ mod tests {
         assert_eq!(optimizer.trust(), Some(Trust::Lamb));
         assert_eq!(Lamb8bitConfig::new().with_use_trust_ratio(false).build().trust(), None);
         let scalars = optimizer.scalars(1e-3, 1);
-        // LAMB's corrections are 1 − β^t, the second without a square root.
+        // The bias corrections of every rule: 1 − β1^t and sqrt(1 − β2^t), in f64.
         assert_close(scalars.correction1, 1.0 - f64::from(0.9f32));
-        assert_close(scalars.correction2, 1.0 - f64::from(0.999f32));
-        assert_eq!(scalars.weight_decay, 0.01);
+        assert_close(scalars.correction2, (1.0 - f64::from(0.999f32)).sqrt());
+        assert_eq!(scalars.direction_decay, 0.01);
     }
 }

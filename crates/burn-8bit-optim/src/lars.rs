@@ -83,7 +83,7 @@ impl UpdateRule for Lars8bit {
             lr: lr as f32,
             beta1: self.momentum,
             beta3: 1.0 - self.dampening,
-            penalty: self.weight_decay,
+            l2_penalty: self.weight_decay,
             first_step: u32::from(time == 1),
             ..StepScalars::default()
         }
@@ -122,7 +122,7 @@ mod tests {
         assert_eq!(optimizer.trust(), Some(Trust::Lars { max_unorm: 0.02 }));
         assert_eq!(optimizer.step_rule(), StepRule::Momentum { nesterov: false });
         let (first, later) = (optimizer.scalars(0.1, 1), optimizer.scalars(0.1, 2));
-        assert_eq!((first.beta1, first.beta3, first.penalty, first.first_step), (0.9, 0.9, 1e-4, 1));
+        assert_eq!((first.beta1, first.beta3, first.l2_penalty, first.first_step), (0.9, 0.9, 1e-4, 1));
         assert_eq!(later.first_step, 0);
     }
 }

@@ -6,7 +6,7 @@ use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{StateSettings, UpdateRule};
 use crate::error::{ConfigError, check_beta, check_non_negative};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{config_8bit, decay_factor, impl_config_builders, impl_optimizer};
 use crate::state::OptimizerKind;
 
 config_8bit! {
@@ -73,7 +73,7 @@ impl UpdateRule for Lion8bit {
             lr: lr as f32,
             beta1: self.beta_1,
             beta2: self.beta_2,
-            decay: (1.0 - lr * f64::from(self.weight_decay)) as f32,
+            decay_factor: decay_factor(lr, self.weight_decay),
             ..StepScalars::default()
         }
     }
@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn weight_decay_is_decoupled() {
         let scalars = Lion8bitConfig::new().with_weight_decay(0.5).build().scalars(1e-2, 4);
-        assert_close(scalars.decay, 1.0 - 1e-2 * 0.5);
-        assert_eq!((scalars.lr, scalars.beta1, scalars.beta2, scalars.penalty), (1e-2, 0.9, 0.99, 0.0));
+        assert_close(scalars.decay_factor, 1.0 - 1e-2 * 0.5);
+        assert_eq!((scalars.lr, scalars.beta1, scalars.beta2, scalars.l2_penalty), (1e-2, 0.9, 0.99, 0.0));
     }
 }

@@ -148,7 +148,12 @@ pub(crate) fn settings(
     })
 }
 
-/// `(1 − β1^t, sqrt(1 − β2^t))` in `f64`.
+/// Decoupled weight decay as the parameter's multiplier, `1 − lr·weight_decay`.
+pub(crate) fn decay_factor(lr: f64, weight_decay: f32) -> f32 {
+    (1.0 - lr * f64::from(weight_decay)) as f32
+}
+
+/// `(1 − β1^t, sqrt(1 − β2^t))` in `f64`, the bias corrections of every rule that has them.
 pub(crate) fn bias_corrections(beta_1: f32, beta_2: f32, time: usize) -> (f64, f64) {
     let t = i32::try_from(time).unwrap_or(i32::MAX);
     (1.0 - f64::from(beta_1).powi(t), (1.0 - f64::from(beta_2).powi(t)).sqrt())

@@ -90,7 +90,7 @@ impl UpdateRule for RmsProp8bit {
             beta1: self.alpha,
             beta3: self.momentum,
             eps: self.epsilon,
-            penalty: self.penalty,
+            l2_penalty: self.penalty,
             ..StepScalars::default()
         }
     }

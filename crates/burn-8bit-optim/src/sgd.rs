@@ -92,7 +92,7 @@ impl UpdateRule for Sgd8bit {
     fn scalars(&self, lr: f64, time: usize) -> StepScalars {
         let plain = StepScalars {
             lr: lr as f32,
-            penalty: self.penalty,
+            l2_penalty: self.penalty,
             ..StepScalars::default()
         };
         match self.momentum {

@@ -405,10 +405,10 @@ fn scalars_arg(s: &StepScalars) -> crate::step::StepScalarsLaunch {
         s.eps,
         s.correction1,
         s.correction2,
-        s.decay,
-        s.penalty,
+        s.decay_factor,
+        s.l2_penalty,
         s.first_step,
-        s.weight_decay,
+        s.direction_decay,
     )
 }
 

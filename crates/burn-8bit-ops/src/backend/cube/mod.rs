@@ -193,7 +193,6 @@ mod tests {
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
-                decay: 1.0,
                 first_step: u32::from(step == 1),
                 ..StepScalars::default()
             };
