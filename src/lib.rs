@@ -39,7 +39,7 @@ pub use burn_8bit_optim as optim;
 pub use burn_8bit_optim::{
     AdEMAMix8bit, AdEMAMix8bitConfig, AdaGrad8bit, AdaGrad8bitConfig, Adam8bit, Adam8bitConfig,
     AdamW8bit, AdamW8bitConfig, CheckedLoad, ConfigError, Lamb8bit, Lamb8bitConfig, Lars8bit,
-    Lars8bitConfig, LoadError, Lion8bit, Lion8bitConfig, Optim8bitState, OptimizerKind,
+    Lars8bitConfig, LoadError, Lion8bit, Lion8bitConfig, Optim8bit, Optim8bitState, OptimizerKind,
     ParamStateReport, RecordChecksum, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig,
     StateLayout, StateReport, SwitchGroups, SwitchRecord, load_record_checked,
 };

@@ -1,47 +1,64 @@
 //! `AdaGrad8bit`: Adagrad with an 8-bit sum of squares, the twin of Burn's `AdaGradConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_positive};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
-    /// the quantization settings. The step size at step `t` is `lr / (1 + (t − 1)·lr_decay)`.
-    ///
-    /// ```
-    /// use burn_8bit_optim::AdaGrad8bitConfig;
-    ///
-    /// let optimizer = AdaGrad8bitConfig::new().with_lr_decay(1e-3).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct AdaGrad8bitConfig {
-        /// Learning-rate decay per step.
-        #[config(default = 0.)]
-        pub lr_decay: f64,
-        /// Added to the root of the sum of squares.
-        #[config(default = 1e-5)]
-        pub epsilon: f32,
-        /// L2 weight decay, added to the gradient.
-        pub weight_decay: Option<WeightDecayConfig>,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
+/// the quantization settings. The step size at step `t` is `lr / (1 + (t − 1)·lr_decay)`.
+///
+/// ```
+/// use burn_8bit_optim::AdaGrad8bitConfig;
+///
+/// let optimizer = AdaGrad8bitConfig::new().with_lr_decay(1e-3).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct AdaGrad8bitConfig {
+    /// Learning-rate decay per step.
+    #[config(default = 0.)]
+    pub lr_decay: f64,
+    /// Added to the root of the sum of squares.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// L2 weight decay, added to the gradient.
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// Adagrad with an 8-bit block-wise quantized sum of squared gradients.
+/// The update rule of [`AdaGrad8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct AdaGrad8bit {
+pub struct AdaGradRule {
     lr_decay: f64,
     epsilon: f32,
     penalty: f32,
-    settings: StateSettings,
 }
 
 impl AdaGrad8bitConfig {
@@ -51,18 +68,52 @@ impl AdaGrad8bitConfig {
         check_positive("epsilon", self.epsilon.into())?;
         let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
         check_non_negative("weight_decay.penalty", penalty.into())?;
-        Ok(AdaGrad8bit {
-            lr_decay: self.lr_decay,
-            epsilon: self.epsilon,
-            penalty,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            AdaGradRule {
+                lr_decay: self.lr_decay,
+                epsilon: self.epsilon,
+                penalty,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> AdaGrad8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(AdaGrad8bitConfig => AdaGrad8bit, grad_clipping);
+impl Sealed for AdaGradRule {}
 
-impl UpdateRule for AdaGrad8bit {
+impl UpdateRule for AdaGradRule {
     const KIND: OptimizerKind = OptimizerKind::AdaGrad;
 
     fn step_rule(&self) -> StepRule {
@@ -77,13 +128,14 @@ impl UpdateRule for AdaGrad8bit {
             ..StepScalars::default()
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(AdaGrad8bit);
+/// Adagrad with an 8-bit block-wise quantized sum of squared gradients (Duchi, Hazan and Singer,
+/// *Adaptive Subgradient Methods for Online Learning and Stochastic Optimization*, JMLR 2011).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`AdaGrad8bitConfig`].
+pub type AdaGrad8bit = Optim8bit<AdaGradRule>;
 
 #[cfg(test)]
 mod tests {
@@ -102,9 +154,9 @@ mod tests {
     #[test]
     fn the_step_size_decays_with_the_step_count() {
         let optimizer = AdaGrad8bitConfig::new().with_lr_decay(0.5).build();
-        assert_close(optimizer.scalars(0.1, 1).lr, 0.1);
+        assert_close(optimizer.rule().scalars(0.1, 1).lr, 0.1);
         // lr / (1 + (t − 1)·lr_decay) at t = 3.
-        assert_close(optimizer.scalars(0.1, 3).lr, 0.05);
-        assert_eq!(optimizer.step_rule(), StepRule::AdaGrad);
+        assert_close(optimizer.rule().scalars(0.1, 3).lr, 0.05);
+        assert_eq!(optimizer.rule().step_rule(), StepRule::AdaGrad);
     }
 }

@@ -1,56 +1,73 @@
 //! `Adam8bit`: Adam with block-wise 8-bit states, the twin of Burn's `AdamConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, bias_corrections, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
-    /// quantization settings.
-    ///
-    /// ```
-    /// use burn_8bit_optim::Adam8bitConfig;
-    ///
-    /// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_block_size(128).init();
-    /// # let _ = optimizer;
-    /// assert!(Adam8bitConfig::new().with_beta_1(1.0).try_init().is_err());
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct Adam8bitConfig {
-        /// Decay rate of the first moment.
-        #[config(default = 0.9)]
-        pub beta_1: f32,
-        /// Decay rate of the second moment.
-        #[config(default = 0.999)]
-        pub beta_2: f32,
-        /// Added to the root of the second moment.
-        #[config(default = 1e-5)]
-        pub epsilon: f32,
-        /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
-        #[config(default = false)]
-        pub amsgrad: bool,
-        /// L2 weight decay, added to the gradient (`g += penalty·p`).
-        pub weight_decay: Option<WeightDecayConfig>,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
+/// quantization settings.
+///
+/// ```
+/// use burn_8bit_optim::Adam8bitConfig;
+///
+/// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_block_size(128).init();
+/// # let _ = optimizer;
+/// assert!(Adam8bitConfig::new().with_beta_1(1.0).try_init().is_err());
+/// ```
+#[derive(Config, Debug)]
+pub struct Adam8bitConfig {
+    /// Decay rate of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the root of the second moment.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
+    #[config(default = false)]
+    pub amsgrad: bool,
+    /// L2 weight decay, added to the gradient (`g += penalty·p`).
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// Adam with 8-bit block-wise quantized moments (Dettmers et al., 2022).
+/// The update rule of [`Adam8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct Adam8bit {
+pub struct AdamRule {
     beta_1: f32,
     beta_2: f32,
     epsilon: f32,
     amsgrad: bool,
     penalty: f32,
-    settings: StateSettings,
 }
 
 impl Adam8bitConfig {
@@ -61,18 +78,50 @@ impl Adam8bitConfig {
         check_positive("epsilon", self.epsilon.into())?;
         let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
         check_non_negative("weight_decay.penalty", penalty.into())?;
-        Ok(Adam8bit {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            epsilon: self.epsilon,
-            amsgrad: self.amsgrad,
-            penalty,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            AdamRule {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                epsilon: self.epsilon,
+                amsgrad: self.amsgrad,
+                penalty,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> Adam8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
-
-impl_config_builders!(Adam8bitConfig => Adam8bit, grad_clipping);
 
 /// Adam's scalars, shared with AdamW: the bias corrections folded into the step size and ε.
 pub(crate) fn adam_scalars(beta_1: f32, beta_2: f32, epsilon: f32, lr: f64, time: usize) -> StepScalars {
@@ -86,7 +135,9 @@ pub(crate) fn adam_scalars(beta_1: f32, beta_2: f32, epsilon: f32, lr: f64, time
     }
 }
 
-impl UpdateRule for Adam8bit {
+impl Sealed for AdamRule {}
+
+impl UpdateRule for AdamRule {
     const KIND: OptimizerKind = OptimizerKind::Adam;
 
     fn step_rule(&self) -> StepRule {
@@ -102,13 +153,14 @@ impl UpdateRule for Adam8bit {
             ..adam_scalars(self.beta_1, self.beta_2, self.epsilon, lr, time)
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(Adam8bit);
+/// Adam with 8-bit block-wise quantized moments (Kingma and Ba, *Adam: A Method for Stochastic
+/// Optimization*, ICLR 2015).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`Adam8bitConfig`].
+pub type Adam8bit = Optim8bit<AdamRule>;
 
 #[cfg(test)]
 mod tests {
@@ -128,14 +180,14 @@ mod tests {
     #[test]
     fn bias_corrections_fold_into_the_step_size_and_epsilon() {
         let optimizer = Adam8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.01))).build();
-        let scalars = optimizer.scalars(1e-3, 1);
+        let scalars = optimizer.rule().scalars(1e-3, 1);
         // lr·√(1 − β2)/(1 − β1) and ε·√(1 − β2) at t = 1, of the `f32` betas.
         let (beta_1, beta_2) = (f64::from(0.9f32), f64::from(0.999f32));
         assert_close(scalars.lr, 1e-3 * (1.0 - beta_2).sqrt() / (1.0 - beta_1));
         assert_close(scalars.eps, f64::from(1e-5f32) * (1.0 - beta_2).sqrt());
         assert_eq!((scalars.l2_penalty, scalars.decay_factor), (0.01, 1.0));
-        assert_eq!(optimizer.step_rule(), StepRule::Adam { amsgrad: false, cautious: false });
+        assert_eq!(optimizer.rule().step_rule(), StepRule::Adam { amsgrad: false, cautious: false });
         let amsgrad = Adam8bitConfig::new().with_amsgrad(true).build();
-        assert_eq!(amsgrad.step_rule(), StepRule::Adam { amsgrad: true, cautious: false });
+        assert_eq!(amsgrad.rule().step_rule(), StepRule::Adam { amsgrad: true, cautious: false });
     }
 }

@@ -1,60 +1,77 @@
 //! `AdamW8bit`: AdamW with block-wise 8-bit states, the twin of Burn's `AdamWConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
 use crate::adam::adam_scalars;
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{config_8bit, decay_factor, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, decay_factor, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
-    /// quantization settings.
-    ///
-    /// ```
-    /// use burn_8bit_optim::AdamW8bitConfig;
-    ///
-    /// let optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct AdamW8bitConfig {
-        /// Decay rate of the first moment.
-        #[config(default = 0.9)]
-        pub beta_1: f32,
-        /// Decay rate of the second moment.
-        #[config(default = 0.999)]
-        pub beta_2: f32,
-        /// Added to the root of the second moment.
-        #[config(default = 1e-5)]
-        pub epsilon: f32,
-        /// Decoupled weight decay: `p *= 1 − lr·weight_decay` before the update.
-        #[config(default = 1e-4)]
-        pub weight_decay: f32,
-        /// Decay only where the parameter and the first moment have the same sign.
-        #[config(default = false)]
-        pub cautious_weight_decay: bool,
-        /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
-        #[config(default = false)]
-        pub amsgrad: bool,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
+/// quantization settings.
+///
+/// ```
+/// use burn_8bit_optim::AdamW8bitConfig;
+///
+/// let optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct AdamW8bitConfig {
+    /// Decay rate of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the root of the second moment.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Decoupled weight decay: `p *= 1 − lr·weight_decay` before the update.
+    #[config(default = 1e-4)]
+    pub weight_decay: f32,
+    /// Decay only where the parameter and the first moment have the same sign.
+    #[config(default = false)]
+    pub cautious_weight_decay: bool,
+    /// Use the maximum of past second moments (AMSGrad); its state is 8-bit too.
+    #[config(default = false)]
+    pub amsgrad: bool,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// AdamW with 8-bit block-wise quantized moments.
+/// The update rule of [`AdamW8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct AdamW8bit {
+pub struct AdamWRule {
     beta_1: f32,
     beta_2: f32,
     epsilon: f32,
     weight_decay: f32,
     cautious_weight_decay: bool,
     amsgrad: bool,
-    settings: StateSettings,
 }
 
 impl AdamW8bitConfig {
@@ -64,21 +81,55 @@ impl AdamW8bitConfig {
         check_beta("beta_2", self.beta_2.into())?;
         check_positive("epsilon", self.epsilon.into())?;
         check_non_negative("weight_decay", self.weight_decay.into())?;
-        Ok(AdamW8bit {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            epsilon: self.epsilon,
-            weight_decay: self.weight_decay,
-            cautious_weight_decay: self.cautious_weight_decay,
-            amsgrad: self.amsgrad,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            AdamWRule {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                epsilon: self.epsilon,
+                weight_decay: self.weight_decay,
+                cautious_weight_decay: self.cautious_weight_decay,
+                amsgrad: self.amsgrad,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> AdamW8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(AdamW8bitConfig => AdamW8bit, grad_clipping);
+impl Sealed for AdamWRule {}
 
-impl UpdateRule for AdamW8bit {
+impl UpdateRule for AdamWRule {
     const KIND: OptimizerKind = OptimizerKind::AdamW;
 
     fn step_rule(&self) -> StepRule {
@@ -94,13 +145,14 @@ impl UpdateRule for AdamW8bit {
             ..adam_scalars(self.beta_1, self.beta_2, self.epsilon, lr, time)
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(AdamW8bit);
+/// AdamW with 8-bit block-wise quantized moments (Loshchilov and Hutter, *Decoupled Weight Decay
+/// Regularization*, ICLR 2019).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`AdamW8bitConfig`].
+pub type AdamW8bit = Optim8bit<AdamWRule>;
 
 #[cfg(test)]
 mod tests {
@@ -119,12 +171,12 @@ mod tests {
     #[test]
     fn decoupled_weight_decay_scales_the_parameter() {
         let optimizer = AdamW8bitConfig::new().with_weight_decay(0.1).with_cautious_weight_decay(true).build();
-        let scalars = optimizer.scalars(1e-2, 2);
+        let scalars = optimizer.rule().scalars(1e-2, 2);
         assert_close(scalars.decay_factor, 1.0 - 1e-2 * 0.1);
         assert_eq!(scalars.l2_penalty, 0.0);
         // t = 2: lr·√(1 − β2²)/(1 − β1²), of the `f32` betas.
         let (beta_1, beta_2) = (f64::from(0.9f32), f64::from(0.999f32));
         assert_close(scalars.lr, 1e-2 * (1.0 - beta_2.powi(2)).sqrt() / (1.0 - beta_1.powi(2)));
-        assert_eq!(optimizer.step_rule(), StepRule::Adam { amsgrad: false, cautious: true });
+        assert_eq!(optimizer.rule().step_rule(), StepRule::Adam { amsgrad: false, cautious: true });
     }
 }

@@ -2,59 +2,77 @@
 //! `AdEMAMix8bit` (Burn has no 32-bit AdEMAMix).
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, config_8bit, decay_factor, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, bias_corrections, decay_factor, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
-    /// settings.
-    ///
-    /// ```
-    /// use burn_8bit_optim::AdEMAMix8bitConfig;
-    ///
-    /// let optimizer = AdEMAMix8bitConfig::new()
-    ///     .with_t_alpha(Some(10_000))
-    ///     .with_t_beta3(Some(10_000))
-    ///     .init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct AdEMAMix8bitConfig {
-        /// Decay rate of the fast EMA.
-        #[config(default = 0.9)]
-        pub beta_1: f32,
-        /// Decay rate of the second moment.
-        #[config(default = 0.999)]
-        pub beta_2: f32,
-        /// Decay rate of the slow EMA (reached at `t_beta3` when scheduled).
-        #[config(default = 0.9999)]
-        pub beta_3: f32,
-        /// Weight of the slow EMA (reached at `t_alpha` when scheduled).
-        #[config(default = 5.0)]
-        pub alpha: f32,
-        /// Added to the root of the second moment.
-        #[config(default = 1e-8)]
-        pub epsilon: f32,
-        /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
-        #[config(default = 1e-2)]
-        pub weight_decay: f32,
-        /// Steps of the linear warm-up of α (none: α from the start).
-        pub t_alpha: Option<usize>,
-        /// Steps of the warm-up of β3 (none: β3 from the start).
-        pub t_beta3: Option<usize>,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
+/// settings.
+///
+/// ```
+/// use burn_8bit_optim::AdEMAMix8bitConfig;
+///
+/// let optimizer = AdEMAMix8bitConfig::new()
+///     .with_t_alpha(Some(10_000))
+///     .with_t_beta3(Some(10_000))
+///     .init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct AdEMAMix8bitConfig {
+    /// Decay rate of the fast EMA.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Decay rate of the slow EMA (reached at `t_beta3` when scheduled).
+    #[config(default = 0.9999)]
+    pub beta_3: f32,
+    /// Weight of the slow EMA (reached at `t_alpha` when scheduled).
+    #[config(default = 5.0)]
+    pub alpha: f32,
+    /// Added to the root of the second moment.
+    #[config(default = 1e-8)]
+    pub epsilon: f32,
+    /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
+    #[config(default = 1e-2)]
+    pub weight_decay: f32,
+    /// Steps of the linear warm-up of α (none: α from the start).
+    pub t_alpha: Option<usize>,
+    /// Steps of the warm-up of β3 (none: β3 from the start).
+    pub t_beta3: Option<usize>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// AdEMAMix with 8-bit block-wise quantized fast EMA, slow EMA and second moment.
+/// The update rule of [`AdEMAMix8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct AdEMAMix8bit {
+pub struct AdEMAMixRule {
     beta_1: f32,
     beta_2: f32,
     beta_3: f32,
@@ -63,7 +81,6 @@ pub struct AdEMAMix8bit {
     weight_decay: f32,
     t_alpha: Option<usize>,
     t_beta3: Option<usize>,
-    settings: StateSettings,
 }
 
 impl AdEMAMix8bitConfig {
@@ -84,23 +101,55 @@ impl AdEMAMix8bitConfig {
                 });
             }
         }
-        Ok(AdEMAMix8bit {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            beta_3: self.beta_3,
-            alpha: self.alpha,
-            epsilon: self.epsilon,
-            weight_decay: self.weight_decay,
-            t_alpha: self.t_alpha,
-            t_beta3: self.t_beta3,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            AdEMAMixRule {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                beta_3: self.beta_3,
+                alpha: self.alpha,
+                epsilon: self.epsilon,
+                weight_decay: self.weight_decay,
+                t_alpha: self.t_alpha,
+                t_beta3: self.t_beta3,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> AdEMAMix8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(AdEMAMix8bitConfig => AdEMAMix8bit, grad_clipping);
-
-impl AdEMAMix8bit {
+impl AdEMAMixRule {
     /// α at step `time`: `min(t·α / t_alpha, α)`.
     fn alpha_at(&self, time: usize) -> f64 {
         let alpha = f64::from(self.alpha);
@@ -124,7 +173,9 @@ impl AdEMAMix8bit {
     }
 }
 
-impl UpdateRule for AdEMAMix8bit {
+impl Sealed for AdEMAMixRule {}
+
+impl UpdateRule for AdEMAMixRule {
     const KIND: OptimizerKind = OptimizerKind::AdEMAMix;
 
     fn step_rule(&self) -> StepRule {
@@ -146,13 +197,14 @@ impl UpdateRule for AdEMAMix8bit {
             ..StepScalars::default()
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(AdEMAMix8bit);
+/// AdEMAMix with 8-bit block-wise quantized fast EMA, slow EMA and second moment (Pagliardini,
+/// Ablin and Grangier, *The AdEMAMix Optimizer: Better, Faster, Older*, ICLR 2025).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`AdEMAMix8bitConfig`].
+pub type AdEMAMix8bit = Optim8bit<AdEMAMixRule>;
 
 #[cfg(test)]
 mod tests {
@@ -172,13 +224,13 @@ mod tests {
     #[test]
     fn alpha_and_beta_3_warm_up_over_their_schedules() {
         let optimizer = AdEMAMix8bitConfig::new().with_t_alpha(Some(100)).with_t_beta3(Some(100)).build();
-        assert_close(optimizer.scalars(1e-3, 50).alpha, 2.5);
-        assert_close(optimizer.scalars(1e-3, 200).alpha, 5.0);
+        assert_close(optimizer.rule().scalars(1e-3, 50).alpha, 2.5);
+        assert_close(optimizer.rule().scalars(1e-3, 200).alpha, 5.0);
         // β3 starts near β1 and reaches its own value at the end of the schedule.
-        let beta_3: Vec<f32> = [1, 50, 100].map(|time| optimizer.scalars(1e-3, time).beta3).into();
+        let beta_3: Vec<f32> = [1, 50, 100].map(|time| optimizer.rule().scalars(1e-3, time).beta3).into();
         assert!(0.9 < beta_3[0] && beta_3[0] < beta_3[1] && beta_3[1] < beta_3[2], "{beta_3:?}");
         assert_close(beta_3[2], f64::from(0.9999f32));
-        let first = optimizer.scalars(1e-3, 1);
+        let first = optimizer.rule().scalars(1e-3, 1);
         assert_close(first.correction1, 1.0 - f64::from(0.9f32));
         assert_close(first.correction2, (1.0 - f64::from(0.999f32)).sqrt());
     }

@@ -11,7 +11,7 @@ use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
 
 /// What every 8-bit config shares: how states are kept and gradients clipped.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StateSettings {
+pub(crate) struct StateSettings {
     /// Elements per quantization block.
     pub block_size: BlockSize,
     /// Tensors with fewer elements keep `f32` states.
@@ -24,8 +24,14 @@ pub struct StateSettings {
     pub whole_tensor_block: bool,
 }
 
-/// What distinguishes one 8-bit optimizer from another; the rest is [`step`].
-pub(crate) trait UpdateRule: Clone + Send + Sync + 'static {
+/// What distinguishes one 8-bit optimizer from another: the rule of [`Optim8bit`], built by
+/// each config's `try_build`; the rest is the step every optimizer shares.
+///
+/// Sealed: the rules are the nine of this crate (`AdamWRule`, …), each the validated
+/// hyper-parameters of its config.
+///
+/// [`Optim8bit`]: crate::Optim8bit
+pub trait UpdateRule: sealed::Sealed + Clone + std::fmt::Debug + Send + Sync + 'static {
     /// The optimizer, recorded with its states.
     const KIND: OptimizerKind;
 
@@ -35,18 +41,21 @@ pub(crate) trait UpdateRule: Clone + Send + Sync + 'static {
     /// The runtime scalars of step `time` (≥ 1) at learning rate `lr`.
     fn scalars(&self, lr: f64, time: usize) -> StepScalars;
 
-    /// How states are kept and gradients clipped.
-    fn settings(&self) -> StateSettings;
-
     /// The trust ratio of a two-pass rule (LAMB, LARS), `None` for the single-pass ones.
     fn trust(&self) -> Option<Trust> {
         None
     }
 }
 
-/// How a two-pass rule scales its step from the norms of the update direction and parameter.
+pub(crate) mod sealed {
+    /// Keeps [`UpdateRule`](super::UpdateRule) to this crate's rules.
+    pub trait Sealed {}
+}
+
+/// How a two-pass rule (LAMB, LARS) scales its step from the norms of the update direction and
+/// of the parameter.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Trust {
+pub enum Trust {
     /// Burn's `Lamb`: `‖p‖ / ‖u‖`, or 1 when either norm is 0.
     Lamb,
     /// bitsandbytes' LARS: `min(1, max_unorm·‖p‖ / ‖u‖)` (1 when `‖u‖` is 0).
@@ -87,6 +96,7 @@ pub(crate) fn trust_scale(trust: Trust, direction_norm: Tensor<1>, param_norm: T
 /// (`Optim8bitState::adapted`); a state on another device is moved to the parameter's.
 pub(crate) fn step<R: UpdateRule, const D: usize>(
     rule: &R,
+    settings: StateSettings,
     lr: f64,
     tensor: Tensor<D>,
     grad: Tensor<D>,
@@ -95,7 +105,6 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let device = tensor.device();
     let shape = tensor.shape();
     let len = shape.num_elements();
-    let settings = rule.settings();
     let quantized = len >= settings.min_8bit_size;
     let step_rule = rule.step_rule();
     let layout = quantized.then_some((settings.block_size, settings.map_family));

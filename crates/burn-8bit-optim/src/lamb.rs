@@ -1,59 +1,76 @@
 //! `Lamb8bit`: LAMB with block-wise 8-bit states, the twin of Burn's `LambConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, Trust, UpdateRule};
+use crate::engine::{Trust, UpdateRule};
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{bias_corrections, config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, bias_corrections, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`Lamb8bit`]: every field and default of Burn's `LambConfig`, plus the
-    /// 8-bit settings.
-    ///
-    /// The step is two passes over the tensor: the first computes the norms of the parameter and
-    /// of the update direction (states decoded, nothing written), the second is the fused step with
-    /// the trust ratio `‖p‖ / ‖u‖` as a device scalar.
-    ///
-    /// ```
-    /// use burn_8bit_optim::Lamb8bitConfig;
-    ///
-    /// let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct Lamb8bitConfig {
-        /// Decay rate of the first moment.
-        #[config(default = 0.9)]
-        pub beta_1: f32,
-        /// Decay rate of the second moment.
-        #[config(default = 0.999)]
-        pub beta_2: f32,
-        /// Added to the root of the bias-corrected second moment.
-        #[config(default = 1e-6)]
-        pub epsilon: f32,
-        /// Weight decay added to the update direction (`u += weight_decay·p`).
-        #[config(default = 0.0)]
-        pub weight_decay: f32,
-        /// Scale the update by the trust ratio `‖p‖ / ‖u‖` (1 when either norm is 0).
-        #[config(default = true)]
-        pub use_trust_ratio: bool,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`Lamb8bit`]: every field and default of Burn's `LambConfig`, plus the
+/// 8-bit settings.
+///
+/// The step is two passes over the tensor: the first computes the norms of the parameter and
+/// of the update direction (states decoded, nothing written), the second is the fused step with
+/// the trust ratio `‖p‖ / ‖u‖` as a device scalar.
+///
+/// ```
+/// use burn_8bit_optim::Lamb8bitConfig;
+///
+/// let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Lamb8bitConfig {
+    /// Decay rate of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the root of the bias-corrected second moment.
+    #[config(default = 1e-6)]
+    pub epsilon: f32,
+    /// Weight decay added to the update direction (`u += weight_decay·p`).
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// Scale the update by the trust ratio `‖p‖ / ‖u‖` (1 when either norm is 0).
+    #[config(default = true)]
+    pub use_trust_ratio: bool,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// LAMB with 8-bit block-wise quantized moments.
+/// The update rule of [`Lamb8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct Lamb8bit {
+pub struct LambRule {
     beta_1: f32,
     beta_2: f32,
     epsilon: f32,
     weight_decay: f32,
     use_trust_ratio: bool,
-    settings: StateSettings,
 }
 
 impl Lamb8bitConfig {
@@ -63,20 +80,54 @@ impl Lamb8bitConfig {
         check_beta("beta_2", self.beta_2.into())?;
         check_positive("epsilon", self.epsilon.into())?;
         check_non_negative("weight_decay", self.weight_decay.into())?;
-        Ok(Lamb8bit {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            epsilon: self.epsilon,
-            weight_decay: self.weight_decay,
-            use_trust_ratio: self.use_trust_ratio,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            LambRule {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                epsilon: self.epsilon,
+                weight_decay: self.weight_decay,
+                use_trust_ratio: self.use_trust_ratio,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> Lamb8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(Lamb8bitConfig => Lamb8bit, grad_clipping);
+impl Sealed for LambRule {}
 
-impl UpdateRule for Lamb8bit {
+impl UpdateRule for LambRule {
     const KIND: OptimizerKind = OptimizerKind::Lamb;
 
     fn step_rule(&self) -> StepRule {
@@ -97,16 +148,17 @@ impl UpdateRule for Lamb8bit {
         }
     }
 
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
-
     fn trust(&self) -> Option<Trust> {
         self.use_trust_ratio.then_some(Trust::Lamb)
     }
 }
 
-impl_optimizer!(Lamb8bit);
+/// LAMB with 8-bit block-wise quantized moments (You et al., *Large Batch Optimization for Deep
+/// Learning: Training BERT in 76 minutes*, ICLR 2020).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`Lamb8bitConfig`].
+pub type Lamb8bit = Optim8bit<LambRule>;
 
 #[cfg(test)]
 mod tests {
@@ -124,9 +176,9 @@ mod tests {
     #[test]
     fn the_trust_ratio_is_optional() {
         let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).build();
-        assert_eq!(optimizer.trust(), Some(Trust::Lamb));
-        assert_eq!(Lamb8bitConfig::new().with_use_trust_ratio(false).build().trust(), None);
-        let scalars = optimizer.scalars(1e-3, 1);
+        assert_eq!(optimizer.rule().trust(), Some(Trust::Lamb));
+        assert_eq!(Lamb8bitConfig::new().with_use_trust_ratio(false).build().rule().trust(), None);
+        let scalars = optimizer.rule().scalars(1e-3, 1);
         // The bias corrections of every rule: 1 − β1^t and sqrt(1 − β2^t), in f64.
         assert_close(scalars.correction1, 1.0 - f64::from(0.9f32));
         assert_close(scalars.correction2, (1.0 - f64::from(0.999f32)).sqrt());

@@ -1,55 +1,72 @@
 //! `Lars8bit`: bitsandbytes' LARS (momentum SGD with an update-norm clip) with an 8-bit momentum.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, Trust, UpdateRule};
+use crate::engine::{Trust, UpdateRule};
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_positive, check_range};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`Lars8bit`], after bitsandbytes' `LARS8bit` (Burn has no LARS): momentum
-    /// `m = μ·m + (1 − dampening)·g` (`m = g` on the first step), L2 weight decay, and the step
-    /// `p −= lr·s·m` with `s = min(1, max_unorm·‖p‖ / ‖m‖)`.
-    ///
-    /// The step is two passes over the tensor: norms first, then the fused step with `s` as a
-    /// device scalar.
-    ///
-    /// ```
-    /// use burn_8bit_optim::Lars8bitConfig;
-    ///
-    /// let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct Lars8bitConfig {
-        /// Momentum μ.
-        #[config(default = 0.9)]
-        pub momentum: f32,
-        /// Dampening of the gradient in the momentum.
-        #[config(default = 0.0)]
-        pub dampening: f32,
-        /// L2 weight decay, added to the gradient.
-        #[config(default = 0.0)]
-        pub weight_decay: f32,
-        /// The largest update norm, relative to the parameter norm.
-        #[config(default = 0.02)]
-        pub max_unorm: f32,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`Lars8bit`], after bitsandbytes' `LARS8bit` (Burn has no LARS): momentum
+/// `m = μ·m + (1 − dampening)·g` (`m = g` on the first step), L2 weight decay, and the step
+/// `p −= lr·s·m` with `s = min(1, max_unorm·‖p‖ / ‖m‖)`.
+///
+/// The step is two passes over the tensor: norms first, then the fused step with `s` as a
+/// device scalar.
+///
+/// ```
+/// use burn_8bit_optim::Lars8bitConfig;
+///
+/// let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Lars8bitConfig {
+    /// Momentum μ.
+    #[config(default = 0.9)]
+    pub momentum: f32,
+    /// Dampening of the gradient in the momentum.
+    #[config(default = 0.0)]
+    pub dampening: f32,
+    /// L2 weight decay, added to the gradient.
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// The largest update norm, relative to the parameter norm.
+    #[config(default = 0.02)]
+    pub max_unorm: f32,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// LARS with an 8-bit block-wise quantized momentum.
+/// The update rule of [`Lars8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct Lars8bit {
+pub struct LarsRule {
     momentum: f32,
     dampening: f32,
     weight_decay: f32,
     max_unorm: f32,
-    settings: StateSettings,
 }
 
 impl Lars8bitConfig {
@@ -59,19 +76,53 @@ impl Lars8bitConfig {
         check_range("dampening", self.dampening.into(), 0.0, 1.0, true, "a value in [0, 1]")?;
         check_non_negative("weight_decay", self.weight_decay.into())?;
         check_positive("max_unorm", self.max_unorm.into())?;
-        Ok(Lars8bit {
-            momentum: self.momentum,
-            dampening: self.dampening,
-            weight_decay: self.weight_decay,
-            max_unorm: self.max_unorm,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            LarsRule {
+                momentum: self.momentum,
+                dampening: self.dampening,
+                weight_decay: self.weight_decay,
+                max_unorm: self.max_unorm,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> Lars8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(Lars8bitConfig => Lars8bit, grad_clipping);
+impl Sealed for LarsRule {}
 
-impl UpdateRule for Lars8bit {
+impl UpdateRule for LarsRule {
     const KIND: OptimizerKind = OptimizerKind::Lars;
 
     fn step_rule(&self) -> StepRule {
@@ -89,10 +140,6 @@ impl UpdateRule for Lars8bit {
         }
     }
 
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
-
     fn trust(&self) -> Option<Trust> {
         Some(Trust::Lars {
             max_unorm: self.max_unorm,
@@ -100,7 +147,12 @@ impl UpdateRule for Lars8bit {
     }
 }
 
-impl_optimizer!(Lars8bit);
+/// LARS with an 8-bit block-wise quantized momentum (You, Gitman and Ginsburg, *Large Batch
+/// Training of Convolutional Networks*, arXiv:1708.03888, 2017).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`Lars8bitConfig`].
+pub type Lars8bit = Optim8bit<LarsRule>;
 
 #[cfg(test)]
 mod tests {
@@ -119,9 +171,9 @@ mod tests {
     #[test]
     fn momentum_with_a_clipped_trust_ratio() {
         let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).with_dampening(0.1).build();
-        assert_eq!(optimizer.trust(), Some(Trust::Lars { max_unorm: 0.02 }));
-        assert_eq!(optimizer.step_rule(), StepRule::Momentum { nesterov: false });
-        let (first, later) = (optimizer.scalars(0.1, 1), optimizer.scalars(0.1, 2));
+        assert_eq!(optimizer.rule().trust(), Some(Trust::Lars { max_unorm: 0.02 }));
+        assert_eq!(optimizer.rule().step_rule(), StepRule::Momentum { nesterov: false });
+        let (first, later) = (optimizer.rule().scalars(0.1, 1), optimizer.rule().scalars(0.1, 2));
         assert_eq!((first.beta1, first.beta3, first.l2_penalty, first.first_step), (0.9, 0.9, 1e-4, 1));
         assert_eq!(later.first_step, 0);
     }

@@ -1,47 +1,64 @@
 //! `Lion8bit`: Lion with an 8-bit momentum, the twin of Burn's `LionConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative};
-use crate::optimizer::{config_8bit, decay_factor, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, decay_factor, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`Lion8bit`]: every field and default of Burn's `LionConfig`, plus the
-    /// quantization settings.
-    ///
-    /// ```
-    /// use burn_8bit_optim::Lion8bitConfig;
-    ///
-    /// let optimizer = Lion8bitConfig::new().with_weight_decay(0.1).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct Lion8bitConfig {
-        /// Interpolation between momentum and gradient for the update's sign.
-        #[config(default = 0.9)]
-        pub beta_1: f32,
-        /// Decay rate of the momentum.
-        #[config(default = 0.99)]
-        pub beta_2: f32,
-        /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
-        #[config(default = 0.0)]
-        pub weight_decay: f32,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`Lion8bit`]: every field and default of Burn's `LionConfig`, plus the
+/// quantization settings.
+///
+/// ```
+/// use burn_8bit_optim::Lion8bitConfig;
+///
+/// let optimizer = Lion8bitConfig::new().with_weight_decay(0.1).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Lion8bitConfig {
+    /// Interpolation between momentum and gradient for the update's sign.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay rate of the momentum.
+    #[config(default = 0.99)]
+    pub beta_2: f32,
+    /// Decoupled weight decay: `p *= 1 − lr·weight_decay`.
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// Lion (sign of an interpolated momentum) with an 8-bit block-wise quantized momentum.
+/// The update rule of [`Lion8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct Lion8bit {
+pub struct LionRule {
     beta_1: f32,
     beta_2: f32,
     weight_decay: f32,
-    settings: StateSettings,
 }
 
 impl Lion8bitConfig {
@@ -50,18 +67,52 @@ impl Lion8bitConfig {
         check_beta("beta_1", self.beta_1.into())?;
         check_beta("beta_2", self.beta_2.into())?;
         check_non_negative("weight_decay", self.weight_decay.into())?;
-        Ok(Lion8bit {
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            weight_decay: self.weight_decay,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            LionRule {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                weight_decay: self.weight_decay,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> Lion8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(Lion8bitConfig => Lion8bit, grad_clipping);
+impl Sealed for LionRule {}
 
-impl UpdateRule for Lion8bit {
+impl UpdateRule for LionRule {
     const KIND: OptimizerKind = OptimizerKind::Lion;
 
     fn step_rule(&self) -> StepRule {
@@ -77,13 +128,14 @@ impl UpdateRule for Lion8bit {
             ..StepScalars::default()
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(Lion8bit);
+/// Lion (the sign of an interpolated momentum) with an 8-bit block-wise quantized momentum (Chen et
+/// al., *Symbolic Discovery of Optimization Algorithms*, NeurIPS 2023).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`Lion8bitConfig`].
+pub type Lion8bit = Optim8bit<LionRule>;
 
 #[cfg(test)]
 mod tests {
@@ -100,7 +152,7 @@ mod tests {
 
     #[test]
     fn weight_decay_is_decoupled() {
-        let scalars = Lion8bitConfig::new().with_weight_decay(0.5).build().scalars(1e-2, 4);
+        let scalars = Lion8bitConfig::new().with_weight_decay(0.5).build().rule().scalars(1e-2, 4);
         assert_close(scalars.decay_factor, 1.0 - 1e-2 * 0.5);
         assert_eq!((scalars.lr, scalars.beta1, scalars.beta2, scalars.l2_penalty), (1e-2, 0.9, 0.99, 0.0));
     }

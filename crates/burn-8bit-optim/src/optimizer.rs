@@ -1,128 +1,94 @@
-//! What the nine optimizer files share: the quantization fields of every config, the Burn
-//! `Optimizer` impl over the common engine and the `build`/`init` family of every config.
+//! The one 8-bit optimizer, generic over its update rule: Burn's `Optimizer`, the record
+//! conversion and the module optimizer written once for the nine configs; the validation of the
+//! quantization fields every config shares.
 
-/// A config struct (`#[derive(Config)]`, its own fields as written) followed by the
-/// quantization fields every 8-bit config shares, with their defaults and documentation.
-macro_rules! config_8bit {
-    ($(#[$meta:meta])* pub struct $name:ident { $($fields:tt)* }) => {
-        $(#[$meta])*
-        pub struct $name {
-            $($fields)*
-            /// Elements per quantization block: a power of two in 64..=4096.
-            #[config(default = 256)]
-            pub block_size: usize,
-            /// Tensors with fewer elements keep `f32` states.
-            #[config(default = 4096)]
-            pub min_8bit_size: usize,
-            /// Percentile clipping (bitsandbytes): each tensor's gradient is scaled down to the
-            /// `percentile_clipping`-th percentile (0–99) of its last 100 gradient norms; 100 = off.
-            #[config(default = 100)]
-            pub percentile_clipping: usize,
-            /// Ablation setting: the family of the states' code maps. `Dynamic` is the paper's
-            /// method; `Linear` reproduces its linear-quantization ablation (less precise for
-            /// small values).
-            #[config(default = "burn_8bit_ops::MapFamily::Dynamic")]
-            pub map_family: burn_8bit_ops::MapFamily,
-            /// Ablation setting: one absmax per tensor instead of one per block (the paper's
-            /// ablation without block-wise scaling). Runs in two passes with `f32` temporaries —
-            /// decode, update, re-encode against the new whole-tensor absmax — instead of the
-            /// fused step.
-            #[config(default = false)]
-            pub whole_tensor_block: bool,
-        }
-    };
-}
-
-/// Implements `burn::optim::Optimizer` for an 8-bit optimizer through [`crate::engine::step`].
-macro_rules! impl_optimizer {
-    ($optimizer:ty) => {
-        impl burn::optim::Optimizer for $optimizer {
-            type State<const D: usize> = $crate::state::Optim8bitState<D>;
-
-            fn step<const D: usize>(
-                &self,
-                lr: burn::optim::LearningRate,
-                tensor: burn::tensor::Tensor<D>,
-                grad: burn::tensor::Tensor<D>,
-                state: Option<Self::State<D>>,
-            ) -> (burn::tensor::Tensor<D>, Option<Self::State<D>>) {
-                $crate::engine::step(self, lr, tensor, grad, state)
-            }
-
-            fn to_device<const D: usize>(
-                state: Self::State<D>,
-                device: &burn::tensor::Device,
-            ) -> Self::State<D> {
-                state.to_device(device)
-            }
-        }
-
-        impl $crate::switch::SwitchRecord for $optimizer {
-            fn state_layout(&self) -> $crate::switch::StateLayout {
-                $crate::switch::StateLayout::of(self)
-            }
-        }
-    };
-}
-
-/// `try_build`, `build`, `try_init` and `init` of a config whose `try_build` body is given, with
-/// its gradient-clipping field named.
-macro_rules! impl_config_builders {
-    ($config:ty => $optimizer:ty, $clipping:ident) => {
-        impl $config {
-            /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics
-            /// with the [`crate::ConfigError`] message on an invalid config.
-            pub fn build(&self) -> $optimizer {
-                self.try_build().unwrap_or_else(|error| panic!("{error}"))
-            }
-
-            /// The module optimizer (with this config's gradient clipping), or the first invalid
-            /// value as a typed error.
-            pub fn try_init(&self) -> Result<burn::optim::ModuleOptimizer, $crate::ConfigError> {
-                let mut optim = burn::optim::ModuleOptimizer::from(self.try_build()?);
-                if let Some(config) = &self.$clipping {
-                    optim = optim.with_grad_clipping(config.init());
-                }
-                Ok(optim)
-            }
-
-            /// The module optimizer; panics with the [`crate::ConfigError`] message on an
-            /// invalid config (see [`Self::try_init`]).
-            pub fn init(&self) -> burn::optim::ModuleOptimizer {
-                self.try_init().unwrap_or_else(|error| panic!("{error}"))
-            }
-
-            /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`):
-            /// the 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-            pub fn f32_states(self) -> Self {
-                self.with_min_8bit_size(usize::MAX)
-            }
-
-            /// Checks every value of the config.
-            pub fn validate(&self) -> Result<(), $crate::ConfigError> {
-                self.try_build().map(|_| ())
-            }
-
-            /// The quantization fields, validated.
-            fn state_settings(&self) -> Result<$crate::engine::StateSettings, $crate::ConfigError> {
-                $crate::optimizer::settings(
-                    self.block_size,
-                    self.min_8bit_size,
-                    self.percentile_clipping,
-                    self.map_family,
-                    self.whole_tensor_block,
-                )
-            }
-        }
-    };
-}
-
-pub(crate) use {config_8bit, impl_config_builders, impl_optimizer};
-
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{LearningRate, ModuleOptimizer, Optimizer};
+use burn::tensor::{Device, Tensor};
 use burn_8bit_ops::{BlockSize, MapFamily};
 
-use crate::engine::StateSettings;
+use crate::engine::{StateSettings, UpdateRule, step};
 use crate::error::ConfigError;
+use crate::state::Optim8bitState;
+use crate::switch::{StateLayout, SwitchRecord};
+
+/// An optimizer with block-wise 8-bit states: the update rule `R` of one of the configs and how
+/// its states are kept. Each config builds its own (`AdamW8bitConfig::build` gives an
+/// [`AdamW8bit`](crate::AdamW8bit) = `Optim8bit<AdamWRule>`); every one takes one fused op per
+/// tensor and step.
+///
+/// ```
+/// use burn::optim::Optimizer;
+/// use burn_8bit_optim::{AdamW8bit, AdamW8bitConfig};
+///
+/// let optimizer: AdamW8bit = AdamW8bitConfig::new().with_block_size(128).build();
+/// # let _ = optimizer;
+/// ```
+#[derive(Clone, Debug)]
+pub struct Optim8bit<R> {
+    rule: R,
+    settings: StateSettings,
+}
+
+impl<R: UpdateRule> Optim8bit<R> {
+    /// The optimizer of `rule` with the shared fields of its config, validated.
+    pub(crate) fn new(
+        rule: R,
+        block_size: usize,
+        min_8bit_size: usize,
+        percentile_clipping: usize,
+        map_family: MapFamily,
+        whole_tensor_block: bool,
+    ) -> Result<Self, ConfigError> {
+        let settings = settings(block_size, min_8bit_size, percentile_clipping, map_family, whole_tensor_block)?;
+        Ok(Self { rule, settings })
+    }
+
+    /// The update rule, with its validated hyper-parameters (for the rules' unit tests).
+    #[cfg(test)]
+    pub(crate) fn rule(&self) -> &R {
+        &self.rule
+    }
+
+    /// The module optimizer of this optimizer, with gradient clipping when given.
+    pub(crate) fn into_module(self, clipping: Option<&GradientClippingConfig>) -> ModuleOptimizer {
+        let optim = ModuleOptimizer::from(self);
+        match clipping {
+            Some(config) => optim.with_grad_clipping(config.init()),
+            None => optim,
+        }
+    }
+}
+
+impl<R: UpdateRule> Optimizer for Optim8bit<R> {
+    type State<const D: usize> = Optim8bitState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        step(&self.rule, self.settings, lr, tensor, grad, state)
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.to_device(device)
+    }
+}
+
+impl<R: UpdateRule> SwitchRecord for Optim8bit<R> {
+    fn state_layout(&self) -> StateLayout {
+        StateLayout::of(&self.rule, self.settings)
+    }
+}
+
+/// The value of a config's `try_*` method; panics with the [`ConfigError`] message (the
+/// `build`/`init` of every config).
+pub(crate) fn or_panic<T>(result: Result<T, ConfigError>) -> T {
+    result.unwrap_or_else(|error| panic!("{error}"))
+}
 
 /// The quantization fields every config shares, validated.
 pub(crate) fn settings(

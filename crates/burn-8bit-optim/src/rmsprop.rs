@@ -1,56 +1,73 @@
 //! `RmsProp8bit`: RMSprop with 8-bit states, the twin of Burn's `RmsPropConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`RmsProp8bit`]: every field and default of Burn's `RmsPropConfig`, plus
-    /// the quantization settings. The square average uses the unsigned map (all 256 codes for
-    /// values ≥ 0), the momentum buffer and the centred mean the signed one.
-    ///
-    /// ```
-    /// use burn_8bit_optim::RmsProp8bitConfig;
-    ///
-    /// let optimizer = RmsProp8bitConfig::new().with_momentum(0.0).with_centered(true).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct RmsProp8bitConfig {
-        /// Smoothing constant of the square average.
-        #[config(default = 0.99)]
-        pub alpha: f32,
-        /// Momentum of the normalised gradient (0 = no momentum buffer).
-        #[config(default = 0.9)]
-        pub momentum: f32,
-        /// Added to the root of the square average.
-        #[config(default = 1e-5)]
-        pub epsilon: f32,
-        /// Normalise by the variance estimate `E[g²] − E[g]²` (clamped at 0) instead of `E[g²]`.
-        #[config(default = false)]
-        pub centered: bool,
-        /// L2 weight decay, added to the gradient.
-        pub weight_decay: Option<WeightDecayConfig>,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub grad_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`RmsProp8bit`]: every field and default of Burn's `RmsPropConfig`, plus
+/// the quantization settings. The square average uses the unsigned map (all 256 codes for
+/// values ≥ 0), the momentum buffer and the centred mean the signed one.
+///
+/// ```
+/// use burn_8bit_optim::RmsProp8bitConfig;
+///
+/// let optimizer = RmsProp8bitConfig::new().with_momentum(0.0).with_centered(true).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct RmsProp8bitConfig {
+    /// Smoothing constant of the square average.
+    #[config(default = 0.99)]
+    pub alpha: f32,
+    /// Momentum of the normalised gradient (0 = no momentum buffer).
+    #[config(default = 0.9)]
+    pub momentum: f32,
+    /// Added to the root of the square average.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Normalise by the variance estimate `E[g²] − E[g]²` (clamped at 0) instead of `E[g²]`.
+    #[config(default = false)]
+    pub centered: bool,
+    /// L2 weight decay, added to the gradient.
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// RMSprop with 8-bit block-wise quantized states.
+/// The update rule of [`RmsProp8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct RmsProp8bit {
+pub struct RmsPropRule {
     alpha: f32,
     momentum: f32,
     epsilon: f32,
     centered: bool,
     penalty: f32,
-    settings: StateSettings,
 }
 
 impl RmsProp8bitConfig {
@@ -61,20 +78,54 @@ impl RmsProp8bitConfig {
         check_positive("epsilon", self.epsilon.into())?;
         let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
         check_non_negative("weight_decay.penalty", penalty.into())?;
-        Ok(RmsProp8bit {
-            alpha: self.alpha,
-            momentum: self.momentum,
-            epsilon: self.epsilon,
-            centered: self.centered,
-            penalty,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            RmsPropRule {
+                alpha: self.alpha,
+                momentum: self.momentum,
+                epsilon: self.epsilon,
+                centered: self.centered,
+                penalty,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> RmsProp8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(RmsProp8bitConfig => RmsProp8bit, grad_clipping);
+impl Sealed for RmsPropRule {}
 
-impl UpdateRule for RmsProp8bit {
+impl UpdateRule for RmsPropRule {
     const KIND: OptimizerKind = OptimizerKind::RmsProp;
 
     fn step_rule(&self) -> StepRule {
@@ -94,13 +145,14 @@ impl UpdateRule for RmsProp8bit {
             ..StepScalars::default()
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(RmsProp8bit);
+/// RMSprop with 8-bit block-wise quantized states (Tieleman and Hinton, *Neural Networks for
+/// Machine Learning*, lecture 6.5, 2012).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`RmsProp8bitConfig`].
+pub type RmsProp8bit = Optim8bit<RmsPropRule>;
 
 #[cfg(test)]
 mod tests {
@@ -120,10 +172,10 @@ mod tests {
     #[test]
     fn the_rule_keeps_only_the_states_it_uses() {
         let plain = RmsProp8bitConfig::new().with_momentum(0.0).build();
-        assert_eq!(plain.step_rule(), StepRule::RmsProp { centered: false, momentum: false });
+        assert_eq!(plain.rule().step_rule(), StepRule::RmsProp { centered: false, momentum: false });
         let full = RmsProp8bitConfig::new().with_centered(true).build();
-        assert_eq!(full.step_rule(), StepRule::RmsProp { centered: true, momentum: true });
-        let scalars = full.scalars(0.01, 7);
+        assert_eq!(full.rule().step_rule(), StepRule::RmsProp { centered: true, momentum: true });
+        let scalars = full.rule().scalars(0.01, 7);
         assert_eq!((scalars.lr, scalars.beta1, scalars.beta3, scalars.eps), (0.01, 0.99, 0.9, 1e-5));
     }
 }

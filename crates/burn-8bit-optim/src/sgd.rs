@@ -1,47 +1,64 @@
 //! `Sgd8bit`: SGD with an 8-bit momentum buffer, the twin of Burn's `SgdConfig`.
 
 use burn::config::Config;
+use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn_8bit_ops::{StepRule, StepScalars};
+use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
 
-use crate::engine::{StateSettings, UpdateRule};
+use crate::engine::UpdateRule;
+use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_range};
-use crate::optimizer::{config_8bit, impl_config_builders, impl_optimizer};
+use crate::optimizer::{Optim8bit, or_panic};
 use crate::state::OptimizerKind;
 
-config_8bit! {
-    /// Configuration of [`Sgd8bit`]: the fields and defaults of Burn's `SgdConfig` (no momentum
-    /// unless one is given), plus the quantization settings. Without momentum SGD keeps no state,
-    /// so there is nothing to quantize: the step is plain SGD through the same fused op.
-    ///
-    /// ```
-    /// use burn::optim::momentum::MomentumConfig;
-    /// use burn_8bit_optim::Sgd8bitConfig;
-    ///
-    /// let momentum = MomentumConfig::new().with_dampening(0.0).with_nesterov(true);
-    /// let optimizer = Sgd8bitConfig::new().with_momentum(Some(momentum)).init();
-    /// # let _ = optimizer;
-    /// ```
-    #[derive(Config, Debug)]
-    pub struct Sgd8bitConfig {
-        /// L2 weight decay, added to the gradient.
-        pub weight_decay: Option<WeightDecayConfig>,
-        /// Momentum μ, dampening and Nesterov (`MomentumConfig::new()`: 0.9, 0.1, false); `None`
-        /// (the default, as in Burn) is plain SGD.
-        pub momentum: Option<MomentumConfig>,
-        /// Gradient clipping applied by the module optimizer before the step.
-        pub gradient_clipping: Option<GradientClippingConfig>,
-    }
+/// Configuration of [`Sgd8bit`]: the fields and defaults of Burn's `SgdConfig` (no momentum
+/// unless one is given), plus the quantization settings. Without momentum SGD keeps no state,
+/// so there is nothing to quantize: the step is plain SGD through the same fused op.
+///
+/// ```
+/// use burn::optim::momentum::MomentumConfig;
+/// use burn_8bit_optim::Sgd8bitConfig;
+///
+/// let momentum = MomentumConfig::new().with_dampening(0.0).with_nesterov(true);
+/// let optimizer = Sgd8bitConfig::new().with_momentum(Some(momentum)).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug)]
+pub struct Sgd8bitConfig {
+    /// L2 weight decay, added to the gradient.
+    pub weight_decay: Option<WeightDecayConfig>,
+    /// Momentum μ, dampening and Nesterov (`MomentumConfig::new()`: 0.9, 0.1, false); `None`
+    /// (the default, as in Burn) is plain SGD.
+    pub momentum: Option<MomentumConfig>,
+    /// Gradient clipping applied by the module optimizer before the step.
+    pub gradient_clipping: Option<GradientClippingConfig>,
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
 }
 
-/// SGD with an 8-bit block-wise quantized momentum buffer (or none: plain SGD).
+/// The update rule of [`Sgd8bit`], with the validated hyper-parameters of its config.
 #[derive(Clone, Debug)]
-pub struct Sgd8bit {
+pub struct SgdRule {
     momentum: Option<Momentum>,
     penalty: f32,
-    settings: StateSettings,
 }
 
 /// The momentum of [`Sgd8bit`], validated.
@@ -69,17 +86,51 @@ impl Sgd8bitConfig {
         };
         let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
         check_non_negative("weight_decay.penalty", penalty.into())?;
-        Ok(Sgd8bit {
-            momentum,
-            penalty,
-            settings: self.state_settings()?,
-        })
+        Optim8bit::new(
+            SgdRule {
+                momentum,
+                penalty,
+            },
+            self.block_size,
+            self.min_8bit_size,
+            self.percentile_clipping,
+            self.map_family,
+            self.whole_tensor_block,
+        )
+    }
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    pub fn build(&self) -> Sgd8bit {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.gradient_clipping.as_ref()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    pub fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// Checks every value of the config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.try_build().map(|_| ())
     }
 }
 
-impl_config_builders!(Sgd8bitConfig => Sgd8bit, gradient_clipping);
+impl Sealed for SgdRule {}
 
-impl UpdateRule for Sgd8bit {
+impl UpdateRule for SgdRule {
     const KIND: OptimizerKind = OptimizerKind::Sgd;
 
     fn step_rule(&self) -> StepRule {
@@ -105,13 +156,15 @@ impl UpdateRule for Sgd8bit {
             None => plain,
         }
     }
-
-    fn settings(&self) -> StateSettings {
-        self.settings
-    }
 }
 
-impl_optimizer!(Sgd8bit);
+/// SGD with an 8-bit block-wise quantized momentum buffer, or none: plain SGD (momentum as in
+/// Polyak 1964; Nesterov's as in Sutskever et al., *On the importance of initialization and
+/// momentum in deep learning*, ICML 2013).
+///
+/// The states are quantized block-wise as in Dettmers et al., *8-bit Optimizers via Block-wise
+/// Quantization*, ICLR 2022. Built by [`Sgd8bitConfig`].
+pub type Sgd8bit = Optim8bit<SgdRule>;
 
 #[cfg(test)]
 mod tests {
@@ -133,12 +186,12 @@ mod tests {
     #[test]
     fn momentum_takes_its_state_and_dampening_from_the_second_step() {
         let plain = Sgd8bitConfig::new().build();
-        assert_eq!(plain.step_rule(), StepRule::Sgd);
-        assert_eq!(plain.scalars(0.5, 1).lr, 0.5);
+        assert_eq!(plain.rule().step_rule(), StepRule::Sgd);
+        assert_eq!(plain.rule().scalars(0.5, 1).lr, 0.5);
         let config = MomentumConfig::new().with_momentum(0.8).with_dampening(0.25).with_nesterov(true);
         let optimizer = Sgd8bitConfig::new().with_momentum(Some(config)).build();
-        assert_eq!(optimizer.step_rule(), StepRule::Momentum { nesterov: true });
-        let (first, second) = (optimizer.scalars(0.5, 1), optimizer.scalars(0.5, 2));
+        assert_eq!(optimizer.rule().step_rule(), StepRule::Momentum { nesterov: true });
+        let (first, second) = (optimizer.rule().scalars(0.5, 1), optimizer.rule().scalars(0.5, 2));
         assert_eq!((first.beta1, first.beta3, first.first_step), (0.8, 0.75, 1));
         assert_eq!(second.first_step, 0);
     }

@@ -70,11 +70,11 @@ pub struct StateLayout {
 }
 
 impl StateLayout {
-    pub(crate) fn of<R: UpdateRule>(optimizer: &R) -> Self {
+    pub(crate) fn of<R: UpdateRule>(rule: &R, settings: StateSettings) -> Self {
         Self {
             kind: R::KIND,
-            rule: optimizer.step_rule(),
-            settings: optimizer.settings(),
+            rule: rule.step_rule(),
+            settings,
         }
     }
 }
