@@ -8,29 +8,25 @@
 //! criterion prints time per step and parameters/s; ns/param = 1e9 / (parameters/s).
 //! `examples/bench_step.rs` prints the same figures as one table with the ratio to Burn's AdamW.
 
-use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
-    Lars8bitConfig, Lion8bitConfig, RmsProp8bitConfig, Sgd8bitConfig,
-};
+use burn_8bit_conformance::devices::all_compiled;
+use burn_8bit_conformance::optimizers::all_at_defaults;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use criterion::measurement::WallTime;
 
 const LEN: usize = 16_777_216;
 
-fn devices() -> Vec<(&'static str, Device)> {
-    let mut devices = vec![("flex", Device::flex())];
-    #[cfg(feature = "wgpu")]
-    devices.push(("wgpu", Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)));
-    devices
-}
-
-fn bench_optimizer<O: Optimizer>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, optimizer: O, device: &Device) {
+/// `step` is one optimizer step of a flat tensor with its state `S`.
+fn bench_step<S>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    step: impl Fn(f64, Tensor<1>, Tensor<1>, Option<S>) -> (Tensor<1>, Option<S>),
+    device: &Device,
+) {
     let grad = Tensor::<1>::random([LEN], Distribution::Normal(0.0, 1e-2), device);
     let param = Tensor::<1>::random([LEN], Distribution::Normal(0.0, 1.0), device);
-    let (param, state) = optimizer.step(1e-3, param, grad.clone(), None);
+    let (param, state) = step(1e-3, param, grad.clone(), None);
     let mut slot = Some((param, state));
     device.sync().expect("device sync");
     // Each iteration waits for the device (a no-op on the eager CPU backends), so lazy backends
@@ -38,7 +34,7 @@ fn bench_optimizer<O: Optimizer>(group: &mut BenchmarkGroup<'_, WallTime>, name:
     group.bench_function(name, |b| {
         b.iter(|| {
             let (param, state) = slot.take().expect("parameter and state");
-            let next = optimizer.step(1e-3, param, grad.clone(), state);
+            let next = step(1e-3, param, grad.clone(), state);
             device.sync().expect("device sync");
             slot = Some(next);
         })
@@ -46,20 +42,15 @@ fn bench_optimizer<O: Optimizer>(group: &mut BenchmarkGroup<'_, WallTime>, name:
 }
 
 fn bench(c: &mut Criterion) {
-    for (name, device) in devices() {
+    for (name, device) in all_compiled() {
         let mut group = c.benchmark_group(format!("step_{name}"));
         group.throughput(Throughput::Elements(LEN as u64));
         group.sample_size(10);
-        bench_optimizer(&mut group, "burn_adamw_f32", AdamWConfig::new().build(), &device);
-        bench_optimizer(&mut group, "adam8bit", Adam8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "adamw8bit", AdamW8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "sgd8bit", Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build(), &device);
-        bench_optimizer(&mut group, "rmsprop8bit", RmsProp8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "adagrad8bit", AdaGrad8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "lion8bit", Lion8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "ademamix8bit", AdEMAMix8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "lamb8bit", Lamb8bitConfig::new().build(), &device);
-        bench_optimizer(&mut group, "lars8bit", Lars8bitConfig::new().build(), &device);
+        let burn_adamw = AdamWConfig::new().build();
+        bench_step(&mut group, "burn_adamw_f32", |lr, p, g, s| burn_adamw.step(lr, p, g, s), &device);
+        for (optimizer, step) in all_at_defaults() {
+            bench_step(&mut group, &optimizer.to_lowercase(), step, &device);
+        }
         group.finish();
     }
 }

@@ -6,22 +6,16 @@
 //! ```
 //! criterion prints time per iteration and elements/s; ns/element = 1e9 / (elements/s).
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use burn_8bit::{BlockQuantized, BlockSize, MapKind};
+use burn_8bit_conformance::devices::all_compiled;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const LEN: usize = 16_777_216;
 
-fn devices() -> Vec<(&'static str, Device)> {
-    let mut devices = vec![("flex", Device::flex())];
-    #[cfg(feature = "wgpu")]
-    devices.push(("wgpu", Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)));
-    devices
-}
-
 fn bench(c: &mut Criterion) {
     let block = BlockSize::new(256).expect("valid block size");
-    for (name, device) in devices() {
+    for (name, device) in all_compiled() {
         let x = Tensor::<1>::random([LEN], Distribution::Normal(0.0, 1.0), &device);
         let quantized = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block);
         device.sync().expect("device sync");

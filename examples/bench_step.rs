@@ -14,13 +14,9 @@ mod common;
 
 use std::time::Instant;
 
-use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, Optimizer, RecordState, StateSink};
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
-use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
-    Lars8bitConfig, Lion8bitConfig, RmsProp8bitConfig, Sgd8bitConfig,
-};
+use burn_8bit_conformance::optimizers::all_at_defaults;
 
 struct Args {
     device: String,
@@ -80,12 +76,18 @@ struct Row {
     peak_extra: Option<i64>,
 }
 
-fn measure<O: Optimizer>(name: &'static str, optimizer: O, device: &Device, args: &Args) -> Row {
+/// `step` is one optimizer step of a flat tensor with its state `S`.
+fn measure<S: RecordState>(
+    name: &'static str,
+    step: impl Fn(f64, Tensor<1>, Tensor<1>, Option<S>) -> (Tensor<1>, Option<S>),
+    device: &Device,
+    args: &Args,
+) -> Row {
     let grad = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1e-2), device).cast(args.dtype);
     let mut param = Tensor::<1>::random([args.params], Distribution::Normal(0.0, 1.0), device).cast(args.dtype);
     let mut state = None;
     for _ in 0..2 {
-        (param, state) = optimizer.step(1e-3, param, grad.clone(), state);
+        (param, state) = step(1e-3, param, grad.clone(), state);
     }
     device.sync().expect("device sync");
     let state_size = state.as_ref().map_or(0, state_bytes);
@@ -93,7 +95,7 @@ fn measure<O: Optimizer>(name: &'static str, optimizer: O, device: &Device, args
     let before = memory();
     let start = Instant::now();
     for _ in 0..args.steps {
-        (param, state) = optimizer.step(1e-3, param, grad.clone(), state);
+        (param, state) = step(1e-3, param, grad.clone(), state);
         device.sync().expect("device sync");
     }
     let elapsed = start.elapsed();
@@ -126,18 +128,9 @@ fn main() {
         args.steps,
         rayon_threads()
     );
-    let rows = vec![
-        measure("Burn AdamW (f32 state)", AdamWConfig::new().build(), &device, &args),
-        measure("Adam8bit", Adam8bitConfig::new().build(), &device, &args),
-        measure("AdamW8bit", AdamW8bitConfig::new().build(), &device, &args),
-        measure("Sgd8bit", Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build(), &device, &args),
-        measure("RmsProp8bit", RmsProp8bitConfig::new().build(), &device, &args),
-        measure("AdaGrad8bit", AdaGrad8bitConfig::new().build(), &device, &args),
-        measure("Lion8bit", Lion8bitConfig::new().build(), &device, &args),
-        measure("AdEMAMix8bit", AdEMAMix8bitConfig::new().build(), &device, &args),
-        measure("Lamb8bit", Lamb8bitConfig::new().build(), &device, &args),
-        measure("Lars8bit", Lars8bitConfig::new().build(), &device, &args),
-    ];
+    let burn_adamw = AdamWConfig::new().build();
+    let mut rows = vec![measure("Burn AdamW (f32 state)", |lr, p, g, s| burn_adamw.step(lr, p, g, s), &device, &args)];
+    rows.extend(all_at_defaults().into_iter().map(|(name, step)| measure(name, step, &device, &args)));
     let element_bytes = match args.dtype {
         FloatDType::F16 | FloatDType::BF16 => 2,
         _ => 4,
@@ -163,7 +156,7 @@ fn main() {
         );
     }
     let burn = rows[0].ns_per_param;
-    let adam8 = rows[1].ns_per_param;
+    let adam8 = rows.iter().find(|row| row.name == "Adam8bit").expect("Adam8bit row").ns_per_param;
     println!("Adam8bit / Burn AdamW time ratio: {:.3}", adam8 / burn);
 }
 

@@ -94,6 +94,15 @@ fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
     ]
 }
 
+/// A new optimizer fails here until its golden record is added to [`optimizers`] and blessed.
+#[test]
+fn every_optimizer_has_a_golden_record() {
+    let golden: Vec<OptimizerKind> = optimizers().iter().map(|(_, kind, _)| *kind).collect();
+    for kind in OptimizerKind::ALL {
+        assert!(golden.contains(&kind), "{} has no golden record (BURN8BIT_BLESS=1 writes it)", kind.name());
+    }
+}
+
 /// Taken by every test here that runs on all devices: two of them make zero-length tensors on
 /// purpose, and under Burn 0.22.1's fusion such a tensor can corrupt the pending operations of a
 /// concurrent test on the same wgpu device (docs/checkpoints.md).

@@ -12,34 +12,29 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use burn_8bit::optim::{ConfigError, StateSlot};
 use burn_8bit::{
     AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
-    Lars8bitConfig, LoadError, Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
+    Lars8bitConfig, LoadError, Lion8bitConfig, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
     load_record_checked,
 };
+use burn_8bit_conformance::optimizers::{State, TensorStep, all_at_defaults, tensor_step};
 use common::{Rng, devices, distance, model, train, values, weights};
 
-type State = Optim8bitState<1>;
-
-/// Every 8-bit optimizer (and rule variant), as a per-tensor step.
-fn optimizers() -> Vec<(&'static str, Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Option<State>) -> (Tensor<1>, Option<State>)>)> {
-    fn boxed<O: Optimizer<State<1> = State> + 'static>(
-        o: O,
-    ) -> Box<dyn Fn(f64, Tensor<1>, Tensor<1>, Option<State>) -> (Tensor<1>, Option<State>)> {
-        Box::new(move |lr, p, g, s| o.step(lr, p, g, s))
-    }
-    vec![
-        ("adam", boxed(Adam8bitConfig::new().build())),
-        ("adamw-cautious-amsgrad", boxed(AdamW8bitConfig::new().with_cautious_weight_decay(true).with_amsgrad(true).build())),
-        ("sgd", boxed(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).build())),
-        ("sgd-plain", boxed(Sgd8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.01))).build())),
-        ("sgd-nesterov", boxed(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_nesterov(true))).build())),
-        ("rmsprop-centered", boxed(RmsProp8bitConfig::new().with_centered(true).build())),
-        ("rmsprop-plain", boxed(RmsProp8bitConfig::new().with_momentum(0.0).build())),
-        ("adagrad", boxed(AdaGrad8bitConfig::new().with_lr_decay(0.01).build())),
-        ("lion", boxed(Lion8bitConfig::new().with_weight_decay(0.1).build())),
-        ("ademamix", boxed(AdEMAMix8bitConfig::new().with_t_alpha(Some(5)).with_t_beta3(Some(5)).build())),
-        ("lamb", boxed(Lamb8bitConfig::new().with_weight_decay(0.01).build())),
-        ("lars", boxed(Lars8bitConfig::new().with_weight_decay(1e-4).build())),
-    ]
+/// Every 8-bit optimizer at its defaults (the one list, `OptimizerKind::ALL`), then the rule
+/// variants the defaults leave out, as per-tensor steps.
+fn optimizers() -> Vec<(&'static str, TensorStep)> {
+    let mut all = all_at_defaults();
+    all.extend([
+        ("AdamW8bit cautious AMSGrad", tensor_step(AdamW8bitConfig::new().with_cautious_weight_decay(true).with_amsgrad(true).build())),
+        ("Sgd8bit plain", tensor_step(Sgd8bitConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.01))).build())),
+        ("Sgd8bit Nesterov", tensor_step(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_nesterov(true))).build())),
+        ("RmsProp8bit centred", tensor_step(RmsProp8bitConfig::new().with_centered(true).build())),
+        ("RmsProp8bit plain", tensor_step(RmsProp8bitConfig::new().with_momentum(0.0).build())),
+        ("AdaGrad8bit lr_decay", tensor_step(AdaGrad8bitConfig::new().with_lr_decay(0.01).build())),
+        ("Lion8bit weight decay", tensor_step(Lion8bitConfig::new().with_weight_decay(0.1).build())),
+        ("AdEMAMix8bit schedules", tensor_step(AdEMAMix8bitConfig::new().with_t_alpha(Some(5)).with_t_beta3(Some(5)).build())),
+        ("Lamb8bit weight decay", tensor_step(Lamb8bitConfig::new().with_weight_decay(0.01).build())),
+        ("Lars8bit weight decay", tensor_step(Lars8bitConfig::new().with_weight_decay(1e-4).build())),
+    ]);
+    all
 }
 
 fn codes(state: &State) -> Vec<Vec<u8>> {

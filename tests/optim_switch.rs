@@ -49,6 +49,15 @@ fn pairs() -> Vec<Pair> {
     ]
 }
 
+/// A new optimizer with a Burn twin fails here until it has a pair above.
+#[test]
+fn every_optimizer_with_a_burn_twin_has_a_pair() {
+    let paired: Vec<OptimizerKind> = pairs().iter().map(|pair| pair.kind).collect();
+    for kind in OptimizerKind::ALL.into_iter().filter(|&kind| burn_8bit_conformance::optimizers::burn_twin(kind).is_some()) {
+        assert!(paired.contains(&kind), "{} has a Burn twin but no switching pair", kind.name());
+    }
+}
+
 /// A run started with Burn's optimizer continues with the 8-bit twin (and back) close to the
 /// run that never switched, and far from a restart with fresh state (within a fifth of the
 /// restart's distance: Lion's sign update turns a few quantization-flipped signs into full

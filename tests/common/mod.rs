@@ -17,46 +17,28 @@ pub fn vector_files() -> Vec<PathBuf> {
     files
 }
 
-/// The devices of every backend compiled in, by name (`cpu` is cubecl-cpu: the CubeCL kernels
-/// JIT-compiled for the CPU). A wgpu device is listed only when an
-/// adapter exists; without one the test prints a visible skip, or fails when
+/// The devices of every backend compiled in, by name (`burn_8bit_conformance::devices`; `cpu`
+/// is cubecl-cpu: the CubeCL kernels JIT-compiled for the CPU). A wgpu device is listed only
+/// when an adapter exists; without one the test prints a visible skip, or fails when
 /// `BURN8BIT_REQUIRE_WGPU=1` (as CI sets).
 pub fn devices() -> Vec<(&'static str, Device)> {
-    let mut devices = Vec::new();
-    #[cfg(feature = "flex")]
-    devices.push(("flex", Device::flex()));
-    #[cfg(feature = "ndarray")]
-    #[allow(deprecated)]
-    devices.push(("ndarray", Device::ndarray()));
-    #[cfg(feature = "wgpu")]
-    if let Some(device) = wgpu_device() {
-        devices.push(("wgpu", device));
-    }
-    #[cfg(feature = "cpu")]
-    devices.push(("cpu", Device::cpu()));
-    devices
-}
-
-#[cfg(feature = "wgpu")]
-fn wgpu_device() -> Option<Device> {
-    use std::sync::OnceLock;
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
-    let available = *AVAILABLE.get_or_init(|| {
-        let probe = device.clone();
-        std::panic::catch_unwind(move || {
-            burn::tensor::Tensor::<1>::from_floats([1.0], &probe).into_data();
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static AVAILABLE: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
+    let mut available = AVAILABLE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    burn_8bit_conformance::devices::all_compiled()
+        .into_iter()
+        .filter(|(name, device)| {
+            if *available.entry(name).or_insert_with(|| burn_8bit_conformance::devices::has_adapter(name, device)) {
+                return true;
+            }
+            if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+                panic!("BURN8BIT_REQUIRE_WGPU=1 but no {name} adapter is available");
+            }
+            skip(&format!("{name}: no adapter available (install mesa-vulkan-drivers for lavapipe)"));
+            false
         })
-        .is_ok()
-    });
-    if available {
-        return Some(device);
-    }
-    if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
-        panic!("BURN8BIT_REQUIRE_WGPU=1 but no wgpu adapter is available");
-    }
-    skip("wgpu: no adapter available (install mesa-vulkan-drivers for lavapipe)");
-    None
+        .collect()
 }
 
 /// Prints `SKIPPED <what>` once per process, straight to stderr so that the test harness's output

@@ -4,8 +4,10 @@
 //!
 //! The `conformance` example is a command-line front end to [`run_case`]; the test suite calls
 //! the same function, so the runner and `cargo test` apply one set of criteria. This crate is
-//! not published: it serves the repository's example, tests and CI, so that the crates users
-//! compile carry neither the runner nor its `safetensors` dependency.
+//! not published: it serves the repository's examples, tests, benches and CI, so that the crates
+//! users compile carry neither the runner nor its `safetensors` dependency. It also holds the
+//! lists they share, each defined once: the compiled-in devices ([`devices`]) and the 8-bit
+//! optimizers at their defaults ([`optimizers`]).
 //!
 //! ```no_run
 //! use burn::tensor::Device;
@@ -17,6 +19,9 @@
 //! # Ok::<(), burn_8bit_conformance::VectorError>(())
 //! ```
 
+pub mod devices;
+pub mod optimizers;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,7 +32,7 @@ use burn::tensor::{Device, Tensor};
 use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
 use burn_8bit_optim::{
     AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
-    Optim8bitState, RmsProp8bitConfig, Sgd8bitConfig, StateSlot,
+    Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateSlot,
 };
 use safetensors::{Dtype, SafeTensors};
 
@@ -481,6 +486,21 @@ fn state_hash(state: &Optim8bitState<1>) -> u64 {
 /// Replays an optimizer case and judges it against bitsandbytes' own 8-bit run, both measured
 /// against its 32-bit twin: `e(t) = ‖p_t − p32_t‖ / ‖p32_t − p0‖`. An 8-bit case passes when our
 /// `max_t e` ≤ 1.1 · bitsandbytes' + 1e-6; an `f32`-state case when our `max_t e` ≤ 1e-4.
+/// The name the vectors give `kind` (bitsandbytes' optimizer names), `None` for the optimizers
+/// without reference vectors.
+fn bitsandbytes_name(kind: OptimizerKind) -> Option<&'static str> {
+    match kind {
+        OptimizerKind::Adam => Some("adam"),
+        OptimizerKind::AdamW => Some("adamw"),
+        OptimizerKind::Sgd => Some("momentum"),
+        OptimizerKind::RmsProp => Some("rmsprop"),
+        OptimizerKind::AdaGrad => Some("adagrad"),
+        OptimizerKind::Lion => Some("lion"),
+        OptimizerKind::AdEMAMix => Some("ademamix"),
+        OptimizerKind::Lamb | OptimizerKind::Lars => None,
+    }
+}
+
 fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
     let name: String = file.meta("optimizer")?;
     let lr: f64 = file.meta("lr")?;
@@ -490,11 +510,15 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
     let state_bits: u32 = file.meta("state_bits")?;
     let weight_decay: f32 = file.meta("weight_decay")?;
     let config_error = |error: burn_8bit_optim::ConfigError| VectorError::Content(error.to_string());
-    let trajectory = match name.as_str() {
-        "adam" | "adamw" => {
+    let kind = OptimizerKind::ALL
+        .into_iter()
+        .find(|&kind| bitsandbytes_name(kind) == Some(name.as_str()))
+        .ok_or_else(|| VectorError::Content(format!("unknown optimizer `{name}`")))?;
+    let trajectory = match kind {
+        OptimizerKind::Adam | OptimizerKind::AdamW => {
             let betas = meta_list(file, "betas")?;
             let eps: f32 = file.meta("eps")?;
-            if name == "adam" {
+            if kind == OptimizerKind::Adam {
                 let config = Adam8bitConfig::new()
                     .with_beta_1(betas[0])
                     .with_beta_2(betas[1])
@@ -513,7 +537,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
             }
         }
-        "momentum" => {
+        OptimizerKind::Sgd => {
             let momentum: f64 = file.meta("momentum")?;
             let config = Sgd8bitConfig::new()
                 .with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0)))
@@ -521,7 +545,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_min_8bit_size(min_8bit_size);
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
-        "rmsprop" => {
+        OptimizerKind::RmsProp => {
             let config = RmsProp8bitConfig::new()
                 .with_alpha(file.meta("alpha")?)
                 .with_epsilon(file.meta("eps")?)
@@ -530,14 +554,14 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_min_8bit_size(min_8bit_size);
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
-        "adagrad" => {
+        OptimizerKind::AdaGrad => {
             let config = AdaGrad8bitConfig::new()
                 .with_epsilon(file.meta("eps")?)
                 .with_block_size(block_size)
                 .with_min_8bit_size(min_8bit_size);
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
-        "lion" => {
+        OptimizerKind::Lion => {
             let betas = meta_list(file, "betas")?;
             let config = Lion8bitConfig::new()
                 .with_beta_1(betas[0])
@@ -547,7 +571,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_min_8bit_size(min_8bit_size);
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
-        "ademamix" => {
+        OptimizerKind::AdEMAMix => {
             let betas = meta_list(file, "betas")?;
             let config = AdEMAMix8bitConfig::new()
                 .with_beta_1(betas[0])
@@ -560,7 +584,9 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_min_8bit_size(min_8bit_size);
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
-        other => return Err(VectorError::Content(format!("unknown optimizer `{other}`"))),
+        OptimizerKind::Lamb | OptimizerKind::Lars => {
+            return Err(VectorError::Content(format!("no reference vectors for {}", kind.name())));
+        }
     };
     let param0 = file.f32s("param0")?;
     let (mut ours_max, mut bnb_max) = (0f64, 0f64);
