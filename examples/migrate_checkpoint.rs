@@ -34,7 +34,7 @@ use burn::tensor::{Device, Tensor};
 use burn::train::logger::InMemoryMetricLogger;
 use burn::train::metric::LossMetric;
 use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, SwitchRecord, load_record_checked};
+use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchRecord, load_record_checked};
 
 const INPUTS: usize = 64;
 const TRAIN_SAMPLES: usize = 2048;
@@ -189,7 +189,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let reference_dir = dir.join("burn-adamw-reference");
 
     let burn_adamw = AdamWConfig::new().with_weight_decay(WEIGHT_DECAY);
-    let adamw8bit = AdamW8bitConfig::new().with_weight_decay(WEIGHT_DECAY).with_min_8bit_size(1024);
+    let adamw8bit = AdamW8bitConfig::new().with_weight_decay(WEIGHT_DECAY).with_states(StateConfig::new().with_min_8bit_size(1024));
 
     println!("1. two epochs with Burn's AdamW in {}", dir.display());
     let model = run(&dir, learner(burn_adamw.init(), &device), 2, None);

@@ -41,5 +41,5 @@ pub use burn_8bit_optim::{
     AdamW8bit, AdamW8bitConfig, CheckedLoad, ConfigError, Lamb8bit, Lamb8bitConfig, Lars8bit,
     Lars8bitConfig, LoadError, Lion8bit, Lion8bitConfig, Optim8bit, Optim8bitState, OptimizerKind,
     ParamStateReport, RecordChecksum, RmsProp8bit, RmsProp8bitConfig, Sgd8bit, Sgd8bitConfig,
-    StateLayout, StateReport, SwitchGroups, SwitchRecord, load_record_checked,
+    StateConfig, StateLayout, StateReport, SwitchGroups, SwitchRecord, load_record_checked,
 };

@@ -7,10 +7,7 @@ use burn::optim::Optimizer;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit::optim::StateSlot;
-use burn_8bit::{
-    Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, Optim8bitState,
-    OptimizerKind, Sgd8bitConfig, load_record_checked,
-};
+use burn_8bit::{Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, Optim8bitState, OptimizerKind, Sgd8bitConfig, StateConfig, load_record_checked};
 use common::{Rng, devices, distance, model, train, values, weights};
 
 type State = Optim8bitState<1>;
@@ -80,9 +77,7 @@ fn first_step_states_use_the_configured_map_and_scaling() {
         for family in [MapFamily::Dynamic, MapFamily::Linear] {
             for whole_tensor in [false, true] {
                 let optim = Adam8bitConfig::new()
-                    .with_map_family(family)
-                    .with_whole_tensor_block(whole_tensor)
-                    .with_block_size(128)
+                    .with_states(StateConfig::new().with_map_family(family).with_whole_tensor_block(whole_tensor).with_block_size(128))
                     .build();
                 let p = Tensor::<1>::zeros([LEN], &device);
                 let grad = Tensor::<1>::from_floats(g.as_slice(), &device);
@@ -119,8 +114,7 @@ fn ablations_lose_precision_where_the_paper_says() {
         let error = |family: MapFamily, whole_tensor: bool| -> f64 {
             let optim = Sgd8bitConfig::new()
                 .with_momentum(Some(MomentumConfig::new()))
-                .with_map_family(family)
-                .with_whole_tensor_block(whole_tensor)
+                .with_states(StateConfig::new().with_map_family(family).with_whole_tensor_block(whole_tensor))
                 .build();
             let grad = Tensor::<1>::from_floats(m.as_slice(), &device);
             let (_, state) = optim.step(1e-3, Tensor::<1>::zeros([LEN], &device), grad, None);
@@ -147,8 +141,7 @@ fn ablation_states_agree_across_backends_over_many_steps() {
     let mut reference: Option<(Vec<f32>, Vec<Vec<u8>>)> = None;
     for (name, device) in devices() {
         let optim = AdamW8bitConfig::new()
-            .with_map_family(MapFamily::Linear)
-            .with_whole_tensor_block(true)
+            .with_states(StateConfig::new().with_map_family(MapFamily::Linear).with_whole_tensor_block(true))
             .build();
         let mut rng = Rng::new(9);
         let mut p = Tensor::<1>::from_floats(rng.normals(LEN).as_slice(), &device);
@@ -179,14 +172,13 @@ fn ablation_states_agree_across_backends_over_many_steps() {
 fn checkpoints_keep_the_map_family_and_loading_converts_it() {
     let device = Device::flex().autodiff();
     let mut linear = Adam8bitConfig::new()
-        .with_min_8bit_size(1024)
-        .with_map_family(MapFamily::Linear)
+        .with_states(StateConfig::new().with_min_8bit_size(1024).with_map_family(MapFamily::Linear))
         .init();
     let net = train(model(&device), &mut linear, &device, 1, 5);
     let record = || linear.to_record();
 
     let mut reloaded = load_record_checked(
-        Adam8bitConfig::new().with_min_8bit_size(1024).with_map_family(MapFamily::Linear).init(),
+        Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024).with_map_family(MapFamily::Linear)).init(),
         record(),
         &net,
         OptimizerKind::Adam,
@@ -198,14 +190,14 @@ fn checkpoints_keep_the_map_family_and_loading_converts_it() {
     assert_eq!(before, original, "the record round trip keeps every state bit");
 
     let mut converted = load_record_checked(
-        Adam8bitConfig::new().with_min_8bit_size(1024).init(),
+        Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init(),
         record(),
         &net,
         OptimizerKind::Adam,
     )
     .expect("a linear-map record loads into a dynamic-map optimizer")
     .optimizer;
-    let mut fresh = Adam8bitConfig::new().with_min_8bit_size(1024).init();
+    let mut fresh = Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init();
     let continued = weights(&train(net.clone(), &mut reloaded, &device, 1, 5));
     let converted = weights(&train(net.clone(), &mut converted, &device, 1, 5));
     let restarted = weights(&train(net, &mut fresh, &device, 1, 5));

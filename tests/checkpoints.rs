@@ -15,11 +15,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer, OptimizerRecord};
 use burn::tensor::{Bytes, DType, Device, Tensor};
-use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize,
-    Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, MapKind, OptimizerKind, RecordChecksum,
-    RmsProp8bitConfig, Sgd8bitConfig, StateReport, load_record_checked,
-};
+use burn_8bit::{AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, MapKind, OptimizerKind, RecordChecksum, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked};
 use burn_pack::{Reader, Scalar, Writer};
 use common::{Rng, devices, values};
 
@@ -69,28 +65,25 @@ fn run(model: Golden, optim: &mut ModuleOptimizer, device: &Device, steps: std::
 /// spread over them so that every record field occurs.
 fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
     vec![
-        ("adam", OptimizerKind::Adam, || Adam8bitConfig::new().with_amsgrad(true).with_min_8bit_size(256).with_block_size(64).init()),
+        ("adam", OptimizerKind::Adam, || Adam8bitConfig::new().with_amsgrad(true).with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
         ("adamw", OptimizerKind::AdamW, || {
             AdamW8bitConfig::new()
                 .with_cautious_weight_decay(true)
-                .with_percentile_clipping(5)
-                .with_min_8bit_size(256)
-                .with_block_size(64)
+                .with_states(StateConfig::new().with_percentile_clipping(5).with_min_8bit_size(256).with_block_size(64))
                 .init()
         }),
         ("sgd", OptimizerKind::Sgd, || {
             Sgd8bitConfig::new()
                 .with_momentum(Some(MomentumConfig { momentum: 0.9, dampening: 0.0, nesterov: true }))
-                .with_min_8bit_size(256)
-                .with_block_size(64)
+                .with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64))
                 .init()
         }),
-        ("rmsprop", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_centered(true).with_min_8bit_size(256).with_block_size(64).init()),
-        ("adagrad", OptimizerKind::AdaGrad, || AdaGrad8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init()),
-        ("lion", OptimizerKind::Lion, || Lion8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init()),
-        ("ademamix", OptimizerKind::AdEMAMix, || AdEMAMix8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init()),
-        ("lamb", OptimizerKind::Lamb, || Lamb8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init()),
-        ("lars", OptimizerKind::Lars, || Lars8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init()),
+        ("rmsprop", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_centered(true).with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("adagrad", OptimizerKind::AdaGrad, || AdaGrad8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("lion", OptimizerKind::Lion, || Lion8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("ademamix", OptimizerKind::AdEMAMix, || AdEMAMix8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("lamb", OptimizerKind::Lamb, || Lamb8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("lars", OptimizerKind::Lars, || Lars8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
     ]
 }
 
@@ -573,7 +566,7 @@ fn percentile_clipping_survives_a_nan_in_the_first_gradient() {
     for (device_name, device) in devices() {
         let trajectory = |nan_bits: u32, clipping: usize| {
             // Momentum's update is proportional to the gradient, so clipping shows in its size.
-            let optimizer = Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).with_percentile_clipping(clipping).build();
+            let optimizer = Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new())).with_states(StateConfig::new().with_percentile_clipping(clipping)).build();
             let mut rng = Rng::new(3);
             let mut p = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device);
             let mut state = None;
@@ -647,19 +640,19 @@ fn records_of_other_settings_convert_instead_of_restarting() {
     type Make = fn() -> ModuleOptimizer;
     let cases: [(&str, OptimizerKind, Make, Make, [bool; 2], usize); 5] = [
         ("f32 → 8-bit", OptimizerKind::AdamW, || AdamW8bitConfig::new().f32_states().init(), || {
-            AdamW8bitConfig::new().with_min_8bit_size(256).init()
+            AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).init()
         }, [true, false], 2),
-        ("8-bit → f32", OptimizerKind::AdamW, || AdamW8bitConfig::new().with_min_8bit_size(256).init(), || {
+        ("8-bit → f32", OptimizerKind::AdamW, || AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).init(), || {
             AdamW8bitConfig::new().f32_states().init()
         }, [false, false], 2),
-        ("AMSGrad added", OptimizerKind::Adam, || Adam8bitConfig::new().with_min_8bit_size(256).init(), || {
-            Adam8bitConfig::new().with_min_8bit_size(256).with_amsgrad(true).init()
+        ("AMSGrad added", OptimizerKind::Adam, || Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).init(), || {
+            Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).with_amsgrad(true).init()
         }, [true, false], 3),
-        ("RMSprop centred", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_min_8bit_size(256).init(), || {
-            RmsProp8bitConfig::new().with_min_8bit_size(256).with_centered(true).init()
+        ("RMSprop centred", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).init(), || {
+            RmsProp8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).with_centered(true).init()
         }, [true, false], 3),
-        ("block 64 → 256", OptimizerKind::Adam, || Adam8bitConfig::new().with_min_8bit_size(256).with_block_size(64).init(), || {
-            Adam8bitConfig::new().with_min_8bit_size(256).init()
+        ("block 64 → 256", OptimizerKind::Adam, || Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init(), || {
+            Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256)).init()
         }, [true, false], 2),
     ];
     let device = Device::flex().autodiff();

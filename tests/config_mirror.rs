@@ -1,5 +1,5 @@
 //! Each 8-bit config that claims to be the twin of a Burn config has that config's fields, with
-//! its types and defaults, plus the quantization fields every 8-bit config adds. Names, defaults
+//! its types and defaults, plus the `states` field every 8-bit config adds. Names, defaults
 //! and types are read from Burn's own configs (serialized), not from a list kept here: a field
 //! Burn adds, renames, retypes or re-defaults fails the test of its twin.
 
@@ -9,15 +9,14 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdaGradConfig, AdamConfig, AdamWConfig, LambConfig, LionConfig, RmsPropConfig, SgdConfig};
 use burn_8bit::{
     AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lion8bitConfig, RmsProp8bitConfig,
-    Sgd8bitConfig,
+    Sgd8bitConfig, StateConfig,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-/// The fields every 8-bit config adds to its twin's.
-const QUANTIZATION_FIELDS: [&str; 5] =
-    ["block_size", "map_family", "min_8bit_size", "percentile_clipping", "whole_tensor_block"];
+/// The field every 8-bit config adds to its twin's: how its states are kept (`StateConfig`).
+const QUANTIZATION_FIELDS: [&str; 1] = ["states"];
 
 fn fields<C: Serialize>(config: &C) -> Map<String, Value> {
     match serde_json::to_value(config).expect("configs serialize") {
@@ -120,7 +119,7 @@ fn a_drifted_twin_is_caught() {
     assert!(drifted_type.is_err(), "a twin with another field type passed");
 }
 
-/// Adam's fields and defaults with `epsilon` as `f64`, and the quantization fields.
+/// Adam's fields and defaults with `epsilon` as `f64`, and the state settings.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct DriftedAdam {
     beta_1: f32,
@@ -129,11 +128,7 @@ struct DriftedAdam {
     amsgrad: bool,
     weight_decay: Option<WeightDecayConfig>,
     grad_clipping: Option<GradientClippingConfig>,
-    block_size: usize,
-    map_family: burn_8bit::MapFamily,
-    min_8bit_size: usize,
-    percentile_clipping: usize,
-    whole_tensor_block: bool,
+    states: StateConfig,
 }
 
 impl Default for DriftedAdam {
@@ -146,11 +141,7 @@ impl Default for DriftedAdam {
             amsgrad: adam.amsgrad,
             weight_decay: None,
             grad_clipping: None,
-            block_size: adam.block_size,
-            map_family: adam.map_family,
-            min_8bit_size: adam.min_8bit_size,
-            percentile_clipping: adam.percentile_clipping,
-            whole_tensor_block: adam.whole_tensor_block,
+            states: adam.states,
         }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 
 use burn::optim::Optimizer;
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_8bit::{AdamW8bitConfig, shared_buffer_copies};
+use burn_8bit::{AdamW8bitConfig, StateConfig, shared_buffer_copies};
 
 /// A fresh `len`-element parameter after two warm-up steps, its gradient and its state.
 fn warmed_up<O: Optimizer>(optimizer: &O, len: usize, device: &Device) -> (Tensor<1>, Tensor<1>, Option<O::State<1>>) {
@@ -23,7 +23,7 @@ fn warmed_up<O: Optimizer>(optimizer: &O, len: usize, device: &Device) -> (Tenso
 
 #[test]
 fn steps_write_in_place_unless_a_clone_is_kept() {
-    let optimizer = AdamW8bitConfig::new().with_min_8bit_size(4096).build();
+    let optimizer = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(4096)).build();
     for (name, device) in common::devices() {
         if name == "ndarray" {
             continue;

@@ -21,7 +21,7 @@ use burn::train::{
     ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, RegressionOutput, SupervisedTraining,
     TrainOutput, TrainStep,
 };
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, load_record_checked};
+use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, load_record_checked};
 use common::Rng;
 
 const INPUTS: usize = 64;
@@ -126,7 +126,7 @@ fn loaders() -> (Arc<dyn DataLoader<Batch>>, Arc<dyn DataLoader<Batch>>) {
 
 /// AdamW8bit with the hidden weight (6144 elements) in 8-bit and the rest in `f32`.
 fn optimizer() -> ModuleOptimizer {
-    AdamW8bitConfig::new().with_min_8bit_size(1024).init()
+    AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init()
 }
 
 fn learner(device: &Device) -> Learner<Regressor> {

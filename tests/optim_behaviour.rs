@@ -10,11 +10,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{ModuleOptimizer, Optimizer};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use burn_8bit::optim::{ConfigError, StateSlot};
-use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
-    Lars8bitConfig, LoadError, Lion8bitConfig, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport,
-    load_record_checked,
-};
+use burn_8bit::{AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked};
 use burn_8bit_conformance::optimizers::{State, TensorStep, all_at_defaults, tensor_step};
 use common::{Rng, devices, distance, model, train, values, weights};
 
@@ -241,15 +237,15 @@ fn half_precision_parameters_step_as_f32_between_casts() {
 #[test]
 fn invalid_configs_are_typed_errors() {
     assert!(matches!(Adam8bitConfig::new().with_beta_1(1.0).try_init(), Err(ConfigError::OutOfRange { name: "beta_1", .. })));
-    assert!(matches!(Adam8bitConfig::new().with_beta_2(-0.1).validate(), Err(ConfigError::OutOfRange { name: "beta_2", .. })));
-    assert!(matches!(AdamW8bitConfig::new().with_epsilon(0.0).validate(), Err(ConfigError::OutOfRange { name: "epsilon", .. })));
-    assert!(matches!(AdamW8bitConfig::new().with_block_size(100).validate(), Err(ConfigError::BlockSize(_))));
-    assert!(matches!(Lion8bitConfig::new().with_weight_decay(-1.0).validate(), Err(ConfigError::OutOfRange { .. })));
-    assert!(matches!(RmsProp8bitConfig::new().with_alpha(f32::NAN).validate(), Err(ConfigError::OutOfRange { .. })));
-    assert!(matches!(AdaGrad8bitConfig::new().with_lr_decay(-1.0).validate(), Err(ConfigError::OutOfRange { .. })));
-    assert!(matches!(AdEMAMix8bitConfig::new().with_t_alpha(Some(0)).validate(), Err(ConfigError::OutOfRange { name: "t_alpha", .. })));
-    assert!(matches!(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(2.0))).validate(), Err(ConfigError::OutOfRange { .. })));
-    let Err(panic) = std::panic::catch_unwind(|| Adam8bitConfig::new().with_block_size(8192).init()) else {
+    assert!(matches!(Adam8bitConfig::new().with_beta_2(-0.1).try_build(), Err(ConfigError::OutOfRange { name: "beta_2", .. })));
+    assert!(matches!(AdamW8bitConfig::new().with_epsilon(0.0).try_build(), Err(ConfigError::OutOfRange { name: "epsilon", .. })));
+    assert!(matches!(AdamW8bitConfig::new().with_states(StateConfig::new().with_block_size(100)).try_build(), Err(ConfigError::BlockSize(_))));
+    assert!(matches!(Lion8bitConfig::new().with_weight_decay(-1.0).try_build(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(RmsProp8bitConfig::new().with_alpha(f32::NAN).try_build(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(AdaGrad8bitConfig::new().with_lr_decay(-1.0).try_build(), Err(ConfigError::OutOfRange { .. })));
+    assert!(matches!(AdEMAMix8bitConfig::new().with_t_alpha(Some(0)).try_build(), Err(ConfigError::OutOfRange { name: "t_alpha", .. })));
+    assert!(matches!(Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(2.0))).try_build(), Err(ConfigError::OutOfRange { .. })));
+    let Err(panic) = std::panic::catch_unwind(|| Adam8bitConfig::new().with_states(StateConfig::new().with_block_size(8192)).init()) else {
         panic!("init accepted block size 8192");
     };
     let message = panic.downcast_ref::<String>().unwrap();
@@ -262,7 +258,7 @@ fn invalid_configs_are_typed_errors() {
 fn resumed_training_matches_uninterrupted_training() {
     for (device_name, device) in devices() {
         let device = device.autodiff();
-        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let config = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024));
         let start = model(&device);
         let mut uninterrupted = config.init();
         let straight = train(start.clone(), &mut uninterrupted, &device, 6, 1);
@@ -300,7 +296,7 @@ fn resumed_training_matches_uninterrupted_training() {
 fn checked_load_rejects_foreign_records_and_requantizes_other_block_sizes() {
     let device = Device::flex().autodiff();
     let trained_with = |optim: &mut ModuleOptimizer| train(model(&device), optim, &device, 2, 5);
-    let mut adam = Adam8bitConfig::new().with_min_8bit_size(1024).init();
+    let mut adam = Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init();
     let net = trained_with(&mut adam);
     let record = || adam.to_record();
 
@@ -323,7 +319,7 @@ fn checked_load_rejects_foreign_records_and_requantizes_other_block_sizes() {
     assert!(matches!(foreign, Err(LoadError::OptimizerMismatch { .. })), "{:?}", foreign.err());
 
     let mut reblocked = load_record_checked(
-        Adam8bitConfig::new().with_min_8bit_size(1024).with_block_size(64).init(),
+        Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024).with_block_size(64)).init(),
         record(),
         &net,
         OptimizerKind::Adam,
@@ -360,7 +356,7 @@ fn percentile_clipping_follows_the_ring_rule() {
     let percentile = 5;
     for (device_name, device) in devices() {
         for len in [9_000usize, 1_000] {
-            let clipped = Adam8bitConfig::new().with_percentile_clipping(percentile).build();
+            let clipped = Adam8bitConfig::new().with_states(StateConfig::new().with_percentile_clipping(percentile)).build();
             let plain = Adam8bitConfig::new().build();
             let mut rng = Rng::new(21);
             let p0 = Tensor::<1>::from_floats(rng.normals(len).as_slice(), &device);
@@ -399,7 +395,7 @@ fn percentile_clipping_follows_the_ring_rule() {
         }
     }
     assert!(matches!(
-        Adam8bitConfig::new().with_percentile_clipping(101).validate(),
-        Err(ConfigError::OutOfRange { name: "percentile_clipping", .. })
+        Adam8bitConfig::new().with_states(StateConfig::new().with_percentile_clipping(101)).try_build(),
+        Err(ConfigError::OutOfRange { name: "states.percentile_clipping", .. })
     ));
 }

@@ -9,10 +9,7 @@ use burn::optim::{
 };
 use burn::tensor::Device;
 use burn_8bit::optim::SwitchRecord;
-use burn_8bit::{
-    AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig,
-    LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateReport, load_record_checked,
-};
+use burn_8bit::{AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked};
 use common::{distance, model, train, weights};
 
 struct Pair {
@@ -30,9 +27,9 @@ macro_rules! pair {
             name: $name,
             kind: $kind,
             burn: Box::new(|| $burn.init()),
-            eight: Box::new(|| $eight.with_min_8bit_size(1024).init()),
-            import: Box::new(|record| $eight.with_min_8bit_size(1024).build().from_burn_record(record)),
-            export: Box::new(|record| $eight.with_min_8bit_size(1024).build().to_burn_record(record)),
+            eight: Box::new(|| $eight.with_states(StateConfig::new().with_min_8bit_size(1024)).init()),
+            import: Box::new(|record| $eight.with_states(StateConfig::new().with_min_8bit_size(1024)).build().from_burn_record(record)),
+            export: Box::new(|record| $eight.with_states(StateConfig::new().with_min_8bit_size(1024)).build().to_burn_record(record)),
         }
     };
 }

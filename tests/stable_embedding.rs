@@ -10,7 +10,7 @@ use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 use burn_8bit::nn::{
     StableEmbedding, StableEmbeddingConfig, StableEmbeddingError, keep_embeddings_32bit, stable_embedding_weights,
 };
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateReport, SwitchGroups, SwitchRecord, load_record_checked};
+use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchGroups, SwitchRecord, load_record_checked};
 use common::devices;
 
 #[derive(Module, Debug)]
@@ -123,7 +123,7 @@ fn train(model: TinyLm, optim: &mut ModuleOptimizer, device: &Device, steps: usi
 fn the_padding_row_stays_zero_through_training() {
     for (name, device) in devices() {
         let device = device.autodiff();
-        let mut optim = AdamW8bitConfig::new().with_weight_decay(0.1).with_min_8bit_size(1024).init();
+        let mut optim = AdamW8bitConfig::new().with_weight_decay(0.1).with_states(StateConfig::new().with_min_8bit_size(1024)).init();
         let (model, losses) = train(TinyLm::new(&device), &mut optim, &device, 5);
         assert!(losses[4] < losses[0], "[{name}] {losses:?}");
         let weight = floats(model.embedding.weight.val().inner());
@@ -136,7 +136,7 @@ fn embeddings_keep_f32_state_while_the_rest_is_8_bit() {
     for (name, device) in devices() {
         let device = device.autodiff();
         let model = TinyLm::new(&device);
-        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let config = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024));
         let mut optim = keep_embeddings_32bit(config.init(), &model, config.clone().f32_states().build());
         let (_, _) = train(model, &mut optim, &device, 2);
         let report = StateReport::of(&optim).unwrap();
@@ -159,9 +159,9 @@ fn any_group_can_get_its_own_block_size_and_hyper_parameters() {
     let model = TinyLm::new(&device);
     let head = ParamGroup::ids_from_module(model.head.clone());
     let mut optim = AdamW8bitConfig::new()
-        .with_min_8bit_size(1024)
+        .with_states(StateConfig::new().with_min_8bit_size(1024))
         .init()
-        .with_group(head, AdamW8bitConfig::new().with_min_8bit_size(1024).with_block_size(64).with_beta_2(0.99).build(), None);
+        .with_group(head, AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024).with_block_size(64)).with_beta_2(0.99).build(), None);
     let (_, _) = train(model, &mut optim, &device, 1);
     let report = StateReport::of(&optim).unwrap();
     let head_weight = report.parameters.iter().find(|p| p.elements == Some(64 * 80)).unwrap();
@@ -180,7 +180,7 @@ fn an_f32_embedding_state_converts_when_loaded_into_a_plain_optimizer() {
     for (name, device) in devices() {
         let device = device.autodiff();
         let model = TinyLm::new(&device);
-        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let config = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024));
         let mut grouped = keep_embeddings_32bit(config.init(), &model, config.clone().f32_states().build());
         let (model, _) = train(model, &mut grouped, &device, 2);
         let loaded = load_record_checked(config.init(), grouped.to_record(), &model, OptimizerKind::AdamW)
@@ -242,7 +242,7 @@ fn switching_with_groups_keeps_the_embedding_state_f32() {
         let device = device.autodiff();
         let mut burn_adamw = AdamWConfig::new().init();
         let (model, _) = train(TinyLm::new(&device), &mut burn_adamw, &device, 2);
-        let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+        let config = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024));
         let embedding_optimizer = config.clone().f32_states().build();
         let groups = SwitchGroups::new(&config.build()).with_group(stable_embedding_weights(&model), &embedding_optimizer);
         let grouped = || groups.from_burn_record(burn_adamw.to_record()).unwrap_or_else(|e| panic!("[{name}] {e}"));

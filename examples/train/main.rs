@@ -36,7 +36,7 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LossMetric;
 use burn::train::{Learner, SupervisedTraining};
 use burn_8bit::nn::keep_embeddings_32bit;
-use burn_8bit::{AdamW8bitConfig, MapFamily, OptimizerKind, StateReport, load_record_checked};
+use burn_8bit::{AdamW8bitConfig, MapFamily, OptimizerKind, StateConfig, StateReport, load_record_checked};
 
 use data::{Corpus, WindowBatcher, offsets};
 use model::{Shape, TransformerLm};
@@ -180,8 +180,7 @@ fn optimizer(arm: &Arm, model: &TransformerLm) -> ModuleOptimizer {
             let config = AdamW8bitConfig::new()
                 .with_weight_decay(WEIGHT_DECAY)
                 .with_grad_clipping(clipping)
-                .with_map_family(map_family)
-                .with_whole_tensor_block(whole_tensor_block);
+                .with_states(StateConfig::new().with_map_family(map_family).with_whole_tensor_block(whole_tensor_block));
             if arm.stable_embedding {
                 // The paper keeps the embedding's state in 32 bits alongside StableEmbedding.
                 keep_embeddings_32bit(config.init(), model, config.clone().f32_states().build())

@@ -30,10 +30,7 @@ use burn::optim::Optimizer;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
-use burn_8bit_optim::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
-    Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateSlot,
-};
+use burn_8bit_optim::{AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateSlot};
 use safetensors::{Dtype, SafeTensors};
 
 /// A reference vector file could not be read or lacks what its kind needs.
@@ -523,8 +520,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                     .with_beta_1(betas[0])
                     .with_beta_2(betas[1])
                     .with_epsilon(eps)
-                    .with_block_size(block_size)
-                    .with_min_8bit_size(min_8bit_size);
+                    .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
                 replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
             } else {
                 let config = AdamW8bitConfig::new()
@@ -532,8 +528,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                     .with_beta_2(betas[1])
                     .with_epsilon(eps)
                     .with_weight_decay(weight_decay)
-                    .with_block_size(block_size)
-                    .with_min_8bit_size(min_8bit_size);
+                    .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
                 replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
             }
         }
@@ -541,8 +536,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
             let momentum: f64 = file.meta("momentum")?;
             let config = Sgd8bitConfig::new()
                 .with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0)))
-                .with_block_size(block_size)
-                .with_min_8bit_size(min_8bit_size);
+                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
         OptimizerKind::RmsProp => {
@@ -550,15 +544,13 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_alpha(file.meta("alpha")?)
                 .with_epsilon(file.meta("eps")?)
                 .with_momentum(0.0)
-                .with_block_size(block_size)
-                .with_min_8bit_size(min_8bit_size);
+                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
         OptimizerKind::AdaGrad => {
             let config = AdaGrad8bitConfig::new()
                 .with_epsilon(file.meta("eps")?)
-                .with_block_size(block_size)
-                .with_min_8bit_size(min_8bit_size);
+                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
         OptimizerKind::Lion => {
@@ -567,8 +559,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_beta_1(betas[0])
                 .with_beta_2(betas[1])
                 .with_weight_decay(weight_decay)
-                .with_block_size(block_size)
-                .with_min_8bit_size(min_8bit_size);
+                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
         OptimizerKind::AdEMAMix => {
@@ -580,8 +571,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_alpha(file.meta("alpha")?)
                 .with_epsilon(file.meta("eps")?)
                 .with_weight_decay(weight_decay)
-                .with_block_size(block_size)
-                .with_min_8bit_size(min_8bit_size);
+                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
             replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
         }
         OptimizerKind::Lamb | OptimizerKind::Lars => {

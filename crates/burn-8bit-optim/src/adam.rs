@@ -4,21 +4,21 @@ use burn::config::Config;
 use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, bias_corrections, or_panic};
+use crate::optimizer::{Optim8bit, StateConfig, bias_corrections, or_panic};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Adam8bit`]: every field and default of Burn's `AdamConfig`, plus the
 /// quantization settings.
 ///
 /// ```
-/// use burn_8bit_optim::Adam8bitConfig;
+/// use burn_8bit_optim::{Adam8bitConfig, StateConfig};
 ///
-/// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_block_size(128).init();
+/// let optimizer = Adam8bitConfig::new().with_beta_2(0.995).with_states(StateConfig::new().with_block_size(128)).init();
 /// # let _ = optimizer;
 /// assert!(Adam8bitConfig::new().with_beta_1(1.0).try_init().is_err());
 /// ```
@@ -40,24 +40,10 @@ pub struct Adam8bitConfig {
     pub weight_decay: Option<WeightDecayConfig>,
     /// Gradient clipping applied by the module optimizer before the step.
     pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
-    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
-    /// `Linear` (its linear-quantization ablation, less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
-    /// two passes with `f32` temporaries instead of the fused step).
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+    /// How the states are kept: block size, the size under which they stay `f32`, percentile
+    /// clipping and the ablation settings.
+    #[config(default = "StateConfig::new()")]
+    pub states: StateConfig,
 }
 
 /// The update rule of [`Adam8bit`], with the validated hyper-parameters of its config.
@@ -86,11 +72,7 @@ impl Adam8bitConfig {
                 amsgrad: self.amsgrad,
                 penalty,
             },
-            self.block_size,
-            self.min_8bit_size,
-            self.percentile_clipping,
-            self.map_family,
-            self.whole_tensor_block,
+            &self.states,
         )
     }
 
@@ -111,15 +93,11 @@ impl Adam8bitConfig {
         or_panic(self.try_init())
     }
 
-    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
     /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(self) -> Self {
-        self.with_min_8bit_size(usize::MAX)
-    }
-
-    /// Checks every value of the config.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.try_build().map(|_| ())
+    pub fn f32_states(mut self) -> Self {
+        self.states = self.states.f32_states();
+        self
     }
 }
 
@@ -169,7 +147,7 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected_by_name() {
-        assert!(Adam8bitConfig::new().validate().is_ok());
+        assert!(Adam8bitConfig::new().try_build().is_ok());
         assert_rejects(Adam8bitConfig::new().with_beta_1(1.0).try_build(), "beta_1");
         assert_rejects(Adam8bitConfig::new().with_beta_2(-0.1).try_build(), "beta_2");
         assert_rejects(Adam8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");

@@ -4,12 +4,12 @@
 use burn::config::Config;
 use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, bias_corrections, decay_factor, or_panic};
+use crate::optimizer::{Optim8bit, StateConfig, bias_corrections, decay_factor, or_panic};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
@@ -50,24 +50,10 @@ pub struct AdEMAMix8bitConfig {
     pub t_beta3: Option<usize>,
     /// Gradient clipping applied by the module optimizer before the step.
     pub grad_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
-    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
-    /// `Linear` (its linear-quantization ablation, less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
-    /// two passes with `f32` temporaries instead of the fused step).
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+    /// How the states are kept: block size, the size under which they stay `f32`, percentile
+    /// clipping and the ablation settings.
+    #[config(default = "StateConfig::new()")]
+    pub states: StateConfig,
 }
 
 /// The update rule of [`AdEMAMix8bit`], with the validated hyper-parameters of its config.
@@ -112,11 +98,7 @@ impl AdEMAMix8bitConfig {
                 t_alpha: self.t_alpha,
                 t_beta3: self.t_beta3,
             },
-            self.block_size,
-            self.min_8bit_size,
-            self.percentile_clipping,
-            self.map_family,
-            self.whole_tensor_block,
+            &self.states,
         )
     }
 
@@ -137,15 +119,11 @@ impl AdEMAMix8bitConfig {
         or_panic(self.try_init())
     }
 
-    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
     /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(self) -> Self {
-        self.with_min_8bit_size(usize::MAX)
-    }
-
-    /// Checks every value of the config.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.try_build().map(|_| ())
+    pub fn f32_states(mut self) -> Self {
+        self.states = self.states.f32_states();
+        self
     }
 }
 
@@ -213,7 +191,7 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected_by_name() {
-        assert!(AdEMAMix8bitConfig::new().validate().is_ok());
+        assert!(AdEMAMix8bitConfig::new().try_build().is_ok());
         assert_rejects(AdEMAMix8bitConfig::new().with_beta_3(1.0).try_build(), "beta_3");
         assert_rejects(AdEMAMix8bitConfig::new().with_alpha(-1.0).try_build(), "alpha");
         assert_rejects(AdEMAMix8bitConfig::new().with_epsilon(0.0).try_build(), "epsilon");

@@ -12,11 +12,11 @@
 //! use burn::nn::LinearConfig;
 //! use burn::optim::GradientsParams;
 //! use burn::tensor::{Device, Tensor};
-//! use burn_8bit_optim::AdamW8bitConfig;
+//! use burn_8bit_optim::{AdamW8bitConfig, StateConfig};
 //!
 //! let device = Device::default().autodiff();
 //! let mut model = LinearConfig::new(64, 64).init(&device);
-//! let mut optim = AdamW8bitConfig::new().with_min_8bit_size(1024).init();
+//! let mut optim = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init();
 //! let mut losses = Vec::new();
 //! for _ in 0..5 {
 //!     let loss = model.forward(Tensor::<2>::ones([8, 64], &device)).powi_scalar(2).mean();
@@ -48,7 +48,7 @@
 //! use burn::module::{Module, ParamGroup};
 //! use burn::nn::{Linear, LinearConfig};
 //! use burn::tensor::Device;
-//! use burn_8bit_optim::AdamW8bitConfig;
+//! use burn_8bit_optim::{AdamW8bitConfig, StateConfig};
 //!
 //! #[derive(Module, Debug)]
 //! struct Net {
@@ -71,22 +71,22 @@
 //!         None,
 //!     )
 //!     // The encoder's weights use smaller blocks.
-//!     .with_group(ParamGroup::from_predicate("encoder"), base.clone().with_block_size(64).build(), None);
+//!     .with_group(ParamGroup::from_predicate("encoder"), base.clone().with_states(StateConfig::new().with_block_size(64)).build(), None);
 //! # let _ = optim;
 //! ```
 //!
 //! # Ablation settings
 //!
-//! Two config fields reproduce the paper's ablations and should stay at their defaults for
-//! training: `map_family` ([`MapFamily::Dynamic`], or [`MapFamily::Linear`] for evenly spaced
+//! Two fields of [`StateConfig`] reproduce the paper's ablations and should stay at their
+//! defaults for training: `map_family` ([`MapFamily::Dynamic`], or [`MapFamily::Linear`] for evenly spaced
 //! codes) and `whole_tensor_block` (`false`; `true` quantizes each state against one absmax for
 //! the whole tensor, in two passes with `f32` temporaries instead of the fused step):
 //!
 //! ```
-//! use burn_8bit_optim::{AdamW8bitConfig, MapFamily};
+//! use burn_8bit_optim::{AdamW8bitConfig, MapFamily, StateConfig};
 //!
-//! let linear = AdamW8bitConfig::new().with_map_family(MapFamily::Linear).init();
-//! let one_block = AdamW8bitConfig::new().with_whole_tensor_block(true).init();
+//! let linear = AdamW8bitConfig::new().with_states(StateConfig::new().with_map_family(MapFamily::Linear)).init();
+//! let one_block = AdamW8bitConfig::new().with_states(StateConfig::new().with_whole_tensor_block(true)).init();
 //! # let _ = (linear, one_block);
 //! ```
 #![deny(missing_docs)]
@@ -120,7 +120,7 @@ pub use lamb::{Lamb8bit, Lamb8bitConfig, LambRule};
 pub use lars::{Lars8bit, Lars8bitConfig, LarsRule};
 pub use lion::{Lion8bit, Lion8bitConfig, LionRule};
 pub use format::RecordChecksum;
-pub use optimizer::Optim8bit;
+pub use optimizer::{Optim8bit, StateConfig};
 pub use record::{CheckedLoad, ParamStateReport, StateReport, load_record_checked};
 pub use rmsprop::{RmsProp8bit, RmsProp8bitConfig, RmsPropRule};
 pub use sgd::{Sgd8bit, Sgd8bitConfig, SgdRule};

@@ -2,6 +2,7 @@
 //! conversion and the module optimizer written once for the nine configs; the validation of the
 //! quantization fields every config shares.
 
+use burn::config::Config;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{LearningRate, ModuleOptimizer, Optimizer};
 use burn::tensor::{Device, Tensor};
@@ -12,6 +13,63 @@ use crate::error::ConfigError;
 use crate::state::Optim8bitState;
 use crate::switch::{StateLayout, SwitchRecord};
 
+/// How an 8-bit optimizer keeps its states: the settings every config shares, as its `states`
+/// field.
+///
+/// ```
+/// use burn_8bit_optim::{AdamW8bitConfig, StateConfig};
+///
+/// let states = StateConfig::new().with_block_size(128).with_min_8bit_size(1024);
+/// let optimizer = AdamW8bitConfig::new().with_states(states).init();
+/// # let _ = optimizer;
+/// ```
+#[derive(Config, Debug, PartialEq)]
+pub struct StateConfig {
+    /// Elements per quantization block: a power of two in 64..=4096.
+    #[config(default = 256)]
+    pub block_size: usize,
+    /// Tensors with fewer elements keep `f32` states.
+    #[config(default = 4096)]
+    pub min_8bit_size: usize,
+    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
+    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
+    #[config(default = 100)]
+    pub percentile_clipping: usize,
+    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
+    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    #[config(default = "MapFamily::Dynamic")]
+    pub map_family: MapFamily,
+    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
+    /// two passes with `f32` temporaries instead of the fused step).
+    #[config(default = false)]
+    pub whole_tensor_block: bool,
+}
+
+impl StateConfig {
+    /// The same settings with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`).
+    pub fn f32_states(self) -> Self {
+        self.with_min_8bit_size(usize::MAX)
+    }
+
+    /// The settings, validated.
+    fn settings(&self) -> Result<StateSettings, ConfigError> {
+        if self.percentile_clipping > 100 {
+            return Err(ConfigError::OutOfRange {
+                name: "states.percentile_clipping",
+                value: self.percentile_clipping as f64,
+                expected: "a percentile in 0..=99, or 100 for off",
+            });
+        }
+        Ok(StateSettings {
+            block_size: BlockSize::new(self.block_size)?,
+            min_8bit_size: self.min_8bit_size,
+            percentile: (self.percentile_clipping < 100).then_some(self.percentile_clipping),
+            map_family: self.map_family,
+            whole_tensor_block: self.whole_tensor_block,
+        })
+    }
+}
+
 /// An optimizer with block-wise 8-bit states: the update rule `R` of one of the configs and how
 /// its states are kept. Each config builds its own (`AdamW8bitConfig::build` gives an
 /// [`AdamW8bit`](crate::AdamW8bit) = `Optim8bit<AdamWRule>`); every one takes one fused op per
@@ -21,7 +79,7 @@ use crate::switch::{StateLayout, SwitchRecord};
 /// use burn::optim::Optimizer;
 /// use burn_8bit_optim::{AdamW8bit, AdamW8bitConfig};
 ///
-/// let optimizer: AdamW8bit = AdamW8bitConfig::new().with_block_size(128).build();
+/// let optimizer: AdamW8bit = AdamW8bitConfig::new().build();
 /// # let _ = optimizer;
 /// ```
 #[derive(Clone, Debug)]
@@ -31,17 +89,9 @@ pub struct Optim8bit<R> {
 }
 
 impl<R: UpdateRule> Optim8bit<R> {
-    /// The optimizer of `rule` with the shared fields of its config, validated.
-    pub(crate) fn new(
-        rule: R,
-        block_size: usize,
-        min_8bit_size: usize,
-        percentile_clipping: usize,
-        map_family: MapFamily,
-        whole_tensor_block: bool,
-    ) -> Result<Self, ConfigError> {
-        let settings = settings(block_size, min_8bit_size, percentile_clipping, map_family, whole_tensor_block)?;
-        Ok(Self { rule, settings })
+    /// The optimizer of `rule` keeping its states as `states` says, validated.
+    pub(crate) fn new(rule: R, states: &StateConfig) -> Result<Self, ConfigError> {
+        Ok(Self { rule, settings: states.settings()? })
     }
 
     /// The update rule, with its validated hyper-parameters (for the rules' unit tests).
@@ -90,30 +140,6 @@ pub(crate) fn or_panic<T>(result: Result<T, ConfigError>) -> T {
     result.unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// The quantization fields every config shares, validated.
-pub(crate) fn settings(
-    block_size: usize,
-    min_8bit_size: usize,
-    percentile_clipping: usize,
-    map_family: MapFamily,
-    whole_tensor_block: bool,
-) -> Result<StateSettings, ConfigError> {
-    if percentile_clipping > 100 {
-        return Err(ConfigError::OutOfRange {
-            name: "percentile_clipping",
-            value: percentile_clipping as f64,
-            expected: "a percentile in 0..=99, or 100 for off",
-        });
-    }
-    Ok(StateSettings {
-        block_size: BlockSize::new(block_size)?,
-        min_8bit_size,
-        percentile: (percentile_clipping < 100).then_some(percentile_clipping),
-        map_family,
-        whole_tensor_block,
-    })
-}
-
 /// Decoupled weight decay as the parameter's multiplier, `1 − lr·weight_decay`.
 pub(crate) fn decay_factor(lr: f64, weight_decay: f32) -> f32 {
     (1.0 - lr * f64::from(weight_decay)) as f32
@@ -133,15 +159,16 @@ mod tests {
     use crate::error::assert_rejects;
 
     #[test]
-    fn the_shared_fields_are_validated() {
-        let valid = settings(256, 4096, 100, MapFamily::Dynamic, false).unwrap();
+    fn the_state_settings_are_validated() {
+        let valid = StateConfig::new().settings().unwrap();
         assert_eq!(valid.percentile, None);
-        assert_eq!(settings(256, 4096, 5, MapFamily::Dynamic, false).unwrap().percentile, Some(5));
-        assert_rejects(settings(256, 4096, 101, MapFamily::Dynamic, false), "percentile_clipping");
+        assert_eq!(StateConfig::new().with_percentile_clipping(5).settings().unwrap().percentile, Some(5));
+        assert_rejects(StateConfig::new().with_percentile_clipping(101).settings(), "states.percentile_clipping");
         assert!(matches!(
-            settings(100, 4096, 100, MapFamily::Dynamic, false),
+            StateConfig::new().with_block_size(100).settings(),
             Err(ConfigError::BlockSize(QuantError::InvalidBlockSize(100)))
         ));
+        assert_eq!(StateConfig::new().f32_states().min_8bit_size, usize::MAX);
     }
 
     #[test]

@@ -71,11 +71,11 @@ impl ParamStateReport {
 /// use burn::nn::LinearConfig;
 /// use burn::optim::GradientsParams;
 /// use burn::tensor::{Device, Tensor};
-/// use burn_8bit_optim::{Adam8bitConfig, StateReport};
+/// use burn_8bit_optim::{Adam8bitConfig, StateConfig, StateReport};
 ///
 /// let device = Device::default().autodiff();
 /// let model = LinearConfig::new(128, 64).init(&device);
-/// let mut optim = Adam8bitConfig::new().with_min_8bit_size(1024).init();
+/// let mut optim = Adam8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init();
 /// let loss = model.forward(Tensor::<2>::ones([4, 128], &device)).sum();
 /// let grads = GradientsParams::from_grads(loss.backward(), &model);
 /// let _model = optim.step(1e-3, model, grads);

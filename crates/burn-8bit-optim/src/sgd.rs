@@ -5,12 +5,12 @@ use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn_8bit_ops::{MapFamily, StepRule, StepScalars};
+use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_range};
-use crate::optimizer::{Optim8bit, or_panic};
+use crate::optimizer::{Optim8bit, StateConfig, or_panic};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Sgd8bit`]: the fields and defaults of Burn's `SgdConfig` (no momentum
@@ -34,24 +34,10 @@ pub struct Sgd8bitConfig {
     pub momentum: Option<MomentumConfig>,
     /// Gradient clipping applied by the module optimizer before the step.
     pub gradient_clipping: Option<GradientClippingConfig>,
-    /// Elements per quantization block: a power of two in 64..=4096.
-    #[config(default = 256)]
-    pub block_size: usize,
-    /// Tensors with fewer elements keep `f32` states.
-    #[config(default = 4096)]
-    pub min_8bit_size: usize,
-    /// Percentile clipping (bitsandbytes): each gradient is scaled down to this percentile
-    /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
-    #[config(default = 100)]
-    pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
-    /// `Linear` (its linear-quantization ablation, less precise for small values).
-    #[config(default = "MapFamily::Dynamic")]
-    pub map_family: MapFamily,
-    /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
-    /// two passes with `f32` temporaries instead of the fused step).
-    #[config(default = false)]
-    pub whole_tensor_block: bool,
+    /// How the states are kept: block size, the size under which they stay `f32`, percentile
+    /// clipping and the ablation settings.
+    #[config(default = "StateConfig::new()")]
+    pub states: StateConfig,
 }
 
 /// The update rule of [`Sgd8bit`], with the validated hyper-parameters of its config.
@@ -91,11 +77,7 @@ impl Sgd8bitConfig {
                 momentum,
                 penalty,
             },
-            self.block_size,
-            self.min_8bit_size,
-            self.percentile_clipping,
-            self.map_family,
-            self.whole_tensor_block,
+            &self.states,
         )
     }
 
@@ -116,15 +98,11 @@ impl Sgd8bitConfig {
         or_panic(self.try_init())
     }
 
-    /// The same config with `f32` states for every tensor (`min_8bit_size` = `usize::MAX`): the
+    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
     /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(self) -> Self {
-        self.with_min_8bit_size(usize::MAX)
-    }
-
-    /// Checks every value of the config.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.try_build().map(|_| ())
+    pub fn f32_states(mut self) -> Self {
+        self.states = self.states.f32_states();
+        self
     }
 }
 
@@ -173,7 +151,7 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected_by_name() {
-        assert!(Sgd8bitConfig::new().validate().is_ok());
+        assert!(Sgd8bitConfig::new().try_build().is_ok());
         let momentum = |momentum: f64, dampening: f64| {
             Sgd8bitConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(dampening)))
         };

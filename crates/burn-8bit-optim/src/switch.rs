@@ -30,7 +30,7 @@ use crate::state::OptimizerKind;
 /// use burn::nn::LinearConfig;
 /// use burn::optim::{AdamWConfig, GradientsParams};
 /// use burn::tensor::{Device, Tensor};
-/// use burn_8bit_optim::{AdamW8bitConfig, SwitchRecord};
+/// use burn_8bit_optim::{AdamW8bitConfig, StateConfig, SwitchRecord};
 ///
 /// let device = Device::default().autodiff();
 /// let model = LinearConfig::new(64, 64).init(&device);
@@ -39,7 +39,7 @@ use crate::state::OptimizerKind;
 /// let model = burn_adamw.step(1e-3, model.clone(), GradientsParams::from_grads(loss.backward(), &model));
 ///
 /// // Continue the same run with 8-bit state:
-/// let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+/// let config = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024));
 /// let record = config.build().from_burn_record(burn_adamw.to_record())?;
 /// let optim = config.init().load_record(record);
 /// # let _ = (optim, model);
@@ -88,7 +88,7 @@ impl StateLayout {
 /// use burn::nn::{Linear, LinearConfig};
 /// use burn::optim::{AdamWConfig, GradientsParams};
 /// use burn::tensor::{Device, Tensor};
-/// use burn_8bit_optim::{AdamW8bitConfig, SwitchGroups};
+/// use burn_8bit_optim::{AdamW8bitConfig, StateConfig, SwitchGroups};
 ///
 /// #[derive(Module, Debug)]
 /// struct Net {
@@ -103,7 +103,7 @@ impl StateLayout {
 /// let net = burn_adamw.step(1e-3, net.clone(), GradientsParams::from_grads(loss.backward(), &net));
 ///
 /// // The 8-bit run keeps the head on f32 state; its converted record must say so too.
-/// let config = AdamW8bitConfig::new().with_min_8bit_size(1024);
+/// let config = AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024));
 /// let head = ParamGroup::ids_from_module(net.head.clone());
 /// let head_optimizer = config.clone().f32_states().build();
 /// let record = SwitchGroups::new(&config.build())
