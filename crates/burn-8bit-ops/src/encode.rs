@@ -29,12 +29,16 @@ pub(crate) const COMPARISONS: usize = 2;
 pub(crate) const BOUNDS: usize = MAP_LEN + COMPARISONS;
 
 /// Offset of the midpoints (as `f32` bits) in a map's kernel table, after the 256 values.
+#[cfg(any(feature = "cube", test))]
 pub(crate) const MIDPOINTS: usize = MAP_LEN;
 /// Offset of the settled absmax range (low and high, as `f32` bits) in a map's kernel table.
+#[cfg(any(feature = "cube", test))]
 pub(crate) const SETTLED: usize = MIDPOINTS + MAP_LEN - 1;
 /// Offset of the guesses, packed four per `u32` word, in a map's kernel table.
+#[cfg(any(feature = "cube", test))]
 pub(crate) const GUESSES: usize = SETTLED + 2;
 /// `u32` words of one map's kernel table.
+#[cfg(any(feature = "cube", test))]
 pub(crate) const TABLE_STRIDE: usize = GUESSES + GUESS_LEN / 4;
 
 /// A map's guesses and the absmax range they serve.
@@ -133,7 +137,8 @@ pub(crate) fn encode_code(
 }
 
 /// A map's kernel table: its values and midpoints as `f32` bits, the settled absmax range, then
-/// its guesses.
+/// its guesses. Built for the CubeCL kernels (and the test that checks their encoder).
+#[cfg(any(feature = "cube", test))]
 pub(crate) fn kernel_table(kind: MapKind) -> Vec<u32> {
     let map = kind.map();
     let guesses = GuessTable::get(kind);
