@@ -115,6 +115,32 @@ fn optimizers_are_deterministic_per_backend() {
     }
 }
 
+/// Two replicas of one parameter that start as clones sharing its buffer (as data-parallel
+/// replicas do), each with its own state and the same gradient tensor, stay bit-identical:
+/// stepping one never writes into the parameter or gradient buffer the other still holds.
+#[test]
+fn replicas_sharing_a_buffer_step_identically() {
+    let bits = |t: &Tensor<1>| values(t).into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    for (device_name, device) in devices() {
+        for (name, step) in optimizers() {
+            let mut rng = Rng::new(7);
+            let first = Tensor::<1>::from_floats(rng.normals(5000).as_slice(), &device);
+            let (mut a, mut b) = (first.clone(), first);
+            let (mut state_a, mut state_b) = (None, None);
+            for t in 0..3 {
+                let g = Tensor::<1>::from_floats(rng.normals(5000).iter().map(|x| x * 0.1).collect::<Vec<_>>().as_slice(), &device);
+                let (b_before, g_before) = (bits(&b), bits(&g));
+                (a, state_a) = step(1e-3, a, g.clone(), state_a);
+                assert_eq!(bits(&b), b_before, "[{device_name}] {name} step {t}: stepping one replica changed the other");
+                assert_eq!(bits(&g), g_before, "[{device_name}] {name} step {t}: the step changed the shared gradient");
+                (b, state_b) = step(1e-3, b, g, state_b);
+                assert_eq!(bits(&a), bits(&b), "[{device_name}] {name} step {t}: the replicas differ");
+                assert_eq!(codes(state_a.as_ref().unwrap()), codes(state_b.as_ref().unwrap()), "[{device_name}] {name} step {t}");
+            }
+        }
+    }
+}
+
 /// Non-finite gradient elements leave their parameter and (decoded) states alone, never reach
 /// a state, and are counted on the device; the 8-bit and the `f32` paths alike.
 #[test]
