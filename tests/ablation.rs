@@ -7,10 +7,12 @@ use burn::optim::Optimizer;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit::optim::StateSlot;
-use burn_8bit::{Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, Optim8bitState, OptimizerKind, Sgd8bitConfig, StateConfig, load_record_checked};
+use burn_8bit::{
+    Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, OptimizerKind,
+    Sgd8bitConfig, StateConfig, load_record_checked,
+};
+use burn_8bit_conformance::optimizers::State;
 use common::{Rng, devices, distance, model, train, values, weights};
-
-type State = Optim8bitState<1>;
 
 const LEN: usize = 5000;
 

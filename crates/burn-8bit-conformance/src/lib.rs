@@ -26,12 +26,16 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use burn::optim::Optimizer;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
-use burn_8bit_optim::{AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateSlot};
+use burn_8bit_optim::{
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
+    OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateSlot,
+};
 use safetensors::{Dtype, SafeTensors};
+
+use crate::optimizers::{State, TensorStep, tensor_step};
 
 /// A reference vector file could not be read or lacks what its kind needs.
 #[derive(Debug, thiserror::Error)]
@@ -425,11 +429,11 @@ fn meta_list(file: &VectorFile, key: &str) -> Result<Vec<f32>, VectorError> {
 /// the final state.
 struct Trajectory {
     params: Vec<Vec<f32>>,
-    state: Optim8bitState<1>,
+    state: State,
 }
 
-fn replay<O: Optimizer<State<1> = Optim8bitState<1>>>(
-    optimizer: O,
+fn replay(
+    step: &TensorStep,
     file: &VectorFile,
     lr: f64,
     steps: usize,
@@ -440,7 +444,7 @@ fn replay<O: Optimizer<State<1> = Optim8bitState<1>>>(
     let mut params = Vec::with_capacity(steps);
     for t in 1..=steps {
         let grad = Tensor::<1>::from_floats(file.f32s(&format!("grad.{t}"))?.as_slice(), device);
-        let (next, next_state) = optimizer.step(lr, param, grad, state);
+        let (next, next_state) = step(lr, param, grad, state);
         params.push(next.clone().into_data().try_to_vec::<f32>().expect("f32 parameter"));
         param = next;
         state = next_state;
@@ -458,7 +462,7 @@ fn distance(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The hash of a final state: every slot's codes and absmax (8-bit) or values (`f32`).
-fn state_hash(state: &Optim8bitState<1>) -> u64 {
+fn state_hash(state: &State) -> u64 {
     let mut bytes = Vec::new();
     for slot in state.slots() {
         match slot {
@@ -502,8 +506,9 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
     let name: String = file.meta("optimizer")?;
     let lr: f64 = file.meta("lr")?;
     let steps: usize = file.meta("steps")?;
-    let block_size: usize = file.meta("blocksize")?;
-    let min_8bit_size: usize = file.meta("min_8bit_size")?;
+    let states = StateConfig::new()
+        .with_block_size(file.meta("blocksize")?)
+        .with_min_8bit_size(file.meta("min_8bit_size")?);
     let state_bits: u32 = file.meta("state_bits")?;
     let weight_decay: f32 = file.meta("weight_decay")?;
     let config_error = |error: burn_8bit_optim::ConfigError| VectorError::Content(error.to_string());
@@ -511,7 +516,7 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
         .into_iter()
         .find(|&kind| bitsandbytes_name(kind) == Some(name.as_str()))
         .ok_or_else(|| VectorError::Content(format!("unknown optimizer `{name}`")))?;
-    let trajectory = match kind {
+    let step = match kind {
         OptimizerKind::Adam | OptimizerKind::AdamW => {
             let betas = meta_list(file, "betas")?;
             let eps: f32 = file.meta("eps")?;
@@ -520,38 +525,38 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                     .with_beta_1(betas[0])
                     .with_beta_2(betas[1])
                     .with_epsilon(eps)
-                    .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-                replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                    .with_states(states);
+                tensor_step(config.try_build().map_err(config_error)?)
             } else {
                 let config = AdamW8bitConfig::new()
                     .with_beta_1(betas[0])
                     .with_beta_2(betas[1])
                     .with_epsilon(eps)
                     .with_weight_decay(weight_decay)
-                    .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-                replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                    .with_states(states);
+                tensor_step(config.try_build().map_err(config_error)?)
             }
         }
         OptimizerKind::Sgd => {
             let momentum: f64 = file.meta("momentum")?;
             let config = Sgd8bitConfig::new()
                 .with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0)))
-                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                .with_states(states);
+            tensor_step(config.try_build().map_err(config_error)?)
         }
         OptimizerKind::RmsProp => {
             let config = RmsProp8bitConfig::new()
                 .with_alpha(file.meta("alpha")?)
                 .with_epsilon(file.meta("eps")?)
                 .with_momentum(0.0)
-                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                .with_states(states);
+            tensor_step(config.try_build().map_err(config_error)?)
         }
         OptimizerKind::AdaGrad => {
             let config = AdaGrad8bitConfig::new()
                 .with_epsilon(file.meta("eps")?)
-                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                .with_states(states);
+            tensor_step(config.try_build().map_err(config_error)?)
         }
         OptimizerKind::Lion => {
             let betas = meta_list(file, "betas")?;
@@ -559,8 +564,8 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_beta_1(betas[0])
                 .with_beta_2(betas[1])
                 .with_weight_decay(weight_decay)
-                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                .with_states(states);
+            tensor_step(config.try_build().map_err(config_error)?)
         }
         OptimizerKind::AdEMAMix => {
             let betas = meta_list(file, "betas")?;
@@ -571,11 +576,12 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
                 .with_alpha(file.meta("alpha")?)
                 .with_epsilon(file.meta("eps")?)
                 .with_weight_decay(weight_decay)
-                .with_states(StateConfig::new().with_block_size(block_size).with_min_8bit_size(min_8bit_size));
-            replay(config.try_build().map_err(config_error)?, file, lr, steps, device)?
+                .with_states(states);
+            tensor_step(config.try_build().map_err(config_error)?)
         }
         _ => return Err(VectorError::Content(format!("no reference vectors for {}", kind.name()))),
     };
+    let trajectory = replay(&step, file, lr, steps, device)?;
     let param0 = file.f32s("param0")?;
     let (mut ours_max, mut bnb_max) = (0f64, 0f64);
     for (t, ours) in (1..=steps).zip(&trajectory.params) {
