@@ -22,23 +22,24 @@ pub fn vector_files() -> Vec<PathBuf> {
 /// when an adapter exists; without one the test prints a visible skip, or fails when
 /// `BURN8BIT_REQUIRE_WGPU=1` (as CI sets).
 pub fn devices() -> Vec<(&'static str, Device)> {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static AVAILABLE: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
-    let mut available = AVAILABLE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    burn_8bit_conformance::devices::all_compiled()
-        .into_iter()
-        .filter(|(name, device)| {
-            if *available.entry(name).or_insert_with(|| burn_8bit_conformance::devices::has_adapter(name, device)) {
-                return true;
-            }
-            if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
-                panic!("BURN8BIT_REQUIRE_WGPU=1 but no {name} adapter is available");
-            }
-            skip(&format!("{name}: no adapter available (install mesa-vulkan-drivers for lavapipe)"));
-            false
-        })
-        .collect()
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<Vec<(&'static str, Device)>> = OnceLock::new();
+    let available = AVAILABLE.get_or_init(|| {
+        burn_8bit_conformance::devices::all_compiled()
+            .into_iter()
+            .filter(|(name, device)| {
+                if burn_8bit_conformance::devices::has_adapter(name, device) {
+                    return true;
+                }
+                if std::env::var("BURN8BIT_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+                    panic!("BURN8BIT_REQUIRE_WGPU=1 but no {name} adapter is available");
+                }
+                skip(&format!("{name}: no adapter available (install mesa-vulkan-drivers for lavapipe)"));
+                false
+            })
+            .collect()
+    });
+    available.clone()
 }
 
 /// Prints `SKIPPED <what>` once per process, straight to stderr so that the test harness's output
