@@ -15,7 +15,11 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer, OptimizerRecord};
 use burn::tensor::{Bytes, DType, Device, Tensor};
-use burn_8bit::{AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, MapKind, OptimizerKind, RecordChecksum, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked};
+use burn_8bit::{
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize,
+    Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, MapKind, OptimizerKind, RecordChecksum,
+    RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked,
+};
 use burn_pack::{Reader, Scalar, Writer};
 use common::{Rng, devices, values};
 
@@ -61,29 +65,34 @@ fn run(model: Golden, optim: &mut ModuleOptimizer, device: &Device, steps: std::
     steps.fold(model, |model, step| optim.step(1e-2, model, gradients(step, &inner, None)))
 }
 
+/// The state settings of every golden record: the weight (512 elements) in 8-bit, blocks of 64.
+fn golden_states() -> StateConfig {
+    StateConfig::new().with_min_8bit_size(256).with_block_size(64)
+}
+
 /// The optimizers of the golden records: every one, with its rule flags and percentile clipping
 /// spread over them so that every record field occurs.
 fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
     vec![
-        ("adam", OptimizerKind::Adam, || Adam8bitConfig::new().with_amsgrad(true).with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("adam", OptimizerKind::Adam, || Adam8bitConfig::new().with_amsgrad(true).with_states(golden_states()).init()),
         ("adamw", OptimizerKind::AdamW, || {
             AdamW8bitConfig::new()
                 .with_cautious_weight_decay(true)
-                .with_states(StateConfig::new().with_percentile_clipping(5).with_min_8bit_size(256).with_block_size(64))
+                .with_states(golden_states().with_percentile_clipping(5))
                 .init()
         }),
         ("sgd", OptimizerKind::Sgd, || {
             Sgd8bitConfig::new()
                 .with_momentum(Some(MomentumConfig { momentum: 0.9, dampening: 0.0, nesterov: true }))
-                .with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64))
+                .with_states(golden_states())
                 .init()
         }),
-        ("rmsprop", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_centered(true).with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
-        ("adagrad", OptimizerKind::AdaGrad, || AdaGrad8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
-        ("lion", OptimizerKind::Lion, || Lion8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
-        ("ademamix", OptimizerKind::AdEMAMix, || AdEMAMix8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
-        ("lamb", OptimizerKind::Lamb, || Lamb8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
-        ("lars", OptimizerKind::Lars, || Lars8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(256).with_block_size(64)).init()),
+        ("rmsprop", OptimizerKind::RmsProp, || RmsProp8bitConfig::new().with_centered(true).with_states(golden_states()).init()),
+        ("adagrad", OptimizerKind::AdaGrad, || AdaGrad8bitConfig::new().with_states(golden_states()).init()),
+        ("lion", OptimizerKind::Lion, || Lion8bitConfig::new().with_states(golden_states()).init()),
+        ("ademamix", OptimizerKind::AdEMAMix, || AdEMAMix8bitConfig::new().with_states(golden_states()).init()),
+        ("lamb", OptimizerKind::Lamb, || Lamb8bitConfig::new().with_states(golden_states()).init()),
+        ("lars", OptimizerKind::Lars, || Lars8bitConfig::new().with_states(golden_states()).init()),
     ]
 }
 

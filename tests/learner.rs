@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
@@ -133,6 +133,20 @@ fn learner(device: &Device) -> Learner<Regressor> {
     Learner::new(Regressor::new(device), optimizer(), ConstantLr::new(3e-3))
 }
 
+/// A supervised run over [`loaders`] in `dir`: `epochs` epochs, Burn's default checkpointers
+/// keeping the last `keep`, the loss as the only metric, no log files.
+fn training(dir: &Path, epochs: usize, keep: usize) -> SupervisedTraining<Regressor> {
+    let (train, valid) = loaders();
+    SupervisedTraining::new(dir, train, valid)
+        .num_epochs(epochs)
+        .with_default_checkpointers()
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(keep))
+        .with_metric_logger(InMemoryMetricLogger::new())
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .with_application_logger(None)
+}
+
 fn scratch_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("burn-8bit-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -150,16 +164,7 @@ fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
     let dir = scratch_dir("learner");
     let untrained = valid_loss(&Regressor::new(&device), &device);
 
-    let (train, valid) = loaders();
-    let first = SupervisedTraining::new(&dir, train, valid)
-        .num_epochs(2)
-        .with_default_checkpointers()
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
-        .with_metric_logger(InMemoryMetricLogger::new())
-        .metric_train_numeric(LossMetric::new())
-        .metric_valid_numeric(LossMetric::new())
-        .with_application_logger(None)
-        .launch(learner(&device));
+    let first = training(&dir, 2, 2).launch(learner(&device));
     let after_two = valid_loss(&first.model, &device);
     println!("one device: validation loss {untrained} → {after_two} after two epochs");
     assert!(after_two < 0.5 * untrained, "training did not learn: {untrained} → {after_two}");
@@ -176,17 +181,7 @@ fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
     let hidden = report.parameters.iter().find(|p| p.elements == Some((INPUTS * 96) as u64)).expect("hidden weight state");
     assert!(hidden.quantized && hidden.optimizer == Some(OptimizerKind::AdamW), "{hidden:?}");
 
-    let (train, valid) = loaders();
-    let resumed = SupervisedTraining::new(&dir, train, valid)
-        .num_epochs(4)
-        .checkpoint(2)
-        .with_default_checkpointers()
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(4))
-        .with_metric_logger(InMemoryMetricLogger::new())
-        .metric_train_numeric(LossMetric::new())
-        .metric_valid_numeric(LossMetric::new())
-        .with_application_logger(None)
-        .launch(learner(&device));
+    let resumed = training(&dir, 4, 4).checkpoint(2).launch(learner(&device));
     let after_four = valid_loss(&resumed.model, &device);
     assert!(after_four < after_two, "resuming did not continue: {after_two} → {after_four}");
     assert!(dir.join("checkpoint").join("optim-4.bpk").exists());
@@ -205,16 +200,8 @@ fn adamw8bit_trains_with_state_sharded_across_devices_and_resumes_on_one() {
     let main = devices[0].clone();
     let dir = scratch_dir("sharded");
     let untrained = valid_loss(&Regressor::new(&main), &main);
-    let (train, valid) = loaders();
-    let result = SupervisedTraining::new(&dir, train, valid)
-        .num_epochs(6)
-        .with_default_checkpointers()
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(1))
+    let result = training(&dir, 6, 1)
         .with_training_strategy(ExecutionStrategy::MultiDevice(devices.clone(), MultiDeviceOptim::OptimSharded).into())
-        .with_metric_logger(InMemoryMetricLogger::new())
-        .metric_train_numeric(LossMetric::new())
-        .metric_valid_numeric(LossMetric::new())
-        .with_application_logger(None)
         .launch(learner(&main));
     let model = result.model.fork(&main);
     let trained = valid_loss(&model, &main);
@@ -230,17 +217,7 @@ fn adamw8bit_trains_with_state_sharded_across_devices_and_resumes_on_one() {
         .expect("the sharded checkpoint holds AdamW8bit state for every parameter");
     let hidden = loaded.report.parameters.iter().find(|p| p.elements == Some((INPUTS * 96) as u64)).expect("hidden weight state");
     assert!(hidden.quantized, "{hidden:?}");
-    let (train, valid) = loaders();
-    let resumed = SupervisedTraining::new(&dir, train, valid)
-        .num_epochs(8)
-        .checkpoint(6)
-        .with_default_checkpointers()
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(1))
-        .with_metric_logger(InMemoryMetricLogger::new())
-        .metric_train_numeric(LossMetric::new())
-        .metric_valid_numeric(LossMetric::new())
-        .with_application_logger(None)
-        .launch(learner(&main));
+    let resumed = training(&dir, 8, 1).checkpoint(6).launch(learner(&main));
     let continued = valid_loss(&resumed.model, &main);
     println!("resumed on one device: validation loss {trained} → {continued}");
     assert!(continued < 1.1 * trained, "the sharded checkpoint did not continue on one device: {trained} → {continued}");

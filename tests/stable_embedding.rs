@@ -10,7 +10,10 @@ use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 use burn_8bit::nn::{
     StableEmbedding, StableEmbeddingConfig, StableEmbeddingError, keep_embeddings_32bit, stable_embedding_weights,
 };
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchGroups, SwitchRecord, load_record_checked};
+use burn_8bit::{
+    AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchGroups, SwitchRecord,
+    load_record_checked,
+};
 use common::devices;
 
 #[derive(Module, Debug)]
