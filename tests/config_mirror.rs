@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 /// The field every 8-bit config adds to its twin's: how its states are kept (`StateConfig`).
-const QUANTIZATION_FIELDS: [&str; 1] = ["states"];
+const ADDED_FIELDS: [&str; 1] = ["states"];
 
 fn fields<C: Serialize>(config: &C) -> Map<String, Value> {
     match serde_json::to_value(config).expect("configs serialize") {
@@ -57,7 +57,7 @@ where
     let (burn, ours) = (fields(&burn), fields(&ours));
     let mut added: Vec<&str> = ours.keys().map(String::as_str).filter(|name| !burn.contains_key(*name)).collect();
     added.sort_unstable();
-    assert_eq!(added, QUANTIZATION_FIELDS, "fields beyond the twin's");
+    assert_eq!(added, ADDED_FIELDS, "fields beyond the twin's");
     for (name, default) in &burn {
         let Some(own) = ours.get(name) else {
             panic!("`{name}` of Burn's config is missing");
