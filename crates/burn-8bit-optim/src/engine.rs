@@ -4,7 +4,7 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, FloatDType, Tensor};
 use burn_8bit_ops::{
-    BlockQuantized, BlockSize, BlockwiseOps, MapFamily, ParamDType, Scale, StepRule, StepScalars, StepTensors,
+    BlockSize, BlockwiseOps, MapFamily, ParamDType, Scale, StepRule, StepScalars, StepTensors,
 };
 
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
@@ -138,7 +138,12 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
     let grad = grad.cast(FloatDType::from(step_dtype)).reshape([len]);
     let grad_scale = settings.percentile.map(|percentile| state.clip_scale(&grad, percentile));
     let (param, state) = if quantized && settings.whole_tensor_block {
-        step.whole_tensor(state, param, grad, grad_scale)
+        // The whole-tensor ablation: decode every state, step the `f32` states, re-encode each
+        // state against its own new absmax (`max |s|`, repeated in every block). Two passes and
+        // O(n) `f32` temporaries, unlike the fused path: an experiment, not a production path.
+        let maps = state.slot_maps();
+        let (param, state) = step.apply(state.into_f32_slots(), param, grad, grad_scale);
+        (param, state.quantized_whole_tensor(maps, settings.block_size))
     } else {
         step.apply(state, param, grad, grad_scale)
     };
@@ -156,29 +161,6 @@ struct FusedStep {
 }
 
 impl FusedStep {
-    /// The whole-tensor ablation: decode every state, step the `f32` states, re-encode each
-    /// state against its own new absmax (`max |s|`, repeated in every block). Two passes and
-    /// O(n) `f32` temporaries, unlike the fused path: an experiment, not a production path.
-    fn whole_tensor<const D: usize>(
-        &self,
-        mut state: Optim8bitState<D>,
-        param: Tensor<1>,
-        grad: Tensor<1>,
-        grad_scale: Option<Tensor<1>>,
-    ) -> (Tensor<1>, Optim8bitState<D>) {
-        let maps = state.slot_maps();
-        state.slots = state.slots.iter().map(|slot| StateSlot::Full(slot.decoded())).collect();
-        let (param, mut state) = self.apply(state, param, grad, grad_scale);
-        state.slots = std::mem::take(&mut state.slots)
-            .into_iter()
-            .zip(maps)
-            .map(|(slot, map)| {
-                StateSlot::Quantized(BlockQuantized::quantize_whole_tensor(slot.decoded(), map, self.block_size))
-            })
-            .collect();
-        (param, state)
-    }
-
     /// The fused op over the flat parameter, after the update-norm pass of a two-pass rule.
     fn apply<const D: usize>(
         &self,

@@ -383,6 +383,24 @@ impl<const D: usize> Optim8bitState<D> {
             .collect()
     }
 
+    /// The state with every slot decoded to `f32` (the whole-tensor ablation steps these).
+    pub(crate) fn into_f32_slots(mut self) -> Self {
+        self.slots = self.slots.iter().map(|slot| StateSlot::Full(slot.decoded())).collect();
+        self
+    }
+
+    /// The state with every slot quantized with its map in `maps` against one absmax for the
+    /// whole tensor (`max |s|`, repeated in every block of `block_size`): the whole-tensor
+    /// ablation's encode.
+    pub(crate) fn quantized_whole_tensor(mut self, maps: Vec<MapKind>, block_size: BlockSize) -> Self {
+        self.slots = std::mem::take(&mut self.slots)
+            .into_iter()
+            .zip(maps)
+            .map(|(slot, map)| StateSlot::Quantized(BlockQuantized::quantize_whole_tensor(slot.decoded(), map, block_size)))
+            .collect();
+        self
+    }
+
     /// The state for `rule` with `layout` (block size and map family of 8-bit states, `None` for
     /// `f32` states), from a state of the same optimizer and shape written with other settings —
     /// a record of another block size, map family, precision (`min_8bit_size`, `f32_states()`,
