@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn_8bit::AdamW8bitConfig;
+use burn_8bit::{AdamW8bitConfig, Optim8bitConfig};
 use burn_8bit::nn::keep_embeddings_32bit;
 
 use data::{Corpus, WindowBatcher, offsets};

@@ -20,7 +20,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_8bit::{AdamW8bitConfig, StateReport};
+use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateReport};
 
 const PIXELS: usize = 28 * 28;
 const CLASSES: usize = 10;

@@ -19,7 +19,7 @@ use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_8bit_conformance::{VectorFile, run_case};
 use burn_8bit::ops::{BlockQuantized, BlockSize, MapKind};
-use burn_8bit::Adam8bitConfig;
+use burn_8bit::{Adam8bitConfig, Optim8bitConfig};
 
 struct Args {
     device: String,

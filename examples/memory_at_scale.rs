@@ -13,7 +13,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
-use burn_8bit::{AdamW8bitConfig, StateReport};
+use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateReport};
 
 /// A tensor shape and how many tensors of that shape the model has.
 struct Layer {

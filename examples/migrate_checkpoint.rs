@@ -34,7 +34,10 @@ use burn::tensor::{Device, Tensor};
 use burn::train::logger::InMemoryMetricLogger;
 use burn::train::metric::LossMetric;
 use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchRecord, load_record_checked};
+use burn_8bit::{
+    AdamW8bitConfig, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchRecord,
+    load_record_checked,
+};
 
 const INPUTS: usize = 64;
 const TRAIN_SAMPLES: usize = 2048;

@@ -8,8 +8,8 @@ use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit::optim::StateSlot;
 use burn_8bit::{
-    Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, OptimizerKind,
-    Sgd8bitConfig, StateConfig, load_record_checked,
+    Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize, MapFamily, MapKind, Optim8bitConfig,
+    OptimizerKind, Sgd8bitConfig, StateConfig, load_record_checked,
 };
 use burn_8bit_conformance::optimizers::State;
 use common::{Rng, devices, distance, model, train, values, weights};

@@ -17,8 +17,8 @@ use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer, OptimizerRecord};
 use burn::tensor::{Bytes, DType, Device, Tensor};
 use burn_8bit::{
     AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, BlockQuantized, BlockSize,
-    Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, MapKind, OptimizerKind, RecordChecksum,
-    RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked,
+    Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig, LoadError, MapKind, Optim8bitConfig, OptimizerKind,
+    RecordChecksum, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport, load_record_checked,
 };
 use burn_pack::{Reader, Scalar, Writer};
 use common::{Rng, devices, values};

@@ -7,7 +7,7 @@ mod common;
 
 use burn::optim::Optimizer;
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_8bit::{AdamW8bitConfig, StateConfig, shared_buffer_copies};
+use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateConfig, shared_buffer_copies};
 
 /// A fresh `len`-element parameter after two warm-up steps, its gradient and its state.
 fn warmed_up<O: Optimizer>(optimizer: &O, len: usize, device: &Device) -> (Tensor<1>, Tensor<1>, Option<O::State<1>>) {

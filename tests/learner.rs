@@ -21,7 +21,9 @@ use burn::train::{
     ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, RegressionOutput, SupervisedTraining,
     TrainOutput, TrainStep,
 };
-use burn_8bit::{AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, load_record_checked};
+use burn_8bit::{
+    AdamW8bitConfig, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, load_record_checked,
+};
 use common::Rng;
 
 const INPUTS: usize = 64;

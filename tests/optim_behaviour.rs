@@ -11,9 +11,9 @@ use burn::optim::{ModuleOptimizer, Optimizer};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use burn_8bit::optim::{ConfigError, StateSlot};
 use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
-    Lars8bitConfig, Lion8bitConfig, LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig,
-    StateConfig, StateReport, load_record_checked,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig,
+    Lion8bitConfig, LoadError, Optim8bitConfig, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig,
+    StateReport, load_record_checked,
 };
 use burn_8bit_conformance::optimizers::{State, TensorStep, all_at_defaults, tensor_step};
 use common::{Rng, devices, distance, model, train, values, weights};

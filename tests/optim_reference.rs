@@ -15,9 +15,8 @@ use burn::optim::{
 };
 use burn::tensor::{Device, Tensor};
 use burn_8bit::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig,
-    Lars8bitConfig, Lion8bitConfig,
-    Optim8bitState, RmsProp8bitConfig, Sgd8bitConfig,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig,
+    Lion8bitConfig, Optim8bitConfig, Optim8bitState, RmsProp8bitConfig, Sgd8bitConfig,
 };
 use common::Rng;
 

@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use burn_8bit::optim::SwitchRecord;
 use burn_8bit::{
     AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig, Lion8bitConfig,
-    LoadError, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport,
+    LoadError, Optim8bitConfig, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateReport,
     load_record_checked,
 };
 use common::{distance, model, train, weights};

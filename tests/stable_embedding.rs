@@ -11,7 +11,7 @@ use burn_8bit::nn::{
     StableEmbedding, StableEmbeddingConfig, StableEmbeddingError, keep_embeddings_32bit, stable_embedding_weights,
 };
 use burn_8bit::{
-    AdamW8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchGroups, SwitchRecord,
+    AdamW8bitConfig, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchGroups, SwitchRecord,
     load_record_checked,
 };
 use common::devices;

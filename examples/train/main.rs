@@ -36,7 +36,9 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LossMetric;
 use burn::train::{Learner, SupervisedTraining};
 use burn_8bit::nn::keep_embeddings_32bit;
-use burn_8bit::{AdamW8bitConfig, MapFamily, OptimizerKind, StateConfig, StateReport, load_record_checked};
+use burn_8bit::{
+    AdamW8bitConfig, MapFamily, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, load_record_checked,
+};
 
 use data::{Corpus, WindowBatcher, offsets};
 use model::{Shape, TransformerLm};

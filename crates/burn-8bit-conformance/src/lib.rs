@@ -30,7 +30,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
 use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
 use burn_8bit_optim::{
-    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig,
+    AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig, Optim8bitConfig,
     OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateSlot,
 };
 use safetensors::{Dtype, SafeTensors};

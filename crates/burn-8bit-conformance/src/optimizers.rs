@@ -9,7 +9,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::tensor::Tensor;
 use burn_8bit_optim::{
     AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lamb8bitConfig, Lars8bitConfig,
-    Lion8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig,
+    Lion8bitConfig, Optim8bitConfig, Optim8bitState, OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig,
 };
 
 /// The state of a flat tensor.

@@ -28,7 +28,7 @@ pub fn stable_embedding_weights<M: Module + 'static>(model: &M) -> ParamGroup {
 /// ```
 /// use burn::tensor::Device;
 /// use burn_8bit_nn::{StableEmbeddingConfig, keep_embeddings_32bit};
-/// use burn_8bit_optim::AdamW8bitConfig;
+/// use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig};
 ///
 /// let device = Device::default();
 /// let model = StableEmbeddingConfig::new(50_000, 512).init(&device);

@@ -1,7 +1,6 @@
 //! `AdaGrad8bit`: Adagrad with an 8-bit sum of squares, the twin of Burn's `AdaGradConfig`.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
@@ -9,14 +8,14 @@ use burn_8bit_ops::{StepRule, StepScalars};
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, StateConfig, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdaGrad8bit`]: every field and default of Burn's `AdaGradConfig`, plus
 /// the quantization settings. The step size at step `t` is `lr / (1 + (t − 1)·lr_decay)`.
 ///
 /// ```
-/// use burn_8bit_optim::AdaGrad8bitConfig;
+/// use burn_8bit_optim::{AdaGrad8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer = AdaGrad8bitConfig::new().with_lr_decay(1e-3).init();
 /// # let _ = optimizer;
@@ -47,9 +46,10 @@ pub struct AdaGradRule {
     penalty: f32,
 }
 
-impl AdaGrad8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<AdaGrad8bit, ConfigError> {
+impl Optim8bitConfig for AdaGrad8bitConfig {
+    type Rule = AdaGradRule;
+
+    fn try_build(&self) -> Result<AdaGrad8bit, ConfigError> {
         check_non_negative("lr_decay", self.lr_decay)?;
         check_positive("epsilon", self.epsilon.into())?;
         let penalty = self.weight_decay.as_ref().map_or(0.0, |wd| wd.penalty);
@@ -64,28 +64,12 @@ impl AdaGrad8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> AdaGrad8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

@@ -1,7 +1,6 @@
 //! `AdamW8bit`: AdamW with block-wise 8-bit states, the twin of Burn's `AdamWConfig`.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
@@ -9,14 +8,14 @@ use crate::adam::adam_scalars;
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, StateConfig, decay_factor, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig, decay_factor};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdamW8bit`]: every field and default of Burn's `AdamWConfig`, plus the
 /// quantization settings.
 ///
 /// ```
-/// use burn_8bit_optim::AdamW8bitConfig;
+/// use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
 /// # let _ = optimizer;
@@ -60,9 +59,10 @@ pub struct AdamWRule {
     amsgrad: bool,
 }
 
-impl AdamW8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<AdamW8bit, ConfigError> {
+impl Optim8bitConfig for AdamW8bitConfig {
+    type Rule = AdamWRule;
+
+    fn try_build(&self) -> Result<AdamW8bit, ConfigError> {
         check_beta("beta_1", self.beta_1.into())?;
         check_beta("beta_2", self.beta_2.into())?;
         check_positive("epsilon", self.epsilon.into())?;
@@ -80,28 +80,12 @@ impl AdamW8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> AdamW8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

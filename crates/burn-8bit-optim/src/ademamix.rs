@@ -2,21 +2,20 @@
 //! `AdEMAMix8bit` (Burn has no 32-bit AdEMAMix).
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, StateConfig, bias_corrections, decay_factor, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig, bias_corrections, decay_factor};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`AdEMAMix8bit`]: bitsandbytes' fields and defaults, plus the quantization
 /// settings.
 ///
 /// ```
-/// use burn_8bit_optim::AdEMAMix8bitConfig;
+/// use burn_8bit_optim::{AdEMAMix8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer = AdEMAMix8bitConfig::new()
 ///     .with_t_alpha(Some(10_000))
@@ -69,9 +68,10 @@ pub struct AdEMAMixRule {
     t_beta3: Option<usize>,
 }
 
-impl AdEMAMix8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<AdEMAMix8bit, ConfigError> {
+impl Optim8bitConfig for AdEMAMix8bitConfig {
+    type Rule = AdEMAMixRule;
+
+    fn try_build(&self) -> Result<AdEMAMix8bit, ConfigError> {
         check_beta("beta_1", self.beta_1.into())?;
         check_beta("beta_2", self.beta_2.into())?;
         check_beta("beta_3", self.beta_3.into())?;
@@ -102,28 +102,12 @@ impl AdEMAMix8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> AdEMAMix8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

@@ -1,14 +1,13 @@
 //! `Lamb8bit`: LAMB with block-wise 8-bit states, the twin of Burn's `LambConfig`.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{Trust, UpdateRule};
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, StateConfig, bias_corrections, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig, bias_corrections};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Lamb8bit`]: every field and default of Burn's `LambConfig`, plus the
@@ -19,7 +18,7 @@ use crate::state::OptimizerKind;
 /// the trust ratio `‖p‖ / ‖u‖` as a device scalar.
 ///
 /// ```
-/// use burn_8bit_optim::Lamb8bitConfig;
+/// use burn_8bit_optim::{Lamb8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer = Lamb8bitConfig::new().with_weight_decay(0.01).init();
 /// # let _ = optimizer;
@@ -59,9 +58,10 @@ pub struct LambRule {
     use_trust_ratio: bool,
 }
 
-impl Lamb8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<Lamb8bit, ConfigError> {
+impl Optim8bitConfig for Lamb8bitConfig {
+    type Rule = LambRule;
+
+    fn try_build(&self) -> Result<Lamb8bit, ConfigError> {
         check_beta("beta_1", self.beta_1.into())?;
         check_beta("beta_2", self.beta_2.into())?;
         check_positive("epsilon", self.epsilon.into())?;
@@ -78,28 +78,12 @@ impl Lamb8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> Lamb8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

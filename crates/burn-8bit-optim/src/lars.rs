@@ -1,14 +1,13 @@
 //! `Lars8bit`: bitsandbytes' LARS (momentum SGD with an update-norm clip) with an 8-bit momentum.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::{Trust, UpdateRule};
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_positive, check_range};
-use crate::optimizer::{Optim8bit, StateConfig, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Lars8bit`], after bitsandbytes' `LARS8bit` (Burn has no LARS): momentum
@@ -19,7 +18,7 @@ use crate::state::OptimizerKind;
 /// device scalar.
 ///
 /// ```
-/// use burn_8bit_optim::Lars8bitConfig;
+/// use burn_8bit_optim::{Lars8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer = Lars8bitConfig::new().with_weight_decay(1e-4).init();
 /// # let _ = optimizer;
@@ -55,9 +54,10 @@ pub struct LarsRule {
     max_unorm: f32,
 }
 
-impl Lars8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<Lars8bit, ConfigError> {
+impl Optim8bitConfig for Lars8bitConfig {
+    type Rule = LarsRule;
+
+    fn try_build(&self) -> Result<Lars8bit, ConfigError> {
         check_range("momentum", self.momentum.into(), 0.0, 1.0, false, "a value in [0, 1)")?;
         check_range("dampening", self.dampening.into(), 0.0, 1.0, true, "a value in [0, 1]")?;
         check_non_negative("weight_decay", self.weight_decay.into())?;
@@ -73,28 +73,12 @@ impl Lars8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> Lars8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

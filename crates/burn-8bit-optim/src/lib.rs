@@ -12,7 +12,7 @@
 //! use burn::nn::LinearConfig;
 //! use burn::optim::GradientsParams;
 //! use burn::tensor::{Device, Tensor};
-//! use burn_8bit_optim::{AdamW8bitConfig, StateConfig};
+//! use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig, StateConfig};
 //!
 //! let device = Device::default().autodiff();
 //! let mut model = LinearConfig::new(64, 64).init(&device);
@@ -48,7 +48,7 @@
 //! use burn::module::{Module, ParamGroup};
 //! use burn::nn::{Linear, LinearConfig};
 //! use burn::tensor::Device;
-//! use burn_8bit_optim::{AdamW8bitConfig, StateConfig};
+//! use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig, StateConfig};
 //!
 //! #[derive(Module, Debug)]
 //! struct Net {
@@ -83,7 +83,7 @@
 //! the whole tensor, in two passes with `f32` temporaries instead of the fused step):
 //!
 //! ```
-//! use burn_8bit_optim::{AdamW8bitConfig, MapFamily, StateConfig};
+//! use burn_8bit_optim::{AdamW8bitConfig, MapFamily, Optim8bitConfig, StateConfig};
 //!
 //! let linear = AdamW8bitConfig::new().with_states(StateConfig::new().with_map_family(MapFamily::Linear)).init();
 //! let one_block = AdamW8bitConfig::new().with_states(StateConfig::new().with_whole_tensor_block(true)).init();
@@ -120,7 +120,7 @@ pub use lamb::{Lamb8bit, Lamb8bitConfig, LambRule};
 pub use lars::{Lars8bit, Lars8bitConfig, LarsRule};
 pub use lion::{Lion8bit, Lion8bitConfig, LionRule};
 pub use format::RecordChecksum;
-pub use optimizer::{Optim8bit, StateConfig};
+pub use optimizer::{Optim8bit, Optim8bitConfig, StateConfig};
 pub use record::{CheckedLoad, ParamStateReport, StateReport, load_record_checked};
 pub use rmsprop::{RmsProp8bit, RmsProp8bitConfig, RmsPropRule};
 pub use sgd::{Sgd8bit, Sgd8bitConfig, SgdRule};

@@ -1,21 +1,20 @@
 //! `Lion8bit`: Lion with an 8-bit momentum, the twin of Burn's `LionConfig`.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
 
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative};
-use crate::optimizer::{Optim8bit, StateConfig, decay_factor, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig, decay_factor};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Lion8bit`]: every field and default of Burn's `LionConfig`, plus the
 /// quantization settings.
 ///
 /// ```
-/// use burn_8bit_optim::Lion8bitConfig;
+/// use burn_8bit_optim::{Lion8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer = Lion8bitConfig::new().with_weight_decay(0.1).init();
 /// # let _ = optimizer;
@@ -47,9 +46,10 @@ pub struct LionRule {
     weight_decay: f32,
 }
 
-impl Lion8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<Lion8bit, ConfigError> {
+impl Optim8bitConfig for Lion8bitConfig {
+    type Rule = LionRule;
+
+    fn try_build(&self) -> Result<Lion8bit, ConfigError> {
         check_beta("beta_1", self.beta_1.into())?;
         check_beta("beta_2", self.beta_2.into())?;
         check_non_negative("weight_decay", self.weight_decay.into())?;
@@ -63,28 +63,12 @@ impl Lion8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> Lion8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

@@ -17,7 +17,7 @@ use crate::switch::{StateLayout, SwitchRecord};
 /// field.
 ///
 /// ```
-/// use burn_8bit_optim::{AdamW8bitConfig, StateConfig};
+/// use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig, StateConfig};
 ///
 /// let states = StateConfig::new().with_block_size(128).with_min_8bit_size(1024);
 /// let optimizer = AdamW8bitConfig::new().with_states(states).init();
@@ -71,13 +71,13 @@ impl StateConfig {
 }
 
 /// An optimizer with block-wise 8-bit states: the update rule `R` of one of the configs and how
-/// its states are kept. Each config builds its own (`AdamW8bitConfig::build` gives an
+/// its states are kept. Each config builds its own ([`Optim8bitConfig::build`] of `AdamW8bitConfig` gives an
 /// [`AdamW8bit`](crate::AdamW8bit) = `Optim8bit<AdamWRule>`); every one takes one fused op per
 /// tensor and step.
 ///
 /// ```
 /// use burn::optim::Optimizer;
-/// use burn_8bit_optim::{AdamW8bit, AdamW8bitConfig};
+/// use burn_8bit_optim::{AdamW8bit, AdamW8bitConfig, Optim8bitConfig};
 ///
 /// let optimizer: AdamW8bit = AdamW8bitConfig::new().build();
 /// # let _ = optimizer;
@@ -134,9 +134,62 @@ impl<R: UpdateRule> SwitchRecord for Optim8bit<R> {
     }
 }
 
-/// The value of a config's `try_*` method; panics with the [`ConfigError`] message (the
-/// `build`/`init` of every config).
-pub(crate) fn or_panic<T>(result: Result<T, ConfigError>) -> T {
+/// What every 8-bit config builds: the optimizer for one tensor or parameter group
+/// ([`build`](Self::build)), Burn's module optimizer ([`init`](Self::init)), each with a `try_`
+/// twin that returns the first invalid value as a [`ConfigError`], and the config's 32-bit twin
+/// ([`f32_states`](Self::f32_states)). Implemented by the nine configs; bring it into scope to
+/// call these methods.
+///
+/// ```
+/// use burn_8bit_optim::{Adam8bitConfig, AdamW8bitConfig, ConfigError, Optim8bitConfig};
+///
+/// let module_optimizer = AdamW8bitConfig::new().with_weight_decay(0.01).init();
+/// let head_optimizer = AdamW8bitConfig::new().f32_states().build();
+/// assert!(matches!(Adam8bitConfig::new().with_beta_1(1.0).try_init(), Err(ConfigError::OutOfRange { name: "beta_1", .. })));
+/// # let _ = (module_optimizer, head_optimizer);
+/// ```
+pub trait Optim8bitConfig: Sized {
+    /// The update rule of the optimizer this config builds.
+    type Rule: UpdateRule;
+
+    /// The optimizer, or the first invalid value as a typed error.
+    fn try_build(&self) -> Result<Optim8bit<Self::Rule>, ConfigError>;
+
+    /// The gradient clipping the module optimizer applies before each step (the config's
+    /// `grad_clipping` field).
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig>;
+
+    /// How the states are kept (the config's `states` field).
+    fn states_mut(&mut self) -> &mut StateConfig;
+
+    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
+    /// [`ConfigError`] message on an invalid config.
+    fn build(&self) -> Optim8bit<Self::Rule> {
+        or_panic(self.try_build())
+    }
+
+    /// The module optimizer (with this config's gradient clipping), or the first invalid value
+    /// as a typed error.
+    fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
+        Ok(self.try_build()?.into_module(self.grad_clipping()))
+    }
+
+    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
+    fn init(&self) -> ModuleOptimizer {
+        or_panic(self.try_init())
+    }
+
+    /// The same config with `f32` states for every tensor ([`StateConfig::f32_states`]): the
+    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
+    fn f32_states(mut self) -> Self {
+        let states = self.states_mut();
+        *states = states.clone().f32_states();
+        self
+    }
+}
+
+/// The value of a `try_*` method; panics with the [`ConfigError`] message.
+fn or_panic<T>(result: Result<T, ConfigError>) -> T {
     result.unwrap_or_else(|error| panic!("{error}"))
 }
 

@@ -71,7 +71,7 @@ impl ParamStateReport {
 /// use burn::nn::LinearConfig;
 /// use burn::optim::GradientsParams;
 /// use burn::tensor::{Device, Tensor};
-/// use burn_8bit_optim::{Adam8bitConfig, StateConfig, StateReport};
+/// use burn_8bit_optim::{Adam8bitConfig, Optim8bitConfig, StateConfig, StateReport};
 ///
 /// let device = Device::default().autodiff();
 /// let model = LinearConfig::new(128, 64).init(&device);
@@ -154,7 +154,7 @@ pub struct CheckedLoad {
 /// ```
 /// use burn::nn::LinearConfig;
 /// use burn::tensor::Device;
-/// use burn_8bit_optim::{Adam8bitConfig, AdamW8bitConfig, LoadError, OptimizerKind};
+/// use burn_8bit_optim::{Adam8bitConfig, AdamW8bitConfig, LoadError, Optim8bitConfig, OptimizerKind};
 /// use burn_8bit_optim::load_record_checked;
 /// # use burn::module::Module;
 /// # use burn::optim::GradientsParams;

@@ -1,7 +1,6 @@
 //! `RmsProp8bit`: RMSprop with 8-bit states, the twin of Burn's `RmsPropConfig`.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn_8bit_ops::{StepRule, StepScalars};
@@ -9,7 +8,7 @@ use burn_8bit_ops::{StepRule, StepScalars};
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_beta, check_non_negative, check_positive};
-use crate::optimizer::{Optim8bit, StateConfig, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`RmsProp8bit`]: every field and default of Burn's `RmsPropConfig`, plus
@@ -17,7 +16,7 @@ use crate::state::OptimizerKind;
 /// values ≥ 0), the momentum buffer and the centred mean the signed one.
 ///
 /// ```
-/// use burn_8bit_optim::RmsProp8bitConfig;
+/// use burn_8bit_optim::{Optim8bitConfig, RmsProp8bitConfig};
 ///
 /// let optimizer = RmsProp8bitConfig::new().with_momentum(0.0).with_centered(true).init();
 /// # let _ = optimizer;
@@ -56,9 +55,10 @@ pub struct RmsPropRule {
     penalty: f32,
 }
 
-impl RmsProp8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<RmsProp8bit, ConfigError> {
+impl Optim8bitConfig for RmsProp8bitConfig {
+    type Rule = RmsPropRule;
+
+    fn try_build(&self) -> Result<RmsProp8bit, ConfigError> {
         check_beta("alpha", self.alpha.into())?;
         check_beta("momentum", self.momentum.into())?;
         check_positive("epsilon", self.epsilon.into())?;
@@ -76,28 +76,12 @@ impl RmsProp8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> RmsProp8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.grad_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.grad_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

@@ -1,7 +1,6 @@
 //! `Sgd8bit`: SGD with an 8-bit momentum buffer, the twin of Burn's `SgdConfig`.
 
 use burn::config::Config;
-use burn::optim::ModuleOptimizer;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
@@ -10,7 +9,7 @@ use burn_8bit_ops::{StepRule, StepScalars};
 use crate::engine::UpdateRule;
 use crate::engine::sealed::Sealed;
 use crate::error::{ConfigError, check_non_negative, check_range};
-use crate::optimizer::{Optim8bit, StateConfig, or_panic};
+use crate::optimizer::{Optim8bit, Optim8bitConfig, StateConfig};
 use crate::state::OptimizerKind;
 
 /// Configuration of [`Sgd8bit`]: the fields and defaults of Burn's `SgdConfig` (no momentum
@@ -19,7 +18,7 @@ use crate::state::OptimizerKind;
 ///
 /// ```
 /// use burn::optim::momentum::MomentumConfig;
-/// use burn_8bit_optim::Sgd8bitConfig;
+/// use burn_8bit_optim::{Optim8bitConfig, Sgd8bitConfig};
 ///
 /// let momentum = MomentumConfig::new().with_dampening(0.0).with_nesterov(true);
 /// let optimizer = Sgd8bitConfig::new().with_momentum(Some(momentum)).init();
@@ -55,9 +54,10 @@ struct Momentum {
     nesterov: bool,
 }
 
-impl Sgd8bitConfig {
-    /// The optimizer, or the first invalid value as a typed error.
-    pub fn try_build(&self) -> Result<Sgd8bit, ConfigError> {
+impl Optim8bitConfig for Sgd8bitConfig {
+    type Rule = SgdRule;
+
+    fn try_build(&self) -> Result<Sgd8bit, ConfigError> {
         let momentum = match &self.momentum {
             Some(config) => {
                 check_range("momentum.momentum", config.momentum, 0.0, 1.0, true, "a value in [0, 1]")?;
@@ -81,28 +81,12 @@ impl Sgd8bitConfig {
         )
     }
 
-    /// The optimizer for `ModuleOptimizer::with_group` or direct per-tensor use; panics with the
-    /// [`ConfigError`] message on an invalid config.
-    pub fn build(&self) -> Sgd8bit {
-        or_panic(self.try_build())
+    fn grad_clipping(&self) -> Option<&GradientClippingConfig> {
+        self.gradient_clipping.as_ref()
     }
 
-    /// The module optimizer (with this config's gradient clipping), or the first invalid value
-    /// as a typed error.
-    pub fn try_init(&self) -> Result<ModuleOptimizer, ConfigError> {
-        Ok(self.try_build()?.into_module(self.gradient_clipping.as_ref()))
-    }
-
-    /// The module optimizer; panics with the [`ConfigError`] message on an invalid config.
-    pub fn init(&self) -> ModuleOptimizer {
-        or_panic(self.try_init())
-    }
-
-    /// The same config with `f32` states for every tensor (`StateConfig::f32_states`): the
-    /// 32-bit twin, e.g. for embeddings or to measure what 8-bit costs.
-    pub fn f32_states(mut self) -> Self {
-        self.states = self.states.f32_states();
-        self
+    fn states_mut(&mut self) -> &mut StateConfig {
+        &mut self.states
     }
 }
 

@@ -30,7 +30,7 @@ use crate::state::OptimizerKind;
 /// use burn::nn::LinearConfig;
 /// use burn::optim::{AdamWConfig, GradientsParams};
 /// use burn::tensor::{Device, Tensor};
-/// use burn_8bit_optim::{AdamW8bitConfig, StateConfig, SwitchRecord};
+/// use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig, StateConfig, SwitchRecord};
 ///
 /// let device = Device::default().autodiff();
 /// let model = LinearConfig::new(64, 64).init(&device);
@@ -88,7 +88,7 @@ impl StateLayout {
 /// use burn::nn::{Linear, LinearConfig};
 /// use burn::optim::{AdamWConfig, GradientsParams};
 /// use burn::tensor::{Device, Tensor};
-/// use burn_8bit_optim::{AdamW8bitConfig, StateConfig, SwitchGroups};
+/// use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig, StateConfig, SwitchGroups};
 ///
 /// #[derive(Module, Debug)]
 /// struct Net {
