@@ -21,6 +21,7 @@ use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateReport};
+use burn_8bit_conformance::rng::Rng;
 
 const PIXELS: usize = 28 * 28;
 const CLASSES: usize = 10;
@@ -110,15 +111,12 @@ fn load(dir: &Path, prefix: &str) -> Result<Split, String> {
     })
 }
 
-/// A permutation of `0..n` from a seed (xorshift64*, Fisher–Yates).
+/// A permutation of `0..n` from a seed (Fisher–Yates).
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let j = (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
     order

@@ -5,7 +5,8 @@
 //! cargo run --example migrate_checkpoint [-- --dir DIR] [--device flex|ndarray|wgpu|…]
 //! ```
 //!
-//! 1. Trains a small regression model for two epochs through `Learner` with Burn's `AdamW`
+//! 1. Trains a small regression model (`burn_8bit_conformance::regression`, the task of the
+//!    repository's `Learner` tests) for two epochs through `Learner` with Burn's `AdamW`
 //!    (default checkpointers: `DIR/checkpoint/{model,optim,scheduler}-N.bpk`).
 //! 2. Converts the optimizer checkpoint of epoch 2 to `AdamW8bit` with the run's own
 //!    hyper-parameters (`SwitchRecord::from_burn_record`), keeps the original beside it as
@@ -21,135 +22,27 @@ mod common;
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
-use burn::data::dataset::InMemDataset;
-use burn::module::Module;
-use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::lr_scheduler::constant::ConstantLr;
 use burn::optim::{AdamWConfig, ModuleOptimizer, OptimizerRecord};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use burn::train::logger::InMemoryMetricLogger;
 use burn::train::metric::LossMetric;
-use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{Learner, SupervisedTraining};
 use burn_8bit::{
-    AdamW8bitConfig, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchRecord,
-    load_record_checked,
+    AdamW8bitConfig, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, SwitchRecord, load_record_checked,
 };
+use burn_8bit_conformance::regression::{self, Regressor, loaders, samples};
 
-const INPUTS: usize = 64;
 const TRAIN_SAMPLES: usize = 2048;
 const BATCH: usize = 32;
 /// The run's hyper-parameters, shared by both optimizers.
 const LR: f64 = 3e-3;
 const WEIGHT_DECAY: f32 = 1e-2;
 
-#[derive(Module, Debug)]
-struct Regressor {
-    hidden: Linear,
-    output: Linear,
-    activation: Relu,
-}
-
-impl Regressor {
-    fn new(device: &Device) -> Self {
-        Self {
-            hidden: LinearConfig::new(INPUTS, 128).init(device),
-            output: LinearConfig::new(128, 1).init(device),
-            activation: Relu::new(),
-        }
-    }
-
-    fn forward(&self, batch: &Batch) -> RegressionOutput {
-        let hidden = self.activation.forward(self.hidden.forward(batch.inputs.clone()));
-        let prediction = self.output.forward(hidden);
-        let loss = (prediction.clone() - batch.targets.clone()).powi_scalar(2).mean();
-        RegressionOutput::new(loss, prediction, batch.targets.clone())
-    }
-}
-
-impl TrainStep for Regressor {
-    type Input = Batch;
-    type Output = RegressionOutput;
-
-    fn step(&self, batch: Batch) -> TrainOutput<RegressionOutput> {
-        let output = self.forward(&batch);
-        TrainOutput::new(self, output.loss.backward(), output)
-    }
-}
-
-impl InferenceStep for Regressor {
-    type Input = Batch;
-    type Output = RegressionOutput;
-
-    fn step(&self, batch: Batch) -> RegressionOutput {
-        self.forward(&batch)
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Batch {
-    inputs: Tensor<2>,
-    targets: Tensor<2>,
-}
-
-#[derive(Clone, Debug)]
-struct Sample {
-    inputs: Vec<f32>,
-    target: f32,
-}
-
-struct SampleBatcher;
-
-impl Batcher<Sample, Batch> for SampleBatcher {
-    fn batch(&self, items: Vec<Sample>, device: &Device) -> Batch {
-        let n = items.len();
-        let inputs: Vec<f32> = items.iter().flat_map(|s| s.inputs.clone()).collect();
-        let targets: Vec<f32> = items.iter().map(|s| s.target).collect();
-        Batch {
-            inputs: Tensor::<1>::from_floats(inputs.as_slice(), device).reshape([n, INPUTS]),
-            targets: Tensor::<1>::from_floats(targets.as_slice(), device).reshape([n, 1]),
-        }
-    }
-}
-
-/// Uniform values in [-1, 1) from a 64-bit LCG: the same data on every machine.
-fn uniforms(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// A teacher network's outputs: `tanh(w · x)` with a fixed `w`.
-fn samples(n: usize, seed: u64) -> Vec<Sample> {
-    let teacher = uniforms(1, INPUTS);
-    let inputs = uniforms(seed, n * INPUTS);
-    inputs
-        .chunks(INPUTS)
-        .map(|x| Sample {
-            inputs: x.to_vec(),
-            target: x.iter().zip(&teacher).map(|(x, w)| x * w).sum::<f32>().tanh(),
-        })
-        .collect()
-}
-
-type Loaders = (Arc<dyn DataLoader<Batch>>, Arc<dyn DataLoader<Batch>>);
-
-fn loaders() -> Loaders {
-    let train = DataLoaderBuilder::new(SampleBatcher).batch_size(BATCH).build(InMemDataset::new(samples(TRAIN_SAMPLES, 2)));
-    let valid = DataLoaderBuilder::new(SampleBatcher).batch_size(256).build(InMemDataset::new(samples(512, 3)));
-    (train, valid)
-}
-
 /// Trains `learner` in `dir` up to `epochs`, from the checkpoint of `resume_from` if given.
 fn run(dir: &Path, learner: Learner<Regressor>, epochs: usize, resume_from: Option<usize>) -> Regressor {
-    let (train, valid) = loaders();
+    let (train, valid) = loaders(samples(TRAIN_SAMPLES, 2), samples(512, 3), BATCH);
     let mut training = SupervisedTraining::new(dir, train, valid)
         .num_epochs(epochs)
         .with_default_checkpointers()
@@ -164,12 +57,11 @@ fn run(dir: &Path, learner: Learner<Regressor>, epochs: usize, resume_from: Opti
 }
 
 fn valid_loss(model: &Regressor, device: &Device) -> f32 {
-    let batch = SampleBatcher.batch(samples(512, 3), device);
-    model.forward(&batch).loss.into_scalar::<f32>()
+    regression::valid_loss(model, &samples(512, 3), device)
 }
 
 fn learner(optim: ModuleOptimizer, device: &Device) -> Learner<Regressor> {
-    Learner::new(Regressor::new(device), optim, ConstantLr::new(LR))
+    Learner::new(Regressor::new(128, 4, device), optim, ConstantLr::new(LR))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -4,141 +4,39 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
-use burn::data::dataset::InMemDataset;
-use burn::module::{Module, Param};
-use burn::nn::{Linear, Relu};
-use burn::optim::{GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::module::Module;
 use burn::optim::lr_scheduler::constant::ConstantLr;
-use burn::tensor::{Bytes, Device, Tensor};
+use burn::optim::{GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::tensor::{Bytes, Device};
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::logger::InMemoryMetricLogger;
 use burn::train::metric::LossMetric;
-use burn::train::{
-    ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, RegressionOutput, SupervisedTraining,
-    TrainOutput, TrainStep,
-};
+use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
 use burn_8bit::{
     AdamW8bitConfig, Optim8bitConfig, OptimizerKind, StateConfig, StateReport, load_record_checked,
 };
-use common::Rng;
-
-const INPUTS: usize = 64;
-
-#[derive(Module, Debug)]
-struct Regressor {
-    hidden: Linear,
-    output: Linear,
-    activation: Relu,
-}
-
-impl Regressor {
-    /// Initialised from our own generator rather than the backend's, so every run (and every
-    /// comparison with the untrained loss) starts from the same weights.
-    fn new(device: &Device) -> Self {
-        let mut rng = Rng::new(4);
-        Self {
-            hidden: seeded_linear(&mut rng, INPUTS, 96, device),
-            output: seeded_linear(&mut rng, 96, 1, device),
-            activation: Relu::new(),
-        }
-    }
-
-    fn forward(&self, batch: &Batch) -> RegressionOutput {
-        let prediction = self.output.forward(self.activation.forward(self.hidden.forward(batch.inputs.clone())));
-        let loss = (prediction.clone() - batch.targets.clone()).powi_scalar(2).mean();
-        RegressionOutput::new(loss, prediction, batch.targets.clone())
-    }
-}
-
-/// Burn's default `Linear` initialisation, U(−k, k) with k = 1/√inputs, drawn from `rng`.
-fn seeded_linear(rng: &mut Rng, inputs: usize, outputs: usize, device: &Device) -> Linear {
-    let k = 1.0 / (inputs as f32).sqrt();
-    let mut uniform = |n: usize| -> Vec<f32> { rng.uniforms(n).into_iter().map(|u| (2.0 * u - 1.0) * k).collect() };
-    let weight = Tensor::<1>::from_floats(uniform(inputs * outputs).as_slice(), device).reshape([inputs, outputs]);
-    let bias = Tensor::<1>::from_floats(uniform(outputs).as_slice(), device);
-    Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) }
-}
-
-#[derive(Clone, Debug)]
-struct Batch {
-    inputs: Tensor<2>,
-    targets: Tensor<2>,
-}
-
-#[derive(Clone, Debug)]
-struct Sample {
-    inputs: Vec<f32>,
-    target: f32,
-}
-
-struct SampleBatcher;
-
-impl Batcher<Sample, Batch> for SampleBatcher {
-    fn batch(&self, items: Vec<Sample>, device: &Device) -> Batch {
-        let n = items.len();
-        let inputs: Vec<f32> = items.iter().flat_map(|s| s.inputs.clone()).collect();
-        let targets: Vec<f32> = items.iter().map(|s| s.target).collect();
-        Batch {
-            inputs: Tensor::<1>::from_floats(inputs.as_slice(), device).reshape([n, INPUTS]),
-            targets: Tensor::<1>::from_floats(targets.as_slice(), device).reshape([n, 1]),
-        }
-    }
-}
-
-impl TrainStep for Regressor {
-    type Input = Batch;
-    type Output = RegressionOutput;
-
-    fn step(&self, batch: Batch) -> TrainOutput<RegressionOutput> {
-        let output = self.forward(&batch);
-        TrainOutput::new(self, output.loss.backward(), output)
-    }
-}
-
-impl InferenceStep for Regressor {
-    type Input = Batch;
-    type Output = RegressionOutput;
-
-    fn step(&self, batch: Batch) -> RegressionOutput {
-        self.forward(&batch)
-    }
-}
-
-fn samples(n: usize, seed: u64) -> Vec<Sample> {
-    let mut rng = Rng::new(seed);
-    let teacher = Rng::new(1).normals(INPUTS);
-    (0..n)
-        .map(|_| {
-            let inputs = rng.normals(INPUTS);
-            let target = inputs.iter().zip(&teacher).map(|(x, w)| x * w).sum::<f32>().tanh();
-            Sample { inputs, target }
-        })
-        .collect()
-}
-
-fn loaders() -> (Arc<dyn DataLoader<Batch>>, Arc<dyn DataLoader<Batch>>) {
-    let train = DataLoaderBuilder::new(SampleBatcher).batch_size(32).build(InMemDataset::new(samples(512, 2)));
-    let valid = DataLoaderBuilder::new(SampleBatcher).batch_size(64).build(InMemDataset::new(samples(128, 3)));
-    (train, valid)
-}
+use burn_8bit_conformance::regression::{self, Batch, INPUTS, Regressor, SampleBatcher, loaders, samples};
 
 /// AdamW8bit with the hidden weight (6144 elements) in 8-bit and the rest in `f32`.
 fn optimizer() -> ModuleOptimizer {
     AdamW8bitConfig::new().with_states(StateConfig::new().with_min_8bit_size(1024)).init()
 }
 
+/// The untrained model: 96 hidden units, weights of seed 4.
+fn regressor(device: &Device) -> Regressor {
+    Regressor::new(96, 4, device)
+}
+
 fn learner(device: &Device) -> Learner<Regressor> {
-    Learner::new(Regressor::new(device), optimizer(), ConstantLr::new(3e-3))
+    Learner::new(regressor(device), optimizer(), ConstantLr::new(3e-3))
 }
 
 /// A supervised run over [`loaders`] in `dir`: `epochs` epochs, Burn's default checkpointers
 /// keeping the last `keep`, the loss as the only metric, no log files.
 fn training(dir: &Path, epochs: usize, keep: usize) -> SupervisedTraining<Regressor> {
-    let (train, valid) = loaders();
+    let (train, valid) = loaders(samples(512, 2), samples(128, 3), 32);
     SupervisedTraining::new(dir, train, valid)
         .num_epochs(epochs)
         .with_default_checkpointers()
@@ -156,15 +54,14 @@ fn scratch_dir(test: &str) -> PathBuf {
 }
 
 fn valid_loss(model: &Regressor, device: &Device) -> f32 {
-    let batch = SampleBatcher.batch(samples(128, 3), device);
-    model.forward(&batch).loss.into_scalar::<f32>()
+    regression::valid_loss(model, &samples(128, 3), device)
 }
 
 #[test]
 fn adamw8bit_trains_checkpoints_and_resumes_in_the_learner() {
     let device = Device::flex().autodiff();
     let dir = scratch_dir("learner");
-    let untrained = valid_loss(&Regressor::new(&device), &device);
+    let untrained = valid_loss(&regressor(&device), &device);
 
     let first = training(&dir, 2, 2).launch(learner(&device));
     let after_two = valid_loss(&first.model, &device);
@@ -201,7 +98,7 @@ fn adamw8bit_trains_with_state_sharded_across_devices_and_resumes_on_one() {
     }
     let main = devices[0].clone();
     let dir = scratch_dir("sharded");
-    let untrained = valid_loss(&Regressor::new(&main), &main);
+    let untrained = valid_loss(&regressor(&main), &main);
     let result = training(&dir, 6, 1)
         .with_training_strategy(ExecutionStrategy::MultiDevice(devices.clone(), MultiDeviceOptim::OptimSharded).into())
         .launch(learner(&main));
@@ -279,7 +176,7 @@ fn data_parallel_replicas_stay_identical_and_a_replica_checkpoint_continues_alon
     const LR: f64 = 3e-3;
     for (name, device) in common::devices() {
         let device = device.autodiff();
-        let first = Regressor::new(&device);
+        let first = regressor(&device);
         let initial = parameter_bits(&first);
         let mut replicas = vec![first.clone(), first];
         let mut optimizers = vec![optimizer(), optimizer()];

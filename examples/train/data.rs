@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_8bit_conformance::rng::Rng;
 
 /// The default text: the Jargon File 4.4.7 (public domain), see `data/README.md`.
 const DEFAULT_TEXT: &[u8] = include_bytes!("../../data/jargon-file-4.4.7.txt.gz");
@@ -64,18 +65,11 @@ impl Corpus {
     }
 }
 
-/// `count` window offsets into `tokens`, from a seed (xorshift64*).
+/// `count` window offsets into `tokens`, from a seed.
 pub fn offsets(tokens: &[u32], context: usize, count: usize, seed: u64) -> Vec<usize> {
     let span = (tokens.len() - context - 1) as u64;
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..count)
-        .map(|_| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % span) as usize
-        })
-        .collect()
+    let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    (0..count).map(|_| (rng.next_u64() % span) as usize).collect()
 }
 
 /// `[batch, context]` input tokens and the next token at every position.

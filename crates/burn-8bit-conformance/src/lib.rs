@@ -7,7 +7,8 @@
 //! not published: it serves the repository's examples, tests, benches and CI, so that the crates
 //! users compile carry neither the runner nor its `safetensors` dependency. It also holds the
 //! lists they share, each defined once: the compiled-in devices ([`devices`]) and the 8-bit
-//! optimizers at their defaults ([`optimizers`]).
+//! optimizers at their defaults ([`optimizers`]); and the fixtures more than one of them uses:
+//! a seeded generator ([`rng`]) and a small regression task for `Learner` runs ([`regression`]).
 //!
 //! ```no_run
 //! use burn::tensor::Device;
@@ -21,6 +22,8 @@
 
 pub mod devices;
 pub mod optimizers;
+pub mod regression;
+pub mod rng;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -71,9 +71,9 @@ impl StateConfig {
 }
 
 /// An optimizer with block-wise 8-bit states: the update rule `R` of one of the configs and how
-/// its states are kept. Each config builds its own ([`Optim8bitConfig::build`] of `AdamW8bitConfig` gives an
-/// [`AdamW8bit`](crate::AdamW8bit) = `Optim8bit<AdamWRule>`); every one takes one fused op per
-/// tensor and step.
+/// its states are kept. Each config builds its own ([`Optim8bitConfig::build`] of
+/// `AdamW8bitConfig` gives an [`AdamW8bit`](crate::AdamW8bit) = `Optim8bit<AdamWRule>`); every
+/// one takes one fused op per tensor and step.
 ///
 /// ```
 /// use burn::optim::Optimizer;
