@@ -88,12 +88,16 @@ fn blocks_per_task(block_size: usize) -> usize {
 /// own type: `f32`, `f16` and `bf16`. The step's arithmetic is `f32`: an element is widened
 /// exactly on reading, and the new parameter rounded to nearest (ties to even) on writing, as
 /// Burn's casts round; so a half-precision step writes the bits of an `f32` step between two
-/// casts, without the cast passes or their buffers.
+/// casts, without the cast passes or their buffers. With `StepScalars::stochastic_rounding` a
+/// `bf16` parameter is rounded stochastically instead (docs/algorithm.md §3.8).
 pub trait ParamElement: Copy + Send + Sync + 'static {
     /// The exact `f32` value.
     fn to_f32(self) -> f32;
     /// `x` rounded to the nearest value of this type (ties to even).
     fn from_f32(x: f32) -> Self;
+    /// Whether the step rounds this type stochastically when asked
+    /// (`StepScalars::stochastic_rounding`): `bf16` only.
+    const ROUNDS_STOCHASTICALLY: bool = false;
 }
 
 impl ParamElement for f32 {
@@ -126,6 +130,8 @@ impl ParamElement for f16 {
 /// vectorise (with `half`'s branches an Adam8bit step of bf16 parameters took 4–5× as long):
 /// the same results, except that widening leaves a signalling NaN signalling.
 impl ParamElement for bf16 {
+    const ROUNDS_STOCHASTICALLY: bool = true;
+
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
@@ -354,19 +360,20 @@ pub fn fused_step<P: ParamElement>(
     let tasks: Vec<_> = param
         .chunks_mut(group * block_size)
         .zip(grad.chunks(group * block_size))
-        .map(|(param, grad)| {
+        .enumerate()
+        .map(|(task, (param, grad))| {
             let states: Vec<StateMut<'_>> = state_parts
                 .iter_mut()
                 .map(|parts| parts.next().expect("one part of each state per task"))
                 .collect();
-            (param, grad, states)
+            (task * group * block_size, param, grad, states)
         })
         .collect();
     let step = Step { level, scalars, lr, grad_scale };
-    let skipped = run_tasks(tasks, |(param, grad, mut states)| {
+    let skipped = run_tasks(tasks, |(first_index, param, grad, mut states)| {
         level.run(
             #[inline(always)]
-            || step.blocks(rule, param, grad, &mut states, block_size),
+            || step.blocks(rule, first_index, param, grad, &mut states, block_size),
         )
     });
     skipped.into_iter().map(u64::from).sum()
@@ -426,24 +433,36 @@ fn step_element(step: Step<'_>, rule: StepRule, lr: f32, p: f32, g: f32, s: [f32
 }
 
 impl Step<'_> {
+    /// The blocks of one task, whose first element is element `first_index` of the tensor.
     #[inline(always)]
     fn blocks<P: ParamElement>(
         self,
         rule: StepRule,
+        first_index: usize,
         param: &mut [P],
         grad: &[P],
         states: &mut [StateMut<'_>],
         block_size: usize,
     ) -> u32 {
-        with_constant_rule!(rule, |RULE| self.blocks_with::<P, { RULE.num_states() }>(RULE, param, grad, states, block_size))
+        if P::ROUNDS_STOCHASTICALLY && self.scalars.stochastic_rounding != 0 {
+            with_constant_rule!(rule, |RULE| self.blocks_with::<P, { RULE.num_states() }, true>(
+                RULE, first_index, param, grad, states, block_size
+            ))
+        } else {
+            with_constant_rule!(rule, |RULE| self.blocks_with::<P, { RULE.num_states() }, false>(
+                RULE, first_index, param, grad, states, block_size
+            ))
+        }
     }
 
     /// The per-block loop of [`fused_step`] for a rule of `N` states: states read into one block
-    /// of scratch each, updated in place while their new absmax is tracked, then stored.
+    /// of scratch each, updated in place while their new absmax is tracked, then stored. With
+    /// `STOCHASTIC` the new parameter is rounded to `bf16` stochastically before it is written.
     #[inline(always)]
-    fn blocks_with<P: ParamElement, const N: usize>(
+    fn blocks_with<P: ParamElement, const N: usize, const STOCHASTIC: bool>(
         self,
         rule: StepRule,
+        first_index: usize,
         param: &mut [P],
         grad: &[P],
         states: &mut [StateMut<'_>],
@@ -464,6 +483,13 @@ impl Step<'_> {
                 let old = param[i];
                 let ([p, a, b, c], _, applied) =
                     step_element(step, rule, step.lr, old.to_f32(), grad[i].to_f32(), [s0[i], s1[i], s2[i]]);
+                let p = if STOCHASTIC {
+                    // The index wraps past 2^32 elements, as the kernels' does.
+                    let index = (first_index + block * block_size + i) as u32;
+                    rule::round_to_bf16_stochastically(p, rule::random_bits(scalars.rounding_key, index))
+                } else {
+                    p
+                };
                 param[i] = if applied { P::from_f32(p) } else { old };
                 // At most one per element of a slice: no overflow to check.
                 skipped = skipped.wrapping_add(u32::from(!applied));
@@ -852,6 +878,8 @@ mod tests {
             l2_penalty: 0.01,
             first_step: 0,
             direction_decay: 0.01,
+            stochastic_rounding: 0,
+            rounding_key: 0,
         };
         let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
         for rule in rules {
@@ -901,9 +929,10 @@ mod tests {
         }
     }
 
-    /// Three Adam steps of `P` parameters at every level: the parameter's widened bits and the
-    /// states' codes and absmax are those of the scalar level.
-    fn every_level_steps_to_the_same_bits<P: ParamElement>() {
+    /// Three Adam steps of `P` parameters at every level, rounded stochastically where `P`
+    /// allows it and `stochastic` asks for it: the parameter's widened bits and the states'
+    /// codes and absmax are those of the scalar level.
+    fn every_level_steps_to_the_same_bits<P: ParamElement>(stochastic: bool) {
         let len = 3 * 4096 + 129;
         let rule = StepRule::Adam { amsgrad: false, cautious: false };
         let scalars = StepScalars {
@@ -914,6 +943,8 @@ mod tests {
             correction1: 0.1,
             correction2: 0.0447,
             decay_factor: 0.99,
+            stochastic_rounding: u32::from(stochastic),
+            rounding_key: rule::rounding_key(1, 2),
             ..StepScalars::default()
         };
         let grad: Vec<P> = random_values(len, 11).into_iter().map(P::from_f32).collect();
@@ -943,8 +974,9 @@ mod tests {
 
     #[test]
     fn every_simd_level_steps_half_precision_parameters_to_the_same_bits() {
-        every_level_steps_to_the_same_bits::<f16>();
-        every_level_steps_to_the_same_bits::<bf16>();
+        every_level_steps_to_the_same_bits::<f16>(false);
+        every_level_steps_to_the_same_bits::<bf16>(false);
+        every_level_steps_to_the_same_bits::<bf16>(true);
     }
 
     fn reference_code(x: f32, absmax: f32, midpoints: &[f32; MAP_LEN - 1]) -> u8 {

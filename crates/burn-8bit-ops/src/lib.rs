@@ -38,7 +38,7 @@ pub use error::QuantError;
 pub use ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
 pub use map::{CodeMap, MAP_LEN, MapFamily, MapKind};
 pub use quantized::BlockQuantized;
-pub use rule::{COUNT_WORDS, add_to_count, count_value, count_words};
+pub use rule::{COUNT_WORDS, add_to_count, count_value, count_words, rounding_key};
 pub use step::{StepRule, StepScalars};
 
 /// FNV-1a, 64-bit, over `bytes`: the fingerprint of codes and states in conformance reports and

@@ -37,6 +37,48 @@ pub fn add_to_count(words: [u32; COUNT_WORDS], n: u64) -> [u32; COUNT_WORDS] {
     count_words(count_value(words).saturating_add(n))
 }
 
+/// The two multipliers of the integer hash behind stochastic rounding (Wellons' `lowbias32`:
+/// `x ^= x >> 16; x *= M0; x ^= x >> 15; x *= M1; x ^= x >> 16`, a bijection of `u32` whose
+/// output bits each depend on every input bit). The kernels hash with the same constants.
+pub const HASH_MULTIPLIERS: [u32; 2] = [0x7feb_352d, 0x846c_a68b];
+
+/// `lowbias32(x)` (see [`HASH_MULTIPLIERS`]).
+pub fn hash(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(HASH_MULTIPLIERS[0]);
+    x ^= x >> 15;
+    x = x.wrapping_mul(HASH_MULTIPLIERS[1]);
+    x ^ (x >> 16)
+}
+
+/// The key of one step's stochastic-rounding bits (`StepScalars::rounding_key`): a hash of the
+/// seed (both halves) and the step number, computed on the host once per step and handed to the
+/// op as a runtime scalar, so no kernel is compiled per step.
+///
+/// ```
+/// assert_ne!(burn_8bit_ops::rounding_key(0, 1), burn_8bit_ops::rounding_key(0, 2));
+/// ```
+pub fn rounding_key(seed: u64, step: u64) -> u32 {
+    hash(hash(hash(step as u32 ^ hash((step >> 32) as u32)) ^ seed as u32) ^ (seed >> 32) as u32)
+}
+
+/// The random bits of element `index` under `key`: a counter-based generator, so that every
+/// backend and every split of the tensor into blocks draws the same bits.
+pub fn random_bits(key: u32, index: u32) -> u32 {
+    hash(index ^ key)
+}
+
+/// `x` (finite) rounded to `bf16` stochastically with the top 16 bits of `random`, as an `f32`
+/// whose low 16 bits are zero: away from zero with probability (low 16 bits of `x`) / 2^16,
+/// else towards zero. Unbiased: the expected result is `x`. Values already in `bf16` are kept.
+pub fn round_to_bf16_stochastically(x: f32, random: u32) -> f32 {
+    // Only a NaN's bits can wrap; the step never writes a non-finite result.
+    f32::from_bits(x.to_bits().wrapping_add(random >> 16) & BF16_MASK)
+}
+
+/// The bits an `f32` keeps when it holds a `bf16`.
+pub const BF16_MASK: u32 = 0xffff_0000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +90,36 @@ mod tests {
         assert_eq!(add_to_count(near_wrap, 5), [2, 1]);
         assert_eq!(count_value(add_to_count(near_wrap, 5)), u64::from(u32::MAX) + 3);
         assert_eq!(count_value(add_to_count([u32::MAX, u32::MAX], 1)), u64::MAX);
+    }
+
+    #[test]
+    fn stochastic_rounding_keeps_bf16_values_and_is_unbiased() {
+        for exact in [0.0f32, -0.0, 1.0, -3.5, f32::from_bits(0x3f81_0000)] {
+            for index in 0..64 {
+                assert_eq!(round_to_bf16_stochastically(exact, random_bits(7, index)).to_bits(), exact.to_bits());
+            }
+        }
+        // A quarter of the way from 1.0 to the next bf16 (1 + 2^-7), and the same below zero.
+        for x in [f32::from_bits(0x3f80_4000), f32::from_bits(0xbf80_4000)] {
+            let (down, up) = (f32::from_bits(x.to_bits() & BF16_MASK), f32::from_bits((x.to_bits() & BF16_MASK) + 0x1_0000));
+            let draws = 1 << 16;
+            let rounded: Vec<f32> = (0..draws).map(|index| round_to_bf16_stochastically(x, random_bits(rounding_key(3, 9), index))).collect();
+            assert!(rounded.iter().all(|&r| r == down || r == up), "{x}: not a neighbour");
+            let away = rounded.iter().filter(|&&r| r == up).count() as f64 / f64::from(draws);
+            assert!((away - 0.25).abs() < 0.01, "{x}: rounded away {away} of the time, not 1/4");
+            let mean = rounded.iter().map(|&r| f64::from(r)).sum::<f64>() / f64::from(draws);
+            assert!((mean - f64::from(x)).abs() < 1e-4 * f64::from(x.abs()), "{x}: mean {mean}");
+        }
+    }
+
+    #[test]
+    fn rounding_keys_differ_by_seed_and_step() {
+        let keys: Vec<u32> = [(0, 0), (0, 1), (1, 0), (1 << 32, 0), (0, 1 << 32)]
+            .into_iter()
+            .map(|(seed, step)| rounding_key(seed, step))
+            .collect();
+        for (i, a) in keys.iter().enumerate() {
+            assert!(keys[i + 1..].iter().all(|b| a != b), "{keys:?}");
+        }
     }
 }

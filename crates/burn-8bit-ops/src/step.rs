@@ -206,6 +206,13 @@ pub struct StepScalars {
     /// Weight decay added to the update direction, `direction += direction_decay·p`, before
     /// LAMB's trust ratio scales it (0 when off).
     pub direction_decay: f32,
+    /// 1: a `bf16` parameter is written rounded stochastically, with random bits drawn from
+    /// `rounding_key` and the element's index (docs/algorithm.md §3.8); 0: to nearest. `f32`
+    /// and `f16` parameters are always rounded to nearest.
+    pub stochastic_rounding: u32,
+    /// This step's key for the rounding bits, [`rounding_key`](crate::rounding_key)`(seed,
+    /// step)` (read only with `stochastic_rounding`).
+    pub rounding_key: u32,
 }
 
 impl Default for StepScalars {
@@ -223,6 +230,8 @@ impl Default for StepScalars {
             l2_penalty: 0.0,
             first_step: 0,
             direction_decay: 0.0,
+            stochastic_rounding: 0,
+            rounding_key: 0,
         }
     }
 }

@@ -4,7 +4,7 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, FloatDType, Tensor};
 use burn_8bit_ops::{
-    BlockSize, BlockwiseOps, MapFamily, ParamDType, Scale, StepRule, StepScalars, StepTensors,
+    BlockSize, BlockwiseOps, MapFamily, ParamDType, Scale, StepRule, StepScalars, StepTensors, rounding_key,
 };
 
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
@@ -22,6 +22,23 @@ pub(crate) struct StateSettings {
     pub map_family: MapFamily,
     /// One absmax per tensor (ablation) instead of one per block.
     pub whole_tensor_block: bool,
+    /// The seed of stochastic rounding for `bf16` parameters, `None` when they round to nearest.
+    pub rounding_seed: Option<u64>,
+}
+
+impl StateSettings {
+    /// The rule's scalars for step `time`, with this step's stochastic-rounding key when it is on.
+    fn scalars<R: UpdateRule>(&self, rule: &R, lr: f64, time: usize) -> StepScalars {
+        let scalars = rule.scalars(lr, time);
+        match self.rounding_seed {
+            Some(seed) => StepScalars {
+                stochastic_rounding: 1,
+                rounding_key: rounding_key(seed, time as u64),
+                ..scalars
+            },
+            None => scalars,
+        }
+    }
 }
 
 /// What distinguishes one 8-bit optimizer from another: the rule of [`Optim8bit`], built by
@@ -124,7 +141,7 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
         return (tensor, Some(state));
     }
     let step = FusedStep {
-        scalars: rule.scalars(lr, state.time),
+        scalars: settings.scalars(rule, lr, state.time),
         family: settings.map_family,
         block_size: settings.block_size,
         trust: rule.trust(),

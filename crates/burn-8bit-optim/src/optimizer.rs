@@ -13,8 +13,8 @@ use crate::error::ConfigError;
 use crate::state::Optim8bitState;
 use crate::switch::{StateLayout, SwitchRecord};
 
-/// How an 8-bit optimizer keeps its states: the settings every config shares, as its `states`
-/// field.
+/// How an 8-bit optimizer keeps its states, and how it writes `bf16` parameters: the settings
+/// every config shares, as its `states` field.
 ///
 /// ```
 /// use burn_8bit_optim::{AdamW8bitConfig, Optim8bitConfig, StateConfig};
@@ -43,6 +43,17 @@ pub struct StateConfig {
     /// two passes with `f32` temporaries instead of the fused step).
     #[config(default = false)]
     pub whole_tensor_block: bool,
+    /// Round `bf16` parameters stochastically instead of to nearest, so that updates smaller
+    /// than half a `bf16` unit still move them on average (Zamirai et al., *Revisiting BFloat16
+    /// Training*, 2020). The random bits come from a counter-based generator keyed by
+    /// (`rounding_seed`, step, element index): the same bits on every backend and every run. It
+    /// applies where the parameter and its gradient are both `bf16` (Burn's autodiff gives
+    /// gradients in the parameter's type); `f32` and `f16` parameters round to nearest.
+    #[config(default = false)]
+    pub stochastic_rounding: bool,
+    /// The seed of `stochastic_rounding`'s random bits.
+    #[config(default = 0)]
+    pub rounding_seed: u64,
 }
 
 impl StateConfig {
@@ -66,6 +77,7 @@ impl StateConfig {
             percentile: (self.percentile_clipping < 100).then_some(self.percentile_clipping),
             map_family: self.map_family,
             whole_tensor_block: self.whole_tensor_block,
+            rounding_seed: self.stochastic_rounding.then_some(self.rounding_seed),
         })
     }
 }
@@ -222,6 +234,9 @@ mod tests {
             Err(ConfigError::BlockSize(QuantError::InvalidBlockSize(100)))
         ));
         assert_eq!(StateConfig::new().f32_states().min_8bit_size, usize::MAX);
+        let stochastic = StateConfig::new().with_stochastic_rounding(true).with_rounding_seed(5);
+        assert_eq!(stochastic.settings().unwrap().rounding_seed, Some(5));
+        assert_eq!(StateConfig::new().with_rounding_seed(5).settings().unwrap().rounding_seed, None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use cubecl::prelude::*;
 
 use crate::encode::{BOUNDS, GUESSES, MIDPOINTS, SETTLED, encode_code};
 use crate::map::MAP_LEN;
-use crate::rule::{ABS_MASK, CANONICAL_NAN_BITS, INFINITY_BITS};
+use crate::rule::{ABS_MASK, BF16_MASK, CANONICAL_NAN_BITS, HASH_MULTIPLIERS, INFINITY_BITS};
 use crate::step::{StepRule, StepScalars, update_element};
 
 /// How a state slot is held, known when the kernel is compiled.
@@ -56,6 +56,8 @@ pub struct StepLayout {
     pub block_size: usize,
     /// Units per cube.
     pub units: usize,
+    /// Whether the (`bf16`) parameter is rounded stochastically (`StepScalars::stochastic_rounding`).
+    pub stochastic_bf16: bool,
 }
 
 /// Each block-wise slot's table offset (in the tables buffer) and zero code.
@@ -86,6 +88,27 @@ fn is_finite(x: f32) -> bool {
 #[cube]
 fn abs_bits(x: f32) -> u32 {
     u32::reinterpret(x) & ABS_MASK
+}
+
+/// `rule::random_bits`: the integer hash of `index ^ key` with `rule::HASH_MULTIPLIERS`. A copy,
+/// because the CPU twin's multiplies must say `wrapping_mul` (a `#[cube]` function is plain Rust
+/// too, where `*` would panic on overflow in debug builds) and `#[cube]` code has no such method;
+/// `the_kernels_round_stochastically_as_the_cpu_twin_does` (`backend/cube/mod.rs`) compares the
+/// two on wgpu.
+#[cube]
+fn random_bits(key: u32, index: u32) -> u32 {
+    let mut x = index ^ key;
+    x ^= x >> 16u32;
+    x *= comptime![HASH_MULTIPLIERS[0]];
+    x ^= x >> 15u32;
+    x *= comptime![HASH_MULTIPLIERS[1]];
+    x ^ (x >> 16u32)
+}
+
+/// `rule::round_to_bf16_stochastically` (the add wraps, as `wrapping_add` does there).
+#[cube]
+fn round_to_bf16_stochastically(x: f32, random: u32) -> f32 {
+    f32::reinterpret((u32::reinterpret(x) + (random >> 16u32)) & BF16_MASK)
 }
 
 /// The absmax of the largest `bits(|x|)`, NaN made canonical (`rule::absmax_from_bits`).
@@ -480,7 +503,11 @@ pub fn fused_step_kernel<P: Float>(
                 let u = update_element(h, lr, p, g, s1, s2, s3, comptime![layout.rule]);
                 let applied = is_finite(g) && is_finite(u.p) && is_finite(u.s1) && is_finite(u.s2) && is_finite(u.s3);
                 if comptime![step] {
-                    param[i] = select(applied, P::cast_from(u.p), stored);
+                    let mut written = u.p;
+                    if comptime![layout.stochastic_bf16] {
+                        written = round_to_bf16_stochastically(u.p, random_bits(h.rounding_key, u32::cast_from(i)));
+                    }
+                    param[i] = select(applied, P::cast_from(written), stored);
                     local_skipped += select(applied, 0u32, 1u32);
                     let a = select(applied, u.s1, s1);
                     let b = select(applied, u.s2, s2);

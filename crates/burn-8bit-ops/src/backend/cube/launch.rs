@@ -349,6 +349,7 @@ fn launch_step(
         update_scaled: args.update_scale.is_some(),
         block_size,
         units: launch.units,
+        stochastic_bf16: rounds_stochastically(args.param_type, scalars),
     };
     // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
     // element type the kernel declares; the spare `sums` of a step is never accessed.
@@ -385,6 +386,17 @@ fn launch_step(
     }
 }
 
+/// Whether the step kernel rounds the parameter stochastically: a `bf16` parameter, when the
+/// scalars ask for it. A test forces it on `f32` parameters too (the kernel then writes each
+/// rounded `bf16` value as an `f32`), to compare the kernels' rounding with the CPU twin's on a
+/// runtime without `bf16` (wgpu).
+fn rounds_stochastically(param_type: ParamDType, scalars: &StepScalars) -> bool {
+    let rounded_type = param_type == ParamDType::BF16;
+    #[cfg(test)]
+    let rounded_type = rounded_type || tests::FORCED_STOCHASTIC_F32.load(std::sync::atomic::Ordering::SeqCst);
+    rounded_type && scalars.stochastic_rounding != 0
+}
+
 /// The kernels' element type for parameters and gradients of `param_type`.
 fn param_elem_type(param_type: ParamDType) -> ElemType {
     ElemType::Float(match param_type {
@@ -409,19 +421,25 @@ fn scalars_arg(s: &StepScalars) -> crate::step::StepScalarsLaunch {
         s.l2_penalty,
         s.first_step,
         s.direction_decay,
+        s.stochastic_rounding,
+        s.rounding_key,
     )
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicBool, AtomicU32};
 
     use super::*;
 
     /// A limit on units per cube forced on every launch (0: none). Process-wide, because
-    /// kernels are launched on the device's own thread; only one test of this crate launches
-    /// kernels.
+    /// kernels are launched on the device's own thread; the tests that launch kernels give the
+    /// same bits whatever the limit.
     pub(crate) static FORCED_MAX_UNITS: AtomicU32 = AtomicU32::new(0);
+
+    /// Stochastic rounding forced on `f32` parameters (see `rounds_stochastically`); only steps
+    /// whose scalars ask for rounding are affected.
+    pub(crate) static FORCED_STOCHASTIC_F32: AtomicBool = AtomicBool::new(false);
 
     #[test]
     fn units_own_whole_words() {

@@ -135,7 +135,7 @@ impl BlockwiseOps for CubeBackend {
 
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
-    use burn::tensor::{DType, Device, DeviceKind, Distribution, Tensor, TensorData};
+    use burn::tensor::{DType, Device, DeviceKind, Distribution, FloatDType, Tensor, TensorData};
 
     use std::sync::atomic::Ordering;
 
@@ -178,11 +178,19 @@ mod tests {
         (q.codes().to_data(), q.absmax().to_data(), decoded)
     }
 
-    /// Parameter, codes and absmax of both states after three Adam steps from `param`.
-    fn adam_steps(param: &TensorData, grad: &TensorData, block_size: BlockSize, device: &Device) -> Vec<TensorData> {
+    /// Parameter, codes and absmax of both states after three Adam steps from `param`, its new
+    /// values rounded stochastically with `rounding_seed` when given.
+    fn adam_steps(
+        param: &TensorData,
+        grad: &TensorData,
+        block_size: BlockSize,
+        rounding_seed: Option<u64>,
+        device: &Device,
+    ) -> Vec<TensorData> {
         let len = param.shape().num_elements();
-        let mut param = Tensor::<1>::from_data(param.clone(), device);
-        let grad = Tensor::<1>::from_data(grad.clone(), device);
+        let dtype = FloatDType::from(param.dtype());
+        let mut param = Tensor::<1>::from_data(param.clone(), device).cast(dtype);
+        let grad = Tensor::<1>::from_data(grad.clone(), device).cast(dtype);
         let mut skipped = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![0u32; COUNT_WORDS], [COUNT_WORDS]), (device, DType::U32));
         let zeros = |map| BlockQuantized::zeros([len].into(), map, block_size, device).into_parts();
         let mut states: Vec<_> =
@@ -194,6 +202,8 @@ mod tests {
                 beta2: 0.999,
                 eps: 1e-8,
                 first_step: u32::from(step == 1),
+                stochastic_rounding: u32::from(rounding_seed.is_some()),
+                rounding_key: rounding_seed.map_or(0, |seed| crate::rounding_key(seed, u64::from(step))),
                 ..StepScalars::default()
             };
             let buffers = states
@@ -239,8 +249,38 @@ mod tests {
             assert_eq!(many, few, "quantize, block {block_size:?}");
             let param = x.to_data();
             let grad = x.clone().mul_scalar(1e-2).flip([0]).to_data();
-            let steps = |max| with_max_units(max, || adam_steps(&param, &grad, block_size, &device));
+            let steps = |max| with_max_units(max, || adam_steps(&param, &grad, block_size, None, &device));
             assert_eq!(steps(0), steps(2), "Adam step, block {block_size:?}");
         }
+    }
+
+    /// Stochastic rounding, whose `bf16` parameters wgpu cannot hold, run by the kernel on `f32`
+    /// parameters (forced): from parameters and gradients that are `bf16` values, the kernel's
+    /// `f32` results must be the CPU twin's `bf16` results, bit for bit, and its states the same.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn the_kernels_round_stochastically_as_the_cpu_twin_does() {
+        use burn::tensor::bf16;
+        use super::launch::tests::FORCED_STOCHASTIC_F32;
+
+        let Some(device) = wgpu_device() else { return };
+        let block_size = BlockSize::DEFAULT;
+        let len = 2 * 65_536 + 3 * block_size.get() + 5;
+        // bf16 values in [-2, 2), spread by the golden ratio: the same on every run.
+        let spread = |offset: f32| -> Vec<bf16> {
+            (0..len).map(|i| bf16::from_f32(((i as f32 * 0.618_034 + offset).fract() - 0.5) * 4.0)).collect()
+        };
+        let (param, grad) = (spread(0.1), spread(0.7));
+        let as_f32 = |values: &[bf16]| TensorData::new(values.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [len]);
+        let as_bf16 = |values: &[bf16]| TensorData::new(values.to_vec(), [len]);
+        let on_cpu = adam_steps(&as_bf16(&param), &as_bf16(&grad), block_size, Some(5), &Device::flex());
+        FORCED_STOCHASTIC_F32.store(true, Ordering::SeqCst);
+        let on_kernel = adam_steps(&as_f32(&param), &as_f32(&grad), block_size, Some(5), &device);
+        FORCED_STOCHASTIC_F32.store(false, Ordering::SeqCst);
+        let nearest = adam_steps(&as_bf16(&param), &as_bf16(&grad), block_size, None, &Device::flex());
+        let cpu_param = on_cpu[0].clone().convert::<f32>();
+        assert_eq!(cpu_param, on_kernel[0], "the kernel's rounded parameters differ from the CPU twin's");
+        assert_eq!(on_cpu[1..], on_kernel[1..], "the states differ");
+        assert_ne!(cpu_param, nearest[0].clone().convert::<f32>(), "stochastic rounding changed nothing");
     }
 }
