@@ -572,7 +572,7 @@ fn lane_sum(terms: &[f32]) -> f32 {
 /// The first pass of LAMB and LARS: per block, the sums of `direction²` and `p²` of the update
 /// `fused_step` would apply (states read, nothing written), as `[d₀, p₀, d₁, p₁, …]`.
 /// Skipped elements contribute nothing to the direction's sum. Each sum runs over
-/// [`SUM_LANES`] partial sums, added in a fixed order.
+/// 16 partial sums (one vector register of `f32`), added in a fixed order.
 pub fn update_norms<P: ParamElement>(
     rule: StepRule,
     scalars: &StepScalars,
