@@ -49,8 +49,8 @@ pub struct AdEMAMix8bitConfig {
     pub t_beta3: Option<usize>,
     /// Gradient clipping applied by the module optimizer before the step.
     pub grad_clipping: Option<GradientClippingConfig>,
-    /// How the states are kept: block size, the size under which they stay `f32`, percentile
-    /// clipping and the ablation settings.
+    /// How the states are kept (block size, the size under which they stay `f32`, percentile
+    /// clipping, the ablation settings) and whether `bf16` parameters round stochastically.
     #[config(default = "StateConfig::new()")]
     pub states: StateConfig,
 }

@@ -9,7 +9,8 @@ use burn_8bit_ops::{
 
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
 
-/// What every 8-bit config shares: how states are kept and gradients clipped.
+/// What every 8-bit config shares, validated: how states are kept, gradients clipped by
+/// percentile and `bf16` parameters rounded.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct StateSettings {
     /// Elements per quantization block.

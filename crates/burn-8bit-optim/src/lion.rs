@@ -32,8 +32,8 @@ pub struct Lion8bitConfig {
     pub weight_decay: f32,
     /// Gradient clipping applied by the module optimizer before the step.
     pub grad_clipping: Option<GradientClippingConfig>,
-    /// How the states are kept: block size, the size under which they stay `f32`, percentile
-    /// clipping and the ablation settings.
+    /// How the states are kept (block size, the size under which they stay `f32`, percentile
+    /// clipping, the ablation settings) and whether `bf16` parameters round stochastically.
     #[config(default = "StateConfig::new()")]
     pub states: StateConfig,
 }
