@@ -1,6 +1,7 @@
 //! Block sizes and the arithmetic of cutting a flat tensor into blocks.
 
 use crate::error::QuantError;
+use crate::map::MapKind;
 
 /// The number of consecutive elements that share one absmax: a power of two in `64..=4096`.
 ///
@@ -67,20 +68,18 @@ impl From<BlockSize> for usize {
     }
 }
 
-/// Codes are bytes stored four per `u32` word, little-endian: element `4w + j` is in bits
-/// `8j..8j + 8` of word `w`.
-pub const CODES_PER_WORD: usize = 4;
-
-/// Words needed to hold `len` codes.
-pub fn num_words(len: usize) -> usize {
-    len.div_ceil(CODES_PER_WORD)
-}
-
-/// Why `words` code words and `absmax` values do not describe `len` elements in blocks of
-/// `block_size`, or `None` when they do.
-pub(crate) fn length_mismatch(words: usize, absmax: usize, len: usize, block_size: BlockSize) -> Option<String> {
-    if words != num_words(len) {
-        return Some(format!("{words} code words for {len} elements, expected {}", num_words(len)));
+/// Why `words` code words of `map` and `absmax` values do not describe `len` elements in blocks
+/// of `block_size`, or `None` when they do.
+pub(crate) fn length_mismatch(
+    words: usize,
+    absmax: usize,
+    len: usize,
+    block_size: BlockSize,
+    map: MapKind,
+) -> Option<String> {
+    let expected = map.num_words(len);
+    if words != expected {
+        return Some(format!("{words} code words for {len} {}-bit codes, expected {expected}", map.bits()));
     }
     let blocks = block_size.num_blocks(len);
     (absmax != blocks).then(|| {
@@ -108,7 +107,8 @@ mod tests {
         assert_eq!(b.num_blocks(1), 1);
         assert_eq!(b.num_blocks(64), 1);
         assert_eq!(b.num_blocks(65), 2);
-        assert_eq!(num_words(0), 0);
-        assert_eq!(num_words(5), 2);
+        assert_eq!(MapKind::DynamicSigned.num_words(0), 0);
+        assert_eq!(MapKind::DynamicSigned.num_words(5), 2);
+        assert_eq!(MapKind::DynamicSigned4.num_words(17), 3);
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::{bf16, f16};
 use macerator::Arch;
 use rayon::prelude::*;
 
-use crate::block::CODES_PER_WORD;
+use crate::block::BlockSize;
 use crate::encode::{BOUNDS, GUESS_SHIFT, GuessTable, block_bounds};
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
@@ -150,8 +150,8 @@ impl ParamElement for bf16 {
     }
 }
 
-/// Block-wise quantization of `input` (any length): packed codes (`ceil(len / 4)` words, unused
-/// bytes of the last word zero) and one absmax per block.
+/// Block-wise quantization of `input` (any length): packed codes (`map.num_words(len)` words,
+/// unused bits of the last word zero) and one absmax per block.
 pub fn quantize(input: &[f32], map: MapKind, block_size: usize) -> (Vec<u32>, Vec<f32>) {
     let mut absmax = vec![0f32; input.len().div_ceil(block_size)];
     let words = encode_blocks(input, map, block_size, &mut absmax, Absmax::Measure);
@@ -177,11 +177,12 @@ enum Absmax {
 fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f32], source: Absmax) -> Vec<u32> {
     let level = Level::current();
     let encoder = Encoder::get(map);
-    let mut words = vec![0u32; input.len().div_ceil(CODES_PER_WORD)];
+    let per_word = map.codes_per_word();
+    let mut words = vec![0u32; map.num_words(input.len())];
     let group = blocks_per_task(block_size);
     let tasks: Vec<_> = input
         .chunks(group * block_size)
-        .zip(words.chunks_mut(group * block_size / CODES_PER_WORD))
+        .zip(words.chunks_mut(group * block_size / per_word))
         .zip(absmax.chunks_mut(group))
         .collect();
     run_tasks(tasks, |((input, words), absmax)| {
@@ -190,7 +191,7 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
             || {
                 for ((block, words), absmax) in input
                     .chunks(block_size)
-                    .zip(words.chunks_mut(block_size / CODES_PER_WORD))
+                    .zip(words.chunks_mut(block_size / per_word))
                     .zip(absmax.iter_mut())
                 {
                     let scale = match source {
@@ -211,11 +212,12 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
 /// Decodes `output.len()` elements from packed codes and per-block absmax into `output`.
 pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize, output: &mut [f32]) {
     let level = Level::current();
-    let values = &Encoder::get(map).values;
+    let encoder = Encoder::get(map);
+    let per_word = map.codes_per_word();
     let group = blocks_per_task(block_size);
     let tasks: Vec<_> = output
         .chunks_mut(group * block_size)
-        .zip(words.chunks(group * block_size / CODES_PER_WORD))
+        .zip(words.chunks(group * block_size / per_word))
         .zip(absmax.chunks(group))
         .collect();
     run_tasks(tasks, |((output, words), absmax)| {
@@ -224,10 +226,10 @@ pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize
             || {
                 for ((block, words), &absmax) in output
                     .chunks_mut(block_size)
-                    .zip(words.chunks(block_size / CODES_PER_WORD))
+                    .zip(words.chunks(block_size / per_word))
                     .zip(absmax)
                 {
-                    decode_block(level, words, absmax, values, block);
+                    encoder.decode_into(level, words, absmax, block);
                 }
             },
         )
@@ -237,7 +239,7 @@ pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize
 /// One optimizer state of a tensor on the CPU: block-wise codes with their absmax and map, or
 /// plain `f32` values. `W` and `F` are slices of words and floats, shared or mutable.
 pub enum StateSlice<W, F> {
-    /// Packed codes (`ceil(len / 4)` words) and one absmax per block, in `map`.
+    /// Packed codes (`map.num_words(len)` words) and one absmax per block, in `map`.
     Blockwise {
         /// Packed codes.
         words: W,
@@ -262,9 +264,9 @@ impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<W, F> {
         let start = block * block_size;
         match self {
             StateSlice::Blockwise { words, absmax, map } => {
-                let first = start / CODES_PER_WORD;
-                let words = &words.as_ref()[first..first + output.len().div_ceil(CODES_PER_WORD)];
-                decode_block(level, words, absmax.as_ref()[block], &Encoder::get(*map).values, output);
+                let first = start / map.codes_per_word();
+                let words = &words.as_ref()[first..first + map.num_words(output.len())];
+                Encoder::get(*map).decode_into(level, words, absmax.as_ref()[block], output);
             }
             StateSlice::Full(values) => output.copy_from_slice(&values.as_ref()[start..start + output.len()]),
         }
@@ -311,8 +313,8 @@ impl StateMut<'_> {
             StateSlice::Blockwise { words, absmax, map } => {
                 let scale = rule::absmax_from_bits(max_bits);
                 absmax[block] = scale;
-                let first = start / CODES_PER_WORD;
-                let words = &mut words[first..first + values.len().div_ceil(CODES_PER_WORD)];
+                let first = start / map.codes_per_word();
+                let words = &mut words[first..first + map.num_words(values.len())];
                 Encoder::get(*map).encode_into(level, values, scale, words);
             }
             StateSlice::Full(target) => target[start..start + values.len()].copy_from_slice(values),
@@ -323,7 +325,7 @@ impl StateMut<'_> {
     fn split(&mut self, group: usize, block_size: usize) -> Vec<StateMut<'_>> {
         match self {
             StateSlice::Blockwise { words, absmax, map } => words
-                .chunks_mut(group * block_size / CODES_PER_WORD)
+                .chunks_mut(group * block_size / map.codes_per_word())
                 .zip(absmax.chunks_mut(group))
                 .map(|(words, absmax)| StateSlice::Blockwise { words, absmax, map: *map })
                 .collect(),
@@ -635,32 +637,44 @@ pub fn block_absmax(block: &[f32]) -> f32 {
     rule::absmax_from_bits(bits)
 }
 
-/// Decodes one block: `map[code] * absmax`, the product taken per element as on the GPU; a block
-/// with a non-finite absmax decodes to the canonical NaN everywhere.
+/// Decodes one block of codes (one byte each): `values[code] * absmax`, the product taken per
+/// element as on the GPU; a block with a non-finite absmax decodes to the canonical NaN
+/// everywhere.
 #[inline(always)]
-fn decode_block(level: Level, words: &[u32], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
+fn decode_block(level: Level, codes: &[u8], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
     if !absmax.is_finite() {
         output.fill(f32::from_bits(rule::CANONICAL_NAN_BITS));
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if level.has_avx512() {
-        // SAFETY: the level has AVX-512; `words` hold a code for every element of `output`.
-        unsafe { avx512::decode(&code_bytes(words), absmax, values, output) };
+        // SAFETY: the level has AVX-512; `codes` hold a code for every element of `output`.
+        unsafe { avx512::decode(codes, absmax, values, output) };
         return;
     }
-    for (out, &code) in output.iter_mut().zip(code_bytes(words).iter()) {
+    for (out, &code) in output.iter_mut().zip(codes) {
         *out = values[usize::from(code)] * absmax;
     }
 }
 
-/// The codes packed in `words`, one byte each in element order (the words' little-endian bytes).
+/// The codes of `len` elements packed in `words`, one byte each in element order: the words'
+/// little-endian bytes for 8-bit codes (borrowed where memory is little-endian), their nibbles
+/// from the lowest up for 4-bit codes (unpacked into `buffer`).
 #[inline(always)]
-fn code_bytes(words: &[u32]) -> Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        Cow::Borrowed(bytemuck::cast_slice(words))
-    } else {
-        Cow::Owned(words.iter().flat_map(|word| word.to_le_bytes()).collect())
+fn unpacked_codes<'a>(words: &'a [u32], bits: u32, len: usize, buffer: &'a mut [u8; BlockSize::MAX]) -> Cow<'a, [u8]> {
+    match bits {
+        8 if cfg!(target_endian = "little") => Cow::Borrowed(&bytemuck::cast_slice(words)[..len]),
+        8 => Cow::Owned(words.iter().flat_map(|word| word.to_le_bytes()).take(len).collect()),
+        _ => {
+            let per_word = (u32::BITS / bits) as usize;
+            let mask = (1u32 << bits) - 1;
+            for (codes, &word) in buffer[..len].chunks_mut(per_word).zip(words) {
+                for (j, code) in codes.iter_mut().enumerate() {
+                    *code = ((word >> (bits as usize * j)) & mask) as u8;
+                }
+            }
+            Cow::Borrowed(&buffer[..len])
+        }
     }
 }
 
@@ -672,7 +686,12 @@ fn code_bytes(words: &[u32]) -> Cow<'_, [u8]> {
 /// At levels with AVX-512 the guesses are gathered 16 at a time and only the elements whose
 /// bucket has thresholds near it are compared (`avx512::encode`).
 struct Encoder {
+    /// Bits per code of the map.
+    bits: u32,
+    /// The map's values, padded (`CodeMap::padded_values`).
     values: [f32; MAP_LEN],
+    /// The map's thresholds, padded with `+∞` (`CodeMap::padded_midpoints`): the padding never
+    /// counts, so 4-bit maps take the 8-bit path unchanged.
     midpoints: [f32; MAP_LEN - 1],
     zero_code: u8,
     guesses: &'static GuessTable,
@@ -685,14 +704,15 @@ struct Encoder {
 
 impl Encoder {
     fn get(map: MapKind) -> &'static Encoder {
-        static ENCODERS: [OnceLock<Encoder>; 4] = [const { OnceLock::new() }; 4];
+        static ENCODERS: [OnceLock<Encoder>; MapKind::ALL.len()] = [const { OnceLock::new() }; MapKind::ALL.len()];
         let slot = MapKind::ALL.iter().position(|&kind| kind == map).expect("listed");
         ENCODERS[slot].get_or_init(|| {
             let table = map.map();
             let guesses = GuessTable::get(map);
             Encoder {
-                values: *table.values(),
-                midpoints: table.midpoints(),
+                bits: map.bits(),
+                values: table.padded_values(),
+                midpoints: table.padded_midpoints(),
                 zero_code: table.zero_code(),
                 guesses,
                 #[cfg(target_arch = "x86_64")]
@@ -707,10 +727,28 @@ impl Encoder {
         })
     }
 
-    /// Encodes `block` straight into `words` (`ceil(len / 4)` of them): four codes per word,
-    /// little-endian, the unused bytes of a partial last word zero.
+    /// Decodes the codes of `output.len()` elements packed in `words` into `output`.
+    #[inline(always)]
+    fn decode_into(&self, level: Level, words: &[u32], absmax: f32, output: &mut [f32]) {
+        let mut buffer = [0u8; BlockSize::MAX];
+        let codes = unpacked_codes(words, self.bits, output.len(), &mut buffer);
+        decode_block(level, &codes, absmax, &self.values, output);
+    }
+
+    /// Encodes `block` into `words` (as many as its codes need), packed as
+    /// [`MapKind::codes_per_word`] says, the unused bits of a partial last word zero.
     #[inline(always)]
     fn encode_into(&self, level: Level, block: &[f32], absmax: f32, words: &mut [u32]) {
+        if self.bits != 8 {
+            let mut codes = [0u8; BlockSize::MAX];
+            let codes = &mut codes[..block.len()];
+            self.encode_block(level, block, absmax, codes);
+            let per_word = (u32::BITS / self.bits) as usize;
+            for (word, codes) in words.iter_mut().zip(codes.chunks(per_word)) {
+                *word = codes.iter().enumerate().fold(0, |word, (j, &code)| word | u32::from(code) << (self.bits as usize * j));
+            }
+            return;
+        }
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(words);
         let (codes, padding) = bytes.split_at_mut(block.len());
         self.encode_block(level, block, absmax, codes);
@@ -883,7 +921,9 @@ mod tests {
         };
         let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
         for rule in rules {
-            for (family, quantized) in [(MapFamily::Dynamic, true), (MapFamily::Linear, true), (MapFamily::Dynamic, false)] {
+            for (family, quantized) in
+                [(MapFamily::Dynamic, true), (MapFamily::Linear, true), (MapFamily::FourBit, true), (MapFamily::Dynamic, false)]
+            {
                 let block_size = 256;
                 let runs = at_every_level(|| {
                     let mut param = random_values(len, 3);
@@ -979,7 +1019,7 @@ mod tests {
         every_level_steps_to_the_same_bits::<bf16>(true);
     }
 
-    fn reference_code(x: f32, absmax: f32, midpoints: &[f32; MAP_LEN - 1]) -> u8 {
+    fn reference_code(x: f32, absmax: f32, midpoints: &[f32]) -> u8 {
         midpoints.iter().filter(|&&mid| x > mid * absmax).count() as u8
     }
 
@@ -997,11 +1037,11 @@ mod tests {
                     .map(|i| {
                         let unit = next_unit(&mut state);
                         // Thresholds and their neighbours: where rounding the ratio could mislead.
-                        let threshold = midpoints[i % (MAP_LEN - 1)] * absmax;
+                        let threshold = midpoints[i % midpoints.len()] * absmax;
                         match i % 8 {
                             0 => unit * absmax,
                             1 => unit.powi(7) * absmax,
-                            2 => map.values()[i % MAP_LEN] * absmax,
+                            2 => map.values()[i % map.values().len()] * absmax,
                             3 => threshold,
                             4 => threshold.next_up(),
                             5 => threshold.next_down(),
@@ -1058,6 +1098,25 @@ mod tests {
         let nan = block_absmax(&[f32::INFINITY, f32::from_bits(0xffc0_0001)]);
         assert_eq!(nan.to_bits(), f32::NAN.to_bits());
         assert_eq!(block_absmax(&[0.0, -0.0]).to_bits(), 0);
+    }
+
+    #[test]
+    fn four_bit_codes_are_packed_from_the_low_nibble_up_and_zero_padded() {
+        let map = MapKind::DynamicSigned4;
+        let input: Vec<f32> = (0..19).map(|i| i as f32 / 9.0 - 1.0).collect();
+        let (words, absmax) = quantize(&input, map, 64);
+        assert_eq!(words.len(), 3);
+        let midpoints = map.map().midpoints();
+        let codes: Vec<u32> = input.iter().map(|&x| u32::from(reference_code(x, absmax[0], &midpoints))).collect();
+        for (i, &code) in codes.iter().enumerate() {
+            assert_eq!((words[i / 8] >> (4 * (i % 8))) & 15, code, "element {i}");
+        }
+        assert_eq!(words[2] >> 12, 0, "the unused nibbles of the last word are zero");
+        let mut decoded = vec![0.0; input.len()];
+        dequantize(&words, &absmax, map, 64, &mut decoded);
+        for (&out, &code) in decoded.iter().zip(&codes) {
+            assert_eq!(out, map.map().values()[code as usize] * absmax[0]);
+        }
     }
 
     #[test]

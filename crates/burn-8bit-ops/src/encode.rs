@@ -58,13 +58,14 @@ pub(crate) struct GuessTable {
 impl GuessTable {
     /// The table of `kind`, built once per process.
     pub(crate) fn get(kind: MapKind) -> &'static GuessTable {
-        static TABLES: [OnceLock<GuessTable>; 4] = [const { OnceLock::new() }; 4];
+        static TABLES: [OnceLock<GuessTable>; MapKind::ALL.len()] = [const { OnceLock::new() }; MapKind::ALL.len()];
         let slot = MapKind::ALL.iter().position(|&listed| listed == kind).expect("listed");
         TABLES[slot].get_or_init(|| GuessTable::new(kind))
     }
 
     fn new(kind: MapKind) -> Self {
-        let midpoints = kind.map().midpoints();
+        // A 4-bit map's padding thresholds are `+∞`: never near a bucket, never below a ratio.
+        let midpoints = kind.map().padded_midpoints();
         // The ratio `x * (1 / absmax)` lies within 3 units in the last place of `x / absmax`
         // (2^-149 when subnormal) when the reciprocal is within 2.5 of its own — IEEE division
         // on the CPU and CUDA, the bound WGSL and Vulkan state for `1 / y` — and a threshold
@@ -86,8 +87,8 @@ impl GuessTable {
                 *undecided = (possibly_below - certainly_below) as u8;
                 certainly_below as u8
             } else if low == f32::INFINITY {
-                // +∞, or a finite `x` above `absmax · 2^128`: above every threshold.
-                (MAP_LEN - 1) as u8
+                // +∞, or a finite `x` above `absmax · 2^128`: above every finite threshold.
+                midpoints.partition_point(|m| m.is_finite()) as u8
             } else {
                 // -∞, below every threshold, and NaN, which compares below every threshold:
                 // a NaN `x` makes the ratio a quiet NaN (IEEE 754), never the +∞ key.
@@ -143,8 +144,8 @@ pub(crate) fn kernel_table(kind: MapKind) -> Vec<u32> {
     let map = kind.map();
     let guesses = GuessTable::get(kind);
     let mut table = Vec::with_capacity(TABLE_STRIDE);
-    table.extend(map.values().iter().map(|value| value.to_bits()));
-    table.extend(map.midpoints().iter().map(|midpoint| midpoint.to_bits()));
+    table.extend(map.padded_values().iter().map(|value| value.to_bits()));
+    table.extend(map.padded_midpoints().iter().map(|midpoint| midpoint.to_bits()));
     table.extend([guesses.settled_absmax.start().to_bits(), guesses.settled_absmax.end().to_bits()]);
     table.extend(guesses.guess.chunks(4).map(|bytes| u32::from_le_bytes(bytes.try_into().expect("four guesses"))));
     debug_assert_eq!(table.len(), TABLE_STRIDE);
@@ -192,7 +193,7 @@ mod tests {
         let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for kind in MapKind::ALL {
             let table = GuessTable::get(kind);
-            let midpoints = kind.map().midpoints();
+            let midpoints = kind.map().padded_midpoints();
             let mut decided = 0;
             for absmax in [1.0f32, 3.7e-7, 0.013, 65504.0] {
                 let thresholds = &block_bounds(&midpoints, absmax)[1..MAP_LEN];
@@ -219,7 +220,7 @@ mod tests {
         for kind in MapKind::ALL {
             let table = kernel_table(kind);
             let map = kind.map();
-            let midpoints = map.midpoints();
+            let midpoints = map.padded_midpoints();
             let settled_range = f32::from_bits(table[SETTLED])..=f32::from_bits(table[SETTLED + 1]);
             // Inside the settled range and outside it on both sides.
             for absmax in [1.0f32, 3.7e-7, 1.0e30, 0.013, 65504.0, 1.0e-36, 1.0e38] {
@@ -233,7 +234,7 @@ mod tests {
                     let x = match i % 8 {
                         0 => unit * absmax,
                         1 => unit.powi(9) * absmax,
-                        2 => map.values()[i % MAP_LEN] * absmax,
+                        2 => map.values()[i % map.values().len()] * absmax,
                         3 => threshold,
                         4 => threshold.next_up(),
                         5 => threshold.next_down(),

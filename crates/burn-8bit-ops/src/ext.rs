@@ -20,7 +20,7 @@ use crate::step::{StepRule, StepScalars};
 #[derive(ExtensionType)]
 #[extension_type(fusion: cfg(feature = "cube"))]
 pub struct PackedBlocks<B: Backend> {
-    /// `u32` words, four codes each (little-endian), `ceil(len / 4)` of them.
+    /// `u32` words of packed codes, `map.num_words(len)` of them ([`MapKind::codes_per_word`]).
     pub codes: IntTensor<B>,
     /// `f32`, one per block.
     pub absmax: FloatTensor<B>,
@@ -32,7 +32,7 @@ pub struct PackedBlocks<B: Backend> {
 pub enum StateBuffer<B: Backend> {
     /// No state in this slot: the rule keeps fewer than three.
     Absent,
-    /// 8-bit block-wise codes and absmax, in the map of the slot
+    /// Block-wise codes (8 or 4 bits) and absmax, in the map of the slot
     /// ([`StepRule::state_maps`] of the step's family).
     Blockwise(#[extension_type] PackedBlocks<B>),
     /// Plain flat `f32` values, one per parameter element (small tensors, `f32` configs).
@@ -160,7 +160,7 @@ pub enum Scale<B: Backend> {
     Device(FloatTensor<B>),
 }
 
-/// Block-wise 8-bit quantization and the fused optimizer step on a backend's own buffers.
+/// Block-wise quantization (8-bit and 4-bit codes) and the fused optimizer step on a backend's own buffers.
 ///
 /// Inputs are flat `f32` tensors; `block_size` is a validated [`crate::BlockSize`] value.
 #[backend_extension(
@@ -248,7 +248,6 @@ mod fusion_meta {
     use burn::tensor::DType;
 
     use super::{PackedBlocksMetadata, ScaleMetadata, StepTensorsMetadata};
-    use crate::block::num_words;
     use crate::map::{MapFamily, MapKind};
     use crate::step::{StepRule, StepScalars};
 
@@ -279,10 +278,10 @@ mod fusion_meta {
         tensors.clone()
     }
 
-    pub fn quantize(input: &TensorSpec, _map: &MapKind, block_size: &usize) -> PackedBlocksMetadata {
+    pub fn quantize(input: &TensorSpec, map: &MapKind, block_size: &usize) -> PackedBlocksMetadata {
         let len = input.shape.num_elements();
         PackedBlocksMetadata {
-            codes: TensorSpec::new([num_words(len)].into(), DType::U32),
+            codes: TensorSpec::new([map.num_words(len)].into(), DType::U32),
             absmax: TensorSpec::new([len.div_ceil(*block_size)].into(), DType::F32),
         }
     }
@@ -290,11 +289,11 @@ mod fusion_meta {
     pub fn encode(
         input: &TensorSpec,
         absmax: &TensorSpec,
-        _map: &MapKind,
+        map: &MapKind,
         _block_size: &usize,
     ) -> PackedBlocksMetadata {
         PackedBlocksMetadata {
-            codes: TensorSpec::new([num_words(input.shape.num_elements())].into(), DType::U32),
+            codes: TensorSpec::new([map.num_words(input.shape.num_elements())].into(), DType::U32),
             absmax: absmax.clone(),
         }
     }

@@ -19,7 +19,7 @@
 use crate::block::length_mismatch;
 use crate::{BlockSize, MapKind, QuantError, cpu};
 
-/// The packed codes (`num_words(values.len())` words) and the per-block absmax of `values`
+/// The packed codes (`map.num_words(values.len())` words) and the per-block absmax of `values`
 /// quantized block-wise in `map`.
 pub fn quantize(values: &[f32], map: MapKind, block_size: BlockSize) -> (Vec<u32>, Vec<f32>) {
     cpu::quantize(values, map, block_size.get())
@@ -34,10 +34,24 @@ pub fn dequantize(
     block_size: BlockSize,
     len: usize,
 ) -> Result<Vec<f32>, QuantError> {
-    if let Some(reason) = length_mismatch(words.len(), absmax.len(), len, block_size) {
+    if let Some(reason) = length_mismatch(words.len(), absmax.len(), len, block_size, map) {
         return Err(QuantError::Inconsistent { reason });
     }
     let mut values = vec![0.0; len];
     cpu::dequantize(words, absmax, map, block_size.get(), &mut values);
     Ok(values)
+}
+
+/// The first `len` codes packed in `words` as `map` packs them ([`MapKind::codes_per_word`]),
+/// one byte each.
+///
+/// ```
+/// use burn_8bit_ops::{MapKind, host};
+/// assert_eq!(host::unpack(&[0x0000_0321], MapKind::DynamicSigned4, 3), [1, 2, 3]);
+/// assert_eq!(host::unpack(&[0x0000_0201], MapKind::DynamicSigned, 2), [1, 2]);
+/// ```
+pub fn unpack(words: &[u32], map: MapKind, len: usize) -> Vec<u8> {
+    let (bits, per_word) = (map.bits() as usize, map.codes_per_word());
+    let mask = (1u32 << bits) - 1;
+    (0..len).map(|i| ((words[i / per_word] >> (bits * (i % per_word))) & mask) as u8).collect()
 }

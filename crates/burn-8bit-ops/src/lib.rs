@@ -1,7 +1,8 @@
-//! Code maps and block-wise 8-bit quantization for [Burn](https://burn.dev), the layer under
+//! Code maps and block-wise 8-bit and 4-bit quantization for [Burn](https://burn.dev), the layer under
 //! burn-8bit's optimizers (Dettmers et al., *8-bit Optimizers via Block-wise Quantization*, 2022).
 //!
-//! - [`CodeMap`] / [`MapKind`]: the dynamic and linear maps of bitsandbytes, bit for bit.
+//! - [`CodeMap`] / [`MapKind`]: the dynamic and linear maps of bitsandbytes and the 4-bit maps of
+//!   torchao, bit for bit.
 //! - [`BlockQuantized`]: quantize any tensor into packed codes plus per-block absmax, and back.
 //! - [`host`]: the same codes on plain slices, without a device (what records hold).
 //! - [`BlockwiseOps`]: the backend-extension trait, implemented by CubeCL kernels (`wgpu`, `cuda`,
@@ -32,7 +33,7 @@ mod quantized;
 mod rule;
 mod step;
 
-pub use block::{BlockSize, CODES_PER_WORD, num_words};
+pub use block::BlockSize;
 pub use copies::shared_buffer_copies;
 pub use error::QuantError;
 pub use ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};

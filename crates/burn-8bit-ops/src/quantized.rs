@@ -3,12 +3,14 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
 
-use crate::block::{BlockSize, length_mismatch, num_words};
+use crate::block::{BlockSize, length_mismatch};
+use crate::host;
 use crate::error::QuantError;
 use crate::ext::BlockwiseOps;
 use crate::map::MapKind;
 
-/// A tensor quantized block-wise to 8-bit codes: packed `u32` codes (four per word), one `f32`
+/// A tensor quantized block-wise to 8-bit or 4-bit codes (the map's [`MapKind::bits`]): packed
+/// `u32` codes ([`MapKind::codes_per_word`] per word), one `f32`
 /// absmax per block, and what is needed to decode them (shape, block size, map).
 ///
 /// The tensor is flattened in row-major order and cut into blocks of `block_size` elements; the
@@ -116,13 +118,15 @@ impl BlockQuantized {
     /// so it decodes to exact zeros. Optimizer states start here.
     pub fn zeros(shape: Shape, map: MapKind, block_size: BlockSize, device: &Device) -> Self {
         let len = shape.num_elements();
+        let (bits, per_word) = (map.bits() as usize, map.codes_per_word());
         let zero = u32::from(map.map().zero_code());
-        let mut words = vec![zero * 0x0101_0101; num_words(len)];
+        let full_word = (0..per_word).fold(0u32, |word, j| word | zero << (bits * j));
+        let mut words = vec![full_word; map.num_words(len)];
         if let Some(last) = words.last_mut() {
-            let used = len - (num_words(len) - 1) * crate::CODES_PER_WORD;
-            *last &= u32::MAX >> (8 * (crate::CODES_PER_WORD - used));
+            let unused = map.num_words(len) * per_word - len;
+            *last &= u32::MAX >> (bits * unused);
         }
-        let codes = Tensor::from_data(TensorData::new(words, [num_words(len)]), (device, DType::U32));
+        let codes = Tensor::from_data(TensorData::new(words, [map.num_words(len)]), (device, DType::U32));
         // Uploaded rather than `Tensor::zeros`, for the reason `Optim8bitState::new` gives.
         let blocks = block_size.num_blocks(len);
         let absmax = Tensor::from_data(TensorData::new(vec![0f32; blocks], [blocks]), (device, DType::F32));
@@ -141,7 +145,7 @@ impl BlockQuantized {
     }
 
     /// Reassembles a quantized tensor from its parts, checking that they describe one tensor:
-    /// `codes` is `u32` with `ceil(n / 4)` words and `absmax` is `f32` with `ceil(n / block)`
+    /// `codes` is `u32` with `map.num_words(n)` words and `absmax` is `f32` with `ceil(n / block)`
     /// entries, `n` being the number of elements of `shape`.
     pub fn from_parts(
         codes: Tensor<1, Int>,
@@ -155,7 +159,7 @@ impl BlockQuantized {
             (codes.dtype() != DType::U32).then(|| format!("codes are {:?}, not U32", codes.dtype())),
             (absmax.dtype() != DType::F32)
                 .then(|| format!("absmax is {:?}, not F32", absmax.dtype())),
-            length_mismatch(codes.dims()[0], absmax.dims()[0], len, block_size),
+            length_mismatch(codes.dims()[0], absmax.dims()[0], len, block_size, map),
         ];
         if let Some(reason) = problems.into_iter().flatten().next() {
             return Err(QuantError::Inconsistent { reason });
@@ -262,10 +266,7 @@ impl BlockQuantized {
     /// The codes, one byte per element (reads them back to the host).
     pub fn unpacked_codes(&self) -> Vec<u8> {
         let words = self.codes.clone().into_data();
-        let words = words.as_slice::<u32>().expect("codes are u32");
-        let mut codes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        codes.truncate(self.len());
-        codes
+        host::unpack(words.as_slice::<u32>().expect("codes are u32"), self.map, self.len())
     }
 
     /// The absmax of every block (reads them back to the host).
@@ -282,7 +283,7 @@ impl BlockQuantized {
         }
     }
 
-    /// The packed codes: `u32`, four codes per word, little-endian.
+    /// The packed codes: `u32`, [`MapKind::codes_per_word`] codes per word, from the lowest bits up.
     pub fn codes(&self) -> &Tensor<1, Int> {
         &self.codes
     }
@@ -329,7 +330,7 @@ impl BlockQuantized {
 
     /// Bytes of device memory held: 4 per code word plus 4 per block.
     pub fn size_bytes(&self) -> usize {
-        4 * num_words(self.len()) + 4 * self.num_blocks()
+        4 * self.map.num_words(self.len()) + 4 * self.num_blocks()
     }
 }
 

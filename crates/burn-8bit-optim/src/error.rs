@@ -15,6 +15,14 @@ pub enum ConfigError {
         /// The valid range, in words.
         expected: &'static str,
     },
+    /// Two settings that are valid alone but contradict each other.
+    #[error("{fields} contradict each other: {reason}")]
+    Incompatible {
+        /// The config fields.
+        fields: &'static str,
+        /// Why, in words.
+        reason: &'static str,
+    },
     /// The block size is not a power of two in 64..=4096.
     #[error(transparent)]
     BlockSize(#[from] QuantError),

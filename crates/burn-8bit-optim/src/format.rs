@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{DType, TensorData};
-use burn_8bit_ops::{BlockSize, MapFamily, StepRule, num_words};
+use burn_8bit_ops::{BlockSize, MapFamily, StepRule};
 use burn_pack::Scalar;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -287,9 +287,11 @@ impl StateFields {
             let slot_data = match layout {
                 Some((size, _)) => {
                     let codes_key = key::slot(slot, "codes");
-                    let words = words_of(&tensor_bytes(source, &codes_key, &[DType::U32], num_words(len))?);
-                    let used = len % 4;
-                    if used > 0 && words.last().is_some_and(|&w| w >> (8 * used) != 0) {
+                    // Every map of a family packs codes of one width.
+                    let map = family.kind(true);
+                    let words = words_of(&tensor_bytes(source, &codes_key, &[DType::U32], map.num_words(len))?);
+                    let used = len % map.codes_per_word();
+                    if used > 0 && words.last().is_some_and(|&w| w >> (map.bits() as usize * used) != 0) {
                         return Err(format!("`{codes_key}` has codes past the last element"));
                     }
                     let absmax_key = key::slot(slot, "absmax");

@@ -35,8 +35,17 @@ pub struct StateConfig {
     /// (0–99) of its tensor's last 100 gradient norms; 100 = off.
     #[config(default = 100)]
     pub percentile_clipping: usize,
-    /// Ablation setting: the family of the states' code maps, `Dynamic` (the paper's method) or
-    /// `Linear` (its linear-quantization ablation, less precise for small values).
+    /// Bits per code of quantized states: 8, or 4 for 4-bit states (Li, Chen, Zhu, *Memory
+    /// Efficient Optimizers with 4-bit States*, 2023): signed states (first moments, momentum)
+    /// in the 4-bit dynamic map, non-negative ones (second moments, accumulators) in the 4-bit
+    /// linear map without zero, [`MapFamily::FourBit`]. The paper's block size for them is 128.
+    /// Every rule takes them, since every state is either signed or non-negative; Adam and AdamW
+    /// are the ones measured (docs/benchmarks.md).
+    #[config(default = 8)]
+    pub state_bits: u32,
+    /// Ablation setting: the family of the states' 8-bit code maps, `Dynamic` (the paper's
+    /// method) or `Linear` (its linear-quantization ablation, less precise for small values).
+    /// `state_bits = 4` takes [`MapFamily::FourBit`], which may also be named here.
     #[config(default = "MapFamily::Dynamic")]
     pub map_family: MapFamily,
     /// Ablation setting: one absmax per tensor instead of one per block (the paper's ablation;
@@ -71,11 +80,34 @@ impl StateConfig {
                 expected: "a percentile in 0..=99, or 100 for off",
             });
         }
+        let map_family = match (self.state_bits, self.map_family) {
+            (8, MapFamily::FourBit) => {
+                return Err(ConfigError::Incompatible {
+                    fields: "states.state_bits = 8 and states.map_family = FourBit",
+                    reason: "the FourBit maps hold 4-bit codes",
+                });
+            }
+            (8, family) => family,
+            (4, MapFamily::Linear) => {
+                return Err(ConfigError::Incompatible {
+                    fields: "states.state_bits = 4 and states.map_family = Linear",
+                    reason: "4-bit states take the FourBit maps; there is no 4-bit linear ablation",
+                });
+            }
+            (4, _) => MapFamily::FourBit,
+            (bits, _) => {
+                return Err(ConfigError::OutOfRange {
+                    name: "states.state_bits",
+                    value: f64::from(bits),
+                    expected: "8 or 4",
+                });
+            }
+        };
         Ok(StateSettings {
             block_size: BlockSize::new(self.block_size)?,
             min_8bit_size: self.min_8bit_size,
             percentile: (self.percentile_clipping < 100).then_some(self.percentile_clipping),
-            map_family: self.map_family,
+            map_family,
             whole_tensor_block: self.whole_tensor_block,
             rounding_seed: self.stochastic_rounding.then_some(self.rounding_seed),
         })
@@ -237,6 +269,16 @@ mod tests {
         let stochastic = StateConfig::new().with_stochastic_rounding(true).with_rounding_seed(5);
         assert_eq!(stochastic.settings().unwrap().rounding_seed, Some(5));
         assert_eq!(StateConfig::new().with_rounding_seed(5).settings().unwrap().rounding_seed, None);
+        assert_eq!(StateConfig::new().with_state_bits(4).settings().unwrap().map_family, MapFamily::FourBit);
+        let four_bit = StateConfig::new().with_state_bits(4).with_map_family(MapFamily::FourBit);
+        assert_eq!(four_bit.settings().unwrap().map_family, MapFamily::FourBit);
+        assert_rejects(StateConfig::new().with_state_bits(2).settings(), "states.state_bits");
+        for contradiction in [
+            StateConfig::new().with_state_bits(4).with_map_family(MapFamily::Linear),
+            StateConfig::new().with_map_family(MapFamily::FourBit),
+        ] {
+            assert!(matches!(contradiction.settings(), Err(ConfigError::Incompatible { .. })), "{contradiction:?}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct ParamStateReport {
     pub elements: Option<u64>,
     /// Bytes of state tensors.
     pub bytes: u64,
-    /// Whether the states are 8-bit.
+    /// Whether the states are quantized (8-bit or 4-bit codes).
     pub quantized: bool,
     /// FNV-1a 64 over the state's tensors (bytes, in name order) and step count: equal
     /// fingerprints mean equal states, whatever the parameter's id.

@@ -5,7 +5,7 @@ use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
 use burn::backend::Dispatch;
 use burn_8bit_ops::{
     BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, StateBuffer, StepRule, count_value,
-    count_words, num_words,
+    count_words,
 };
 use burn_pack::Scalar;
 
@@ -478,7 +478,7 @@ impl<const D: usize> Optim8bitState<D> {
             .map(|(slot, map)| match (slot, fields.layout) {
                 (SlotData::Quantized { words, absmax }, Some((block_size, _))) => {
                     let blocks = absmax.len();
-                    let codes = Tensor::<1, Int>::from_data(TensorData::new(words, [num_words(len)]), (device, DType::U32));
+                    let codes = Tensor::<1, Int>::from_data(TensorData::new(words, [map.num_words(len)]), (device, DType::U32));
                     let absmax = Tensor::<1>::from_data(TensorData::new(absmax, [blocks]), (device, DType::F32));
                     BlockQuantized::from_parts(codes, absmax, [len].into(), block_size, map)
                         .ok()

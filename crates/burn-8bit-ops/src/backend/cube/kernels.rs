@@ -1,7 +1,8 @@
 //! The CubeCL kernels of the block-wise operations, one source for wgpu (Vulkan, Metal, DX12),
 //! CUDA, ROCm and cubecl-cpu. Their CPU twin is `cpu.rs`: the same rules, so the same bits.
 //!
-//! One cube handles one block. Each unit owns whole `u32` words (four codes), strided across
+//! One cube handles one block. Each unit owns whole `u32` words (four 8-bit or eight 4-bit
+//! codes, the kernel's comptime `code_bits`), strided across
 //! the block so that neighbouring units touch neighbouring words, and keeps its elements in
 //! registers from the read to the write: every buffer is read once and written once. The
 //! absmax is reduced in shared memory (one barrier per level for every state at once), the
@@ -58,6 +59,9 @@ pub struct StepLayout {
     pub units: usize,
     /// Whether the (`bf16`) parameter is rounded stochastically (`StepScalars::stochastic_rounding`).
     pub stochastic_bf16: bool,
+    /// Bits per code of every block-wise slot (8 or 4; 8 when none is block-wise): a unit owns
+    /// the elements of whole words of codes, `32 / code_bits` per word.
+    pub code_bits: u32,
 }
 
 /// Each block-wise slot's table offset (in the tables buffer) and zero code.
@@ -262,23 +266,25 @@ pub fn quantize_kernel(
     #[comptime] given_absmax: bool,
     #[comptime] block_size: usize,
     #[comptime] units: usize,
+    #[comptime] code_bits: u32,
 ) {
     let block = CUBE_POS;
     if block >= num_blocks {
         terminate!();
     }
-    let words_per_unit = comptime![block_size / 4 / units];
-    let first_word = block * comptime![block_size / 4] + UNIT_POS as usize;
-    let total_words = len.div_ceil(4);
+    let per_word = comptime![(32 / code_bits) as usize];
+    let words_per_unit = comptime![block_size / per_word / units];
+    let first_word = block * comptime![block_size / per_word] + UNIT_POS as usize;
+    let total_words = len.div_ceil(per_word);
     let mut x = Array::<f32>::new(comptime![block_size / units]);
     let mut local_max = 0u32;
     #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
         let word = first_word + j * units;
         #[unroll]
-        for e in 0..4usize {
-            let i = word * 4 + e;
-            let k = j * 4 + e;
+        for e in 0..per_word {
+            let i = word * per_word + e;
+            let k = j * per_word + e;
             x[k] = 0.0;
             if i < len {
                 x[k] = input[i];
@@ -309,11 +315,11 @@ pub fn quantize_kernel(
         if word < total_words {
             let mut packed = 0u32;
             #[unroll]
-            for e in 0..4usize {
-                let i = word * 4 + e;
+            for e in 0..per_word {
+                let i = word * per_word + e;
                 if i < len {
-                    let code = encode_in_block(&bounds, tables, table, zero_code, canonical_bits, x[j * 4 + e], 0usize);
-                    packed |= code << comptime![8 * e as u32];
+                    let code = encode_in_block(&bounds, tables, table, zero_code, canonical_bits, x[j * per_word + e], 0usize);
+                    packed |= code << comptime![code_bits * e as u32];
                 }
             }
             codes[word] = packed;
@@ -334,6 +340,7 @@ pub fn dequantize_kernel(
     table: u32,
     #[comptime] block_size: usize,
     #[comptime] units: usize,
+    #[comptime] code_bits: u32,
 ) {
     let block = CUBE_POS;
     if block >= num_blocks {
@@ -342,9 +349,11 @@ pub fn dequantize_kernel(
     let mut values = Shared::<[f32]>::new_slice(MAP_LEN);
     stage_values(tables, table, &mut values, 0usize, units);
     sync_cube();
-    let words_per_unit = comptime![block_size / 4 / units];
-    let first_word = block * comptime![block_size / 4] + UNIT_POS as usize;
-    let total_words = len.div_ceil(4);
+    let per_word = comptime![(32 / code_bits) as usize];
+    let mask = comptime![(1u32 << code_bits) - 1];
+    let words_per_unit = comptime![block_size / per_word / units];
+    let first_word = block * comptime![block_size / per_word] + UNIT_POS as usize;
+    let total_words = len.div_ceil(per_word);
     let scale = absmax[block];
     let non_finite = abs_bits(scale) >= INFINITY_BITS;
     let nan = f32::reinterpret(CANONICAL_NAN_BITS);
@@ -354,10 +363,10 @@ pub fn dequantize_kernel(
         if word < total_words {
             let packed = codes[word];
             #[unroll]
-            for e in 0..4usize {
-                let i = word * 4 + e;
+            for e in 0..per_word {
+                let i = word * per_word + e;
                 if i < len {
-                    let code = (packed >> comptime![8 * e as u32]) & 0xff;
+                    let code = (packed >> comptime![code_bits * e as u32]) & mask;
                     output[i] = select(non_finite, nan, values[code as usize] * scale);
                 }
             }
@@ -400,15 +409,18 @@ pub fn fused_step_kernel<P: Float>(
     }
     let step = comptime![layout.pass == Pass::Step];
     let units = comptime![layout.units];
-    let words_per_unit = comptime![layout.block_size / 4 / layout.units];
+    let code_bits = comptime![layout.code_bits];
+    let per_word = comptime![(32 / layout.code_bits) as usize];
+    let mask = comptime![(1u32 << layout.code_bits) - 1];
+    let words_per_unit = comptime![layout.block_size / per_word / layout.units];
     let q1 = comptime![layout.slots[0] == SlotKind::Blockwise];
     let q2 = comptime![layout.slots[1] == SlotKind::Blockwise];
     let q3 = comptime![layout.slots[2] == SlotKind::Blockwise];
     let f1 = comptime![layout.slots[0] == SlotKind::Full];
     let f2 = comptime![layout.slots[1] == SlotKind::Full];
     let f3 = comptime![layout.slots[2] == SlotKind::Full];
-    let first_word = block * comptime![layout.block_size / 4] + UNIT_POS as usize;
-    let total_words = len.div_ceil(4);
+    let first_word = block * comptime![layout.block_size / per_word] + UNIT_POS as usize;
+    let total_words = len.div_ceil(per_word);
 
     let mut values = Shared::<[f32]>::new_slice(comptime![3 * MAP_LEN]);
     if q1 {
@@ -471,28 +483,28 @@ pub fn fused_step_kernel<P: Float>(
             }
         }
         #[unroll]
-        for e in 0..4usize {
-            let i = word * 4 + e;
-            let k = j * 4 + e;
-            let shift = comptime![8 * e as u32];
+        for e in 0..per_word {
+            let i = word * per_word + e;
+            let k = j * per_word + e;
+            let shift = comptime![code_bits * e as u32];
             if i < len {
                 let mut s1 = 0.0f32;
                 let mut s2 = 0.0f32;
                 let mut s3 = 0.0f32;
                 if q1 {
-                    s1 = values[((w1 >> shift) & 0xff) as usize] * old1;
+                    s1 = values[((w1 >> shift) & mask) as usize] * old1;
                 }
                 if f1 {
                     s1 = floats1[i];
                 }
                 if q2 {
-                    s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & 0xff) as usize] * old2;
+                    s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * old2;
                 }
                 if f2 {
                     s2 = floats2[i];
                 }
                 if q3 {
-                    s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & 0xff) as usize] * old3;
+                    s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * old3;
                 }
                 if f3 {
                     s3 = floats3[i];
@@ -592,10 +604,10 @@ pub fn fused_step_kernel<P: Float>(
                 let mut packed2 = 0u32;
                 let mut packed3 = 0u32;
                 #[unroll]
-                for e in 0..4usize {
-                    let i = word * 4 + e;
-                    let k = j * 4 + e;
-                    let shift = comptime![8 * e as u32];
+                for e in 0..per_word {
+                    let i = word * per_word + e;
+                    let k = j * per_word + e;
+                    let shift = comptime![code_bits * e as u32];
                     if i < len {
                         if q1 {
                             packed1 |= encode_in_block(&bounds, tables, maps.table1, maps.zero1, bits1, n1[k], 0usize) << shift;

@@ -14,7 +14,6 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::kernels::{self, Pass, SlotKind, SlotMapsLaunch, StepLayout};
-use crate::block::{CODES_PER_WORD, num_words};
 use crate::copies;
 use crate::ext::{ParamDType, StateBuffer};
 use crate::encode::{self, TABLE_STRIDE};
@@ -25,12 +24,16 @@ use crate::step::{StepRule, StepScalars};
 /// Most units per cube: within every device's limit (WebGPU guarantees 256).
 const MAX_UNITS: usize = 256;
 
-/// Units per cube for a block: one per word, at most [`MAX_UNITS`] and the device's
-/// `max_units_per_cube` (each then owns several words; cubecl-cpu allows one unit per core), a
-/// power of two so that every unit owns as many words as the next.
-pub fn units_per_block(block_size: usize, max_units_per_cube: u32) -> usize {
+/// Most codes in one word: eight 4-bit codes.
+const MAX_CODES_PER_WORD: usize = 8;
+
+/// Units per cube for a block of codes of `code_bits` bits: one per word, at most
+/// [`MAX_UNITS`] and the device's `max_units_per_cube` (each then owns several words;
+/// cubecl-cpu allows one unit per core), a power of two so that every unit owns as many words
+/// as the next.
+pub fn units_per_block(block_size: usize, code_bits: u32, max_units_per_cube: u32) -> usize {
     let device_max = 1usize << (max_units_per_cube.max(1).ilog2());
-    (block_size / CODES_PER_WORD).min(MAX_UNITS).min(device_max)
+    (block_size / (32 / code_bits) as usize).min(MAX_UNITS).min(device_max)
 }
 
 /// A grid of one cube per block that fits the device's `max_cube_count` (x, y, z): cubes are
@@ -51,7 +54,7 @@ pub fn block_grid(num_blocks: u64, max_cube_count: (u32, u32, u32)) -> Option<(u
 
 /// 64-bit addressing once an index can pass `u32::MAX`.
 pub fn address_type(len: usize) -> AddressType {
-    if len as u64 > u64::from(u32::MAX) - MAX_UNITS as u64 * CODES_PER_WORD as u64 {
+    if len as u64 > u64::from(u32::MAX) - MAX_UNITS as u64 * MAX_CODES_PER_WORD as u64 {
         AddressType::U64
     } else {
         AddressType::U32
@@ -82,14 +85,15 @@ pub struct BlockLaunch {
 }
 
 impl BlockLaunch {
-    pub fn new(tensor: &CubeTensor, len: usize, block_size: usize) -> Self {
+    /// The launch over `len` elements in blocks of `block_size`, with codes of `code_bits` bits.
+    pub fn new(tensor: &CubeTensor, len: usize, block_size: usize, code_bits: u32) -> Self {
         let client = tensor.client.clone();
         let num_blocks = len.div_ceil(block_size);
         let hardware = &client.properties().hardware;
         let max = hardware.max_cube_count;
         let (x, y, z) = block_grid(num_blocks as u64, (max.0, max.1, max.2))
             .unwrap_or_else(|| panic!("{num_blocks} blocks exceed the device's grid {max:?}"));
-        let units = units_per_block(block_size, max_units_per_cube(hardware.max_units_per_cube));
+        let units = units_per_block(block_size, code_bits, max_units_per_cube(hardware.max_units_per_cube));
         Self {
             client,
             len,
@@ -181,9 +185,9 @@ pub fn empty_f32(like: &CubeTensor, len: usize) -> CubeTensor {
 /// `absmax`, or, with `given_absmax`, read from it.
 pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_size: usize, given_absmax: bool) -> CubeTensor {
     let len = input.meta.num_elements();
-    let launch = BlockLaunch::new(input, len, block_size);
+    let launch = BlockLaunch::new(input, len, block_size, map.bits());
     let device = DeviceTables::of(input);
-    let words = num_words(len);
+    let words = map.num_words(len);
     let codes = empty_device_dtype(input.client.clone(), input.device.clone(), [words].into(), DType::U32);
     // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
     // element type the kernel declares.
@@ -204,6 +208,7 @@ pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_siz
             given_absmax,
             block_size,
             launch.units,
+            map.bits(),
         );
     }
     codes
@@ -212,7 +217,7 @@ pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_siz
 /// Runs the dequantize kernel into `output`, a contiguous `f32` tensor of the decoded length.
 pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, output: &CubeTensor, map: MapKind, block_size: usize) {
     let len = output.meta.num_elements();
-    let launch = BlockLaunch::new(codes, len, block_size);
+    let launch = BlockLaunch::new(codes, len, block_size, map.bits());
     let device = DeviceTables::of(codes);
     // SAFETY: as in `quantize`.
     unsafe {
@@ -221,7 +226,7 @@ pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, output: &CubeTensor, 
             launch.count,
             launch.dim,
             launch.address,
-            BufferArg::from_raw_parts(codes.handle.clone(), num_words(len)),
+            BufferArg::from_raw_parts(codes.handle.clone(), map.num_words(len)),
             BufferArg::from_raw_parts(absmax.handle.clone(), launch.num_blocks),
             BufferArg::from_raw_parts(device.tables.clone(), DeviceTables::len()),
             BufferArg::from_raw_parts(output.handle.clone(), len),
@@ -230,6 +235,7 @@ pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, output: &CubeTensor, 
             DeviceTables::table(map),
             block_size,
             launch.units,
+            map.bits(),
         );
     }
 }
@@ -256,7 +262,7 @@ impl SlotBinding {
     fn args(&self, index: usize, device: &DeviceTables, launch: &BlockLaunch) -> (BufferArg, BufferArg) {
         let (words, floats) = match &self.state {
             StateBuffer::Blockwise(packed) => {
-                (Some((&packed.codes, num_words(launch.len))), Some((&packed.absmax, launch.num_blocks)))
+                (Some((&packed.codes, self.map.num_words(launch.len))), Some((&packed.absmax, launch.num_blocks)))
             }
             StateBuffer::Full(values) => (None, Some((values, launch.len))),
             StateBuffer::Absent => (None, None),
@@ -310,6 +316,19 @@ pub struct StepArgs {
     pub update_scale: Option<CubeTensor>,
 }
 
+impl StepArgs {
+    /// Bits per code of the block-wise slots (8 when there are none).
+    ///
+    /// # Panics
+    /// When two block-wise slots differ: a step's states come from one map family.
+    fn code_bits(&self) -> u32 {
+        let mut bits = self.slots.iter().filter(|slot| slot.kind() == SlotKind::Blockwise).map(|slot| slot.map.bits());
+        let first = bits.next().unwrap_or(8);
+        assert!(bits.all(|other| other == first), "the block-wise states of one step have codes of one width");
+        first
+    }
+}
+
 /// Runs the fused step kernel; the buffers of `args` are rewritten in place.
 pub fn fused_step(args: &StepArgs, rule: StepRule, scalars: &StepScalars, block_size: usize) {
     launch_step(args, Pass::Step, None, rule, scalars, block_size);
@@ -336,7 +355,7 @@ fn launch_step(
     if len == 0 {
         return;
     }
-    let launch = BlockLaunch::new(&args.param, len, block_size);
+    let launch = BlockLaunch::new(&args.param, len, block_size, args.code_bits());
     let device = DeviceTables::of(&args.param);
     let (words1, floats1) = args.slots[0].args(0, &device, &launch);
     let (words2, floats2) = args.slots[1].args(1, &device, &launch);
@@ -350,6 +369,7 @@ fn launch_step(
         block_size,
         units: launch.units,
         stochastic_bf16: rounds_stochastically(args.param_type, scalars),
+        code_bits: args.code_bits(),
     };
     // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
     // element type the kernel declares; the spare `sums` of a step is never accessed.
@@ -444,15 +464,18 @@ pub(crate) mod tests {
     #[test]
     fn units_own_whole_words() {
         for block in [64usize, 128, 256, 512, 1024, 2048, 4096] {
-            for device_max in [1u32, 2, 3, 16, 100, 256, 1024] {
-                let units = units_per_block(block, device_max);
-                assert!(units <= MAX_UNITS && units <= device_max as usize && units.is_power_of_two());
-                assert_eq!((block / CODES_PER_WORD) % units, 0);
+            for code_bits in [8u32, 4] {
+                for device_max in [1u32, 2, 3, 16, 100, 256, 1024] {
+                    let units = units_per_block(block, code_bits, device_max);
+                    assert!(units <= MAX_UNITS && units <= device_max as usize && units.is_power_of_two());
+                    assert_eq!((block / (32 / code_bits) as usize) % units, 0);
+                }
             }
         }
-        assert_eq!(units_per_block(256, 1024), 64);
-        assert_eq!(units_per_block(4096, 1024), MAX_UNITS);
-        assert_eq!(units_per_block(256, 2), 2);
+        assert_eq!(units_per_block(256, 8, 1024), 64);
+        assert_eq!(units_per_block(256, 4, 1024), 32);
+        assert_eq!(units_per_block(4096, 8, 1024), MAX_UNITS);
+        assert_eq!(units_per_block(256, 8, 2), 2);
     }
 
     #[test]

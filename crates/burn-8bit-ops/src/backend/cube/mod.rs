@@ -171,19 +171,20 @@ mod tests {
         result
     }
 
-    /// Codes, absmax and decoded values of `x`.
-    fn quantized(x: &Tensor<1>, block_size: BlockSize) -> (TensorData, TensorData, TensorData) {
-        let q = BlockQuantized::quantize(x.clone(), MapKind::DynamicSigned, block_size);
+    /// Codes, absmax and decoded values of `x` in `map`.
+    fn quantized(x: &Tensor<1>, map: MapKind, block_size: BlockSize) -> (TensorData, TensorData, TensorData) {
+        let q = BlockQuantized::quantize(x.clone(), map, block_size);
         let decoded = q.dequantize::<1>().expect("same shape").into_data();
         (q.codes().to_data(), q.absmax().to_data(), decoded)
     }
 
-    /// Parameter, codes and absmax of both states after three Adam steps from `param`, its new
-    /// values rounded stochastically with `rounding_seed` when given.
+    /// Parameter, codes and absmax of both states (maps of `family`) after three Adam steps from
+    /// `param`, its new values rounded stochastically with `rounding_seed` when given.
     fn adam_steps(
         param: &TensorData,
         grad: &TensorData,
         block_size: BlockSize,
+        family: MapFamily,
         rounding_seed: Option<u64>,
         device: &Device,
     ) -> Vec<TensorData> {
@@ -194,7 +195,7 @@ mod tests {
         let mut skipped = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![0u32; COUNT_WORDS], [COUNT_WORDS]), (device, DType::U32));
         let zeros = |map| BlockQuantized::zeros([len].into(), map, block_size, device).into_parts();
         let mut states: Vec<_> =
-            ADAM.state_maps(MapFamily::Dynamic).into_iter().map(zeros).collect();
+            ADAM.state_maps(family).into_iter().map(zeros).collect();
         for step in 1..=3u32 {
             let scalars = StepScalars {
                 lr: 1e-3,
@@ -216,7 +217,7 @@ mod tests {
                 Scale::One,
                 Scale::One,
                 ADAM,
-                MapFamily::Dynamic,
+                family,
                 scalars,
                 block_size.get(),
             );
@@ -227,7 +228,7 @@ mod tests {
                 .into_iter()
                 .map(|buffer| match buffer {
                     StateBuffer::Blockwise(packed) => (Tensor::from_dispatch(packed.codes), Tensor::from_dispatch(packed.absmax)),
-                    _ => unreachable!("8-bit states stay 8-bit"),
+                    _ => unreachable!("block-wise states stay block-wise"),
                 })
                 .collect();
         }
@@ -244,13 +245,35 @@ mod tests {
         for block_size in [64, 256, 4096].map(|size| BlockSize::new(size).expect("valid")) {
             let len = 3 * block_size.get() + 5;
             let x = Tensor::<1>::random([len], Distribution::Normal(0.0, 1.0), &device);
-            let many = with_max_units(0, || quantized(&x, block_size));
-            let few = with_max_units(2, || quantized(&x, block_size));
-            assert_eq!(many, few, "quantize, block {block_size:?}");
-            let param = x.to_data();
-            let grad = x.clone().mul_scalar(1e-2).flip([0]).to_data();
-            let steps = |max| with_max_units(max, || adam_steps(&param, &grad, block_size, None, &device));
-            assert_eq!(steps(0), steps(2), "Adam step, block {block_size:?}");
+            for family in [MapFamily::Dynamic, MapFamily::FourBit] {
+                let map = family.kind(true);
+                let many = with_max_units(0, || quantized(&x, map, block_size));
+                let few = with_max_units(2, || quantized(&x, map, block_size));
+                assert_eq!(many, few, "quantize, {map:?}, block {block_size:?}");
+                let param = x.to_data();
+                let grad = x.clone().mul_scalar(1e-2).flip([0]).to_data();
+                let steps = |max| with_max_units(max, || adam_steps(&param, &grad, block_size, family, None, &device));
+                assert_eq!(steps(0), steps(2), "Adam step, {family:?}, block {block_size:?}");
+            }
+        }
+    }
+
+    /// Adam over 4-bit states (eight codes per word) on the kernels and on the CPU twin: the same
+    /// parameters, codes and absmax, at the smallest, the paper's and the default block size.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn four_bit_states_step_to_the_cpu_twins_bits() {
+        let Some(device) = wgpu_device() else { return };
+        for block_size in [64, 128, 256].map(|size| BlockSize::new(size).expect("valid")) {
+            let len = 2 * 65_536 + 3 * block_size.get() + 5;
+            let spread = |offset: f32| -> TensorData {
+                TensorData::new((0..len).map(|i| ((i as f32 * 0.618_034 + offset).fract() - 0.5) * 4.0).collect::<Vec<_>>(), [len])
+            };
+            let (param, grad) = (spread(0.1), spread(0.7));
+            let on_kernel = adam_steps(&param, &grad, block_size, MapFamily::FourBit, None, &device);
+            let on_cpu = adam_steps(&param, &grad, block_size, MapFamily::FourBit, None, &Device::flex());
+            assert_eq!(on_kernel, on_cpu, "block {block_size:?}");
+            assert_eq!(on_cpu[1].shape().num_elements(), len.div_ceil(8), "eight codes per word");
         }
     }
 
@@ -273,11 +296,12 @@ mod tests {
         let (param, grad) = (spread(0.1), spread(0.7));
         let as_f32 = |values: &[bf16]| TensorData::new(values.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), [len]);
         let as_bf16 = |values: &[bf16]| TensorData::new(values.to_vec(), [len]);
-        let on_cpu = adam_steps(&as_bf16(&param), &as_bf16(&grad), block_size, Some(5), &Device::flex());
+        let dynamic = MapFamily::Dynamic;
+        let on_cpu = adam_steps(&as_bf16(&param), &as_bf16(&grad), block_size, dynamic, Some(5), &Device::flex());
         FORCED_STOCHASTIC_F32.store(true, Ordering::SeqCst);
-        let on_kernel = adam_steps(&as_f32(&param), &as_f32(&grad), block_size, Some(5), &device);
+        let on_kernel = adam_steps(&as_f32(&param), &as_f32(&grad), block_size, dynamic, Some(5), &device);
         FORCED_STOCHASTIC_F32.store(false, Ordering::SeqCst);
-        let nearest = adam_steps(&as_bf16(&param), &as_bf16(&grad), block_size, None, &Device::flex());
+        let nearest = adam_steps(&as_bf16(&param), &as_bf16(&grad), block_size, dynamic, None, &Device::flex());
         let cpu_param = on_cpu[0].clone().convert::<f32>();
         assert_eq!(cpu_param, on_kernel[0], "the kernel's rounded parameters differ from the CPU twin's");
         assert_eq!(on_cpu[1..], on_kernel[1..], "the states differ");
