@@ -1,10 +1,12 @@
-//! Replays bitsandbytes reference vectors on a device and judges the results.
+//! Replays the reference vectors (bitsandbytes' 8-bit cases, torchao's 4-bit cases) on a device
+//! and judges the results.
 //!
 //! ```text
-//! cargo run --features wgpu,ndarray --example conformance -- --device flex|ndarray|wgpu [DIR]
+//! cargo run --features wgpu,ndarray --example conformance -- --device flex|ndarray|wgpu [DIR…]
 //! ```
-//! DIR defaults to `$BURN8BIT_VECTORS`, else the repository's `tests/data/bitsandbytes-0.50.2`.
-//! One line per `.safetensors` file of DIR, in file-name order:
+//! The DIRs default to those of `$BURN8BIT_VECTORS`, else the repository's
+//! `tests/data/bitsandbytes-0.50.2` and `tests/data/torchao-0.18.0`. One line per
+//! `.safetensors` file, directory by directory, each in file-name order:
 //! `<file stem> <kind> PASS|FAIL <key>=<value> … hash=<16 hex digits>`, then `N passed, M failed`.
 //! The exit status is non-zero when a case failed.
 
@@ -20,7 +22,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {
             eprintln!("conformance: {message}");
-            eprintln!("usage: conformance [--device flex|ndarray|wgpu|vulkan|cuda|cpu] [DIR]");
+            eprintln!("usage: conformance [--device flex|ndarray|wgpu|vulkan|cuda|cpu] [DIR…]");
             ExitCode::from(2)
         }
     }
@@ -28,21 +30,22 @@ fn main() -> ExitCode {
 
 fn run(args: Vec<String>) -> Result<bool, String> {
     let mut device_name = "flex".to_string();
-    let mut dir = None;
+    let mut dirs = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--device" => device_name = args.next().ok_or("--device needs a value")?,
             flag if flag.starts_with("--") => return Err(format!("unknown flag {flag}")),
-            _ if dir.is_some() => return Err("more than one directory given".into()),
-            _ => dir = Some(arg),
+            _ => dirs.push(arg.into()),
         }
     }
-    let dir = dir.map_or_else(VectorFile::default_dir, Into::into);
+    if dirs.is_empty() {
+        dirs = VectorFile::default_dirs();
+    }
     let device = common::device_from_name(&device_name)?;
-    let files = VectorFile::list(&dir).map_err(|error| error.to_string())?;
+    let files = VectorFile::list_all(&dirs).map_err(|error| error.to_string())?;
     if files.is_empty() {
-        return Err(format!("no .safetensors files in {}", dir.display()));
+        return Err(format!("no .safetensors files in {dirs:?}"));
     }
     let (mut passed, mut failed) = (0, 0);
     for path in files {

@@ -137,8 +137,7 @@ fn main() {
     println!("Adam8bit / Burn AdamW time: {:.3}", step8 / step32);
     println!("quantize / dequantize time: {:.3}", quantize / dequantize);
 
-    let dir = VectorFile::default_dir();
-    let files = VectorFile::list(&dir).unwrap_or_else(|e| {
+    let files = VectorFile::list_all(&VectorFile::default_dirs()).unwrap_or_else(|e| {
         eprintln!("gpu_report: {e}");
         std::process::exit(1)
     });

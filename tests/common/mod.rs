@@ -7,13 +7,13 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, FloatDType, Tensor};
 
-/// Every `.safetensors` vector file (of `VectorFile::default_dir`), in name order; fails loudly
-/// when there are none.
+/// Every `.safetensors` vector file (of `VectorFile::default_dirs`), set by set in name order;
+/// fails loudly when there are none.
 pub fn vector_files() -> Vec<PathBuf> {
-    let dir = burn_8bit_conformance::VectorFile::default_dir();
-    let files = burn_8bit_conformance::VectorFile::list(&dir)
+    let dirs = burn_8bit_conformance::VectorFile::default_dirs();
+    let files = burn_8bit_conformance::VectorFile::list_all(&dirs)
         .unwrap_or_else(|error| panic!("reference vectors not found ({error}); set BURN8BIT_VECTORS"));
-    assert!(!files.is_empty(), "no vectors in {}", dir.display());
+    assert!(!files.is_empty(), "no vectors in {dirs:?}");
     files
 }
 

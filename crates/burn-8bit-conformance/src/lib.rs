@@ -1,6 +1,7 @@
-//! Conformance with bitsandbytes: replays reference vectors (safetensors files whose metadata
-//! describes the case, as `tests/data/bitsandbytes-0.50.2/README.md` explains) on any device and
-//! judges the result.
+//! Conformance with the reference implementations: replays reference vectors (safetensors files
+//! whose metadata describes the case, as `tests/data/bitsandbytes-0.50.2/README.md` and
+//! `tests/data/torchao-0.18.0/README.md` explain) on any device and judges the result: 8-bit
+//! cases against bitsandbytes, 4-bit cases against torchao.
 //!
 //! The `conformance` example is a command-line front end to [`run_case`]; the test suite calls
 //! the same function, so the runner and `cargo test` apply one set of criteria. This crate is
@@ -14,7 +15,7 @@
 //! use burn::tensor::Device;
 //! use burn_8bit_conformance::{VectorFile, run_case};
 //!
-//! let file = VectorFile::open(VectorFile::default_dir().join("maps.safetensors"))?;
+//! let file = VectorFile::open(VectorFile::default_dirs()[0].join("maps.safetensors"))?;
 //! let report = run_case(&file, &Device::default());
 //! println!("{}", report.line());
 //! # Ok::<(), burn_8bit_conformance::VectorError>(())
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor};
-use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MAP_LEN, MapKind};
+use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapKind};
 use burn_8bit_optim::{
     AdEMAMix8bitConfig, AdaGrad8bitConfig, Adam8bitConfig, AdamW8bitConfig, Lion8bitConfig, Optim8bitConfig,
     OptimizerKind, RmsProp8bitConfig, Sgd8bitConfig, StateConfig, StateSlot,
@@ -84,14 +85,27 @@ impl VectorFile {
         })
     }
 
-    /// Where the reference vectors are: `$BURN8BIT_VECTORS` when set, else the repository's
-    /// `tests/data/bitsandbytes-0.50.2` (present in a checkout of the repository; the published
+    /// Where the reference vectors are: the directories of `$BURN8BIT_VECTORS` when set (a
+    /// list, separated as `PATH` is), else the repository's `tests/data/bitsandbytes-0.50.2` and
+    /// `tests/data/torchao-0.18.0` (present in a checkout of the repository; the published
     /// package leaves test data out).
-    pub fn default_dir() -> PathBuf {
+    pub fn default_dirs() -> Vec<PathBuf> {
         match std::env::var_os("BURN8BIT_VECTORS") {
-            Some(dir) => PathBuf::from(dir),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/bitsandbytes-0.50.2"),
+            Some(dirs) => std::env::split_paths(&dirs).collect(),
+            None => ["bitsandbytes-0.50.2", "torchao-0.18.0"]
+                .map(|set| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(set))
+                .into(),
         }
+    }
+
+    /// Every `.safetensors` file of the directories, directory by directory in the order given,
+    /// each in file-name order.
+    pub fn list_all(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, VectorError> {
+        let mut files = Vec::new();
+        for dir in dirs {
+            files.extend(Self::list(dir)?);
+        }
+        Ok(files)
     }
 
     /// Every `.safetensors` file of a directory, in file-name order.
@@ -245,7 +259,7 @@ fn maps_case(file: &VectorFile) -> Verdict {
             .zip(&reference)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count()
-            + MAP_LEN.abs_diff(reference.len());
+            + ours.values().len().abs_diff(reference.len());
         produced.extend(ours.values().iter().flat_map(|v| v.to_le_bytes()));
     }
     let passed = mismatched == 0 && unknown == 0 && !names.is_empty();
@@ -260,20 +274,21 @@ fn maps_case(file: &VectorFile) -> Verdict {
 /// Measurements of one quantize case (see [`quantize_figures`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizeFigures {
-    /// Blocks whose absmax differs in bits from bitsandbytes'.
+    /// Blocks whose absmax differs in bits from the reference's.
     pub absmax_mismatches: usize,
-    /// Elements where decoding bitsandbytes' codes differs in bits from its `dequantized`.
+    /// Elements where decoding the reference's codes differs in bits from its `dequantized`.
     pub decode_mismatches: usize,
     /// Elements whose code is not a nearest code.
     pub not_nearest: usize,
     /// Our mean |input − dequantized|.
     pub mean_abs_error: f64,
-    /// bitsandbytes' mean |input − dequantized|.
+    /// The reference's mean |input − dequantized|.
     pub reference_mean_abs_error: f64,
-    /// Share of elements where our code equals bitsandbytes'.
+    /// Share of elements where our code equals the reference's.
     pub identical: f64,
-    /// The same share among elements where bitsandbytes' code is itself a nearest code (its CPU
-    /// encoder misses the nearest code below ~1.5e-5 · absmax, see the vectors' README).
+    /// The same share among elements where the reference's code is itself a nearest code
+    /// (bitsandbytes' CPU encoder misses the nearest code below ~1.5e-5 · absmax, see its
+    /// vectors' README).
     pub identical_where_reference_nearest: f64,
 }
 
@@ -327,17 +342,17 @@ fn quantize_case(file: &VectorFile, device: &Device) -> Verdict {
         ("decode_mismatches".into(), figures.decode_mismatches.to_string()),
         ("not_nearest".into(), figures.not_nearest.to_string()),
         ("mean_abs_err".into(), format!("{:.6e}", figures.mean_abs_error)),
-        ("bnb_mean_abs_err".into(), format!("{:.6e}", figures.reference_mean_abs_error)),
+        ("ref_mean_abs_err".into(), format!("{:.6e}", figures.reference_mean_abs_error)),
         ("identical".into(), format!("{:.5}", figures.identical)),
         (
-            "identical_where_bnb_nearest".into(),
+            "identical_where_ref_nearest".into(),
             format!("{:.5}", figures.identical_where_reference_nearest),
         ),
     ];
     Ok((figures.passed(), printed, hash))
 }
 
-/// What bitsandbytes produced for a quantize case.
+/// What the reference (bitsandbytes or torchao) produced for a quantize case.
 pub struct Reference {
     /// One code per element.
     pub codes: Vec<u8>,
@@ -357,7 +372,7 @@ pub struct Produced {
     pub dequantized: Vec<f32>,
 }
 
-/// Compares our quantization of `input` with bitsandbytes'.
+/// Compares our quantization of `input` with the reference's.
 pub fn quantize_figures(
     input: &[f32],
     map: MapKind,
@@ -382,15 +397,15 @@ pub fn quantize_figures(
     let (mut error, mut reference_error) = (0f64, 0f64);
     for (i, &x) in input.iter().enumerate() {
         let absmax = reference.absmax[i / block];
-        let bnb_code = reference.codes[i];
-        let decoded = values.values()[bnb_code as usize] * absmax;
+        let reference_code = reference.codes[i];
+        let decoded = values.values()[reference_code as usize] * absmax;
         decode_mismatches += usize::from(decoded.to_bits() != reference.dequantized[i].to_bits());
         not_nearest += usize::from(!is_nearest(&values, x, ours.codes[i], ours.absmax[i / block]));
-        let bnb_nearest = is_nearest(&values, x, bnb_code, absmax);
-        let same = ours.codes[i] == bnb_code;
+        let reference_nearest_here = is_nearest(&values, x, reference_code, absmax);
+        let same = ours.codes[i] == reference_code;
         identical += usize::from(same);
-        reference_nearest += usize::from(bnb_nearest);
-        identical_where_reference_nearest += usize::from(same && bnb_nearest);
+        reference_nearest += usize::from(reference_nearest_here);
+        identical_where_reference_nearest += usize::from(same && reference_nearest_here);
         error += (f64::from(x) - f64::from(ours.dequantized[i])).abs();
         reference_error += (f64::from(x) - f64::from(reference.dequantized[i])).abs();
     }
@@ -411,7 +426,7 @@ pub fn quantize_figures(
 /// rounding of the `f32` thresholds (a few ulps of `x`).
 pub fn is_nearest(map: &CodeMap, x: f32, code: u8, absmax: f32) -> bool {
     let distance = |k: usize| (f64::from(x) - f64::from(map.values()[k] * absmax)).abs();
-    let best = (0..MAP_LEN).map(distance).fold(f64::INFINITY, f64::min);
+    let best = (0..map.values().len()).map(distance).fold(f64::INFINITY, f64::min);
     distance(code as usize) <= best + 4.0 * f64::from(f32::EPSILON) * f64::from(x.abs())
 }
 
@@ -487,11 +502,9 @@ fn state_hash(state: &State) -> u64 {
     fnv1a64(bytes)
 }
 
-/// Replays an optimizer case and judges it against bitsandbytes' own 8-bit run, both measured
-/// against its 32-bit twin: `e(t) = ‖p_t − p32_t‖ / ‖p32_t − p0‖`. An 8-bit case passes when our
-/// `max_t e` ≤ 1.1 · bitsandbytes' + 1e-6; an `f32`-state case when our `max_t e` ≤ 1e-4.
-/// The name the vectors give `kind` (bitsandbytes' optimizer names), `None` for the optimizers
-/// without reference vectors (a new optimizer has none until its vectors are generated).
+/// The name the vectors give `kind` (bitsandbytes' optimizer names, which torchao's vectors
+/// share), `None` for the optimizers without reference vectors (a new optimizer has none until
+/// its vectors are generated).
 fn bitsandbytes_name(kind: OptimizerKind) -> Option<&'static str> {
     match kind {
         OptimizerKind::Adam => Some("adam"),
@@ -505,14 +518,20 @@ fn bitsandbytes_name(kind: OptimizerKind) -> Option<&'static str> {
     }
 }
 
+/// Replays an optimizer case and judges it against the reference's own quantized run (8-bit
+/// bitsandbytes, 4-bit torchao), both measured against its 32-bit twin:
+/// `e(t) = ‖p_t − p32_t‖ / ‖p32_t − p0‖`. A quantized case passes when our states have the
+/// reference's width and our `max_t e` ≤ 1.1 · the reference's + 1e-6; an `f32`-state case when
+/// our `max_t e` ≤ 1e-4.
 fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
     let name: String = file.meta("optimizer")?;
     let lr: f64 = file.meta("lr")?;
     let steps: usize = file.meta("steps")?;
+    let state_bits: u32 = file.meta("state_bits")?;
     let states = StateConfig::new()
         .with_block_size(file.meta("blocksize")?)
-        .with_min_8bit_size(file.meta("min_8bit_size")?);
-    let state_bits: u32 = file.meta("state_bits")?;
+        .with_min_8bit_size(file.meta("min_8bit_size")?)
+        .with_state_bits(if state_bits == 4 { 4 } else { 8 });
     let weight_decay: f32 = file.meta("weight_decay")?;
     let config_error = |error: burn_8bit_optim::ConfigError| VectorError::Content(error.to_string());
     let kind = OptimizerKind::ALL
@@ -586,27 +605,27 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
     };
     let trajectory = replay(&step, file, lr, steps, device)?;
     let param0 = file.f32s("param0")?;
-    let (mut ours_max, mut bnb_max) = (0f64, 0f64);
+    let (mut ours_max, mut reference_max) = (0f64, 0f64);
     for (t, ours) in (1..=steps).zip(&trajectory.params) {
         let reference32 = file.f32s(&format!("param32.{t}"))?;
         let reference8 = file.f32s(&format!("param.{t}"))?;
         let scale = distance(&reference32, &param0);
         ours_max = ours_max.max(distance(ours, &reference32) / scale);
-        bnb_max = bnb_max.max(distance(&reference8, &reference32) / scale);
+        reference_max = reference_max.max(distance(&reference8, &reference32) / scale);
     }
     let quantized = trajectory.state.is_quantized();
-    let expected_quantized = state_bits == 8;
-    let passed = quantized == expected_quantized
+    let bits = if quantized { trajectory.state.map_family().bits() } else { 32 };
+    let passed = bits == state_bits
         && if quantized {
-            ours_max <= 1.1 * bnb_max + 1e-6
+            ours_max <= 1.1 * reference_max + 1e-6
         } else {
             ours_max <= 1e-4
         };
     let figures = vec![
-        ("state".into(), if quantized { "8bit" } else { "f32" }.to_string()),
+        ("state".into(), if quantized { format!("{bits}bit") } else { "f32".to_string() }),
         ("steps".into(), steps.to_string()),
         ("max_err".into(), format!("{ours_max:.4e}")),
-        ("bnb_max_err".into(), format!("{bnb_max:.4e}")),
+        ("ref_max_err".into(), format!("{reference_max:.4e}")),
         ("skipped".into(), trajectory.state.skipped().to_string()),
     ];
     Ok((passed, figures, state_hash(&trajectory.state)))

@@ -13,7 +13,6 @@ Inputs are the quantize cases' `input`, the optimizer cases' `param0` and `grad.
 hyper-parameters; everything else is bitsandbytes' output.
 """
 
-import argparse
 import json
 import math
 import pathlib
@@ -23,8 +22,10 @@ import sys
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import vectors  # noqa: E402  (the shared part, one folder up)
+from vectors import data, read  # noqa: E402
 
 SOURCE = f"bitsandbytes {bnb.__version__} (CPU), torch {torch.__version__.split('+')[0]}"
 BLOCKSIZE = 256
@@ -71,36 +72,6 @@ BNB_CLASS = {
     "rmsprop": "RMSprop8bit",
 }
 
-# Parameter trajectories are allowed to differ from the committed ones by this much, relative to
-# the largest |p|: PyTorch's vectorised CPU kernels (AVX2 vs AVX-512) round a few elements of
-# `p.add_(update, alpha=…)` differently. Codes, absmax, states and quantize outputs must be equal.
-PARAM_TOLERANCE = 1e-6
-
-
-def data(kind, n, gen):
-    """One quantize input of `kind`: f32[n]."""
-    normal = torch.randn(n, generator=gen)
-    if kind == "normal":
-        return normal
-    if kind == "heavy":  # rare huge outliers on a unit normal
-        outliers = torch.rand(n, generator=gen) < 0.002
-        scale = 20 + 80 * torch.rand(n, generator=gen)
-        return torch.where(outliers, normal.sign() * scale, normal)
-    if kind == "tiny":
-        return normal * 1e-7
-    if kind == "huge":
-        return normal * 3e4
-    if kind == "mixed_scale":  # each run of 64 elements at its own scale, 1e-8 .. 1e2
-        runs = -(-n // 64)
-        scales = 10 ** (-8 + 10 * torch.rand(runs, generator=gen))
-        return normal * scales.repeat_interleave(64)[:n]
-    if kind == "sparse":  # 90 % exact zeros
-        keep = torch.rand(n, generator=gen) >= 0.9
-        return torch.where(keep, normal, torch.zeros(n))
-    if kind == "second_moment":  # non-negative, like Adam's v
-        return (0.01 * normal) ** 2 * torch.exp(torch.randn(n, generator=gen))
-    raise ValueError(kind)
-
 
 def hyper_parameters(name, rng):
     """Hyper-parameters of an optimizer case, as metadata strings (JSON-encoded numbers)."""
@@ -122,12 +93,6 @@ def hyper_parameters(name, rng):
     if name == "adagrad":
         meta["eps"] = json.dumps(1e-10)
     return meta
-
-
-def read(path):
-    """Tensors and metadata of a safetensors file."""
-    with safe_open(path, "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
 def maps_case():
@@ -227,59 +192,5 @@ def cases(seed, inputs_from):
         yield stem, *optimizer_case(name, hyper, param0, grads)
 
 
-def compare(stem, tensors, meta, committed_dir):
-    """Differences between a remade case and the committed file, as lines, and a note on the
-    parameter tensors that agree only within the tolerance."""
-    committed, committed_meta = read(committed_dir / stem)
-    problems, close, worst_close = [], 0, 0.0
-    if meta != committed_meta:
-        problems.append(f"metadata differs: {meta} vs {committed_meta}")
-    if tensors.keys() != committed.keys():
-        problems.append(f"tensor names differ: {sorted(tensors.keys() ^ committed.keys())}")
-    for key in sorted(tensors.keys() & committed.keys()):
-        ours, theirs = tensors[key], committed[key]
-        if ours.dtype != theirs.dtype or ours.shape != theirs.shape:
-            problems.append(f"{key}: {ours.dtype}{list(ours.shape)} vs {theirs.dtype}{list(theirs.shape)}")
-        elif torch.equal(ours, theirs):
-            continue
-        elif key.startswith("param"):
-            worst = (ours - theirs).abs().max().item() / theirs.abs().max().item()
-            if worst > PARAM_TOLERANCE:
-                problems.append(f"{key}: differs by {worst:.3g} of max |p| (tolerance {PARAM_TOLERANCE})")
-            close, worst_close = close + 1, max(worst_close, worst)
-        else:
-            problems.append(f"{key}: {int((ours != theirs).sum())} elements differ")
-    note = f" ({close} parameter tensors within {worst_close:.2g} of max |p|, the rest bit for bit)" if close else ""
-    return problems, note
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--out", type=pathlib.Path, help="write every case into this directory")
-    mode.add_argument("--check", type=pathlib.Path, help="remake the cases of this directory and compare")
-    parser.add_argument("--inputs-from", type=pathlib.Path, help="take inputs from this directory's files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of new inputs (default 0)")
-    args = parser.parse_args()
-    failed = 0
-    inputs_from = args.check or args.inputs_from
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-    for stem, tensors, meta in cases(args.seed, inputs_from):
-        if args.out:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, args.out / stem, metadata=meta)
-            print(f"wrote {args.out / stem}")
-            continue
-        problems, note = compare(stem, tensors, meta, args.check)
-        failed += bool(problems)
-        print(f"{stem}: {'same' if not problems else 'DIFFERS'}{note}")
-        for problem in problems:
-            print(f"    {problem}")
-    if args.check:
-        total = len(QUANTIZE_CASES) + len(OPTIMIZER_CASES) + 1
-        print(f"{total - failed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(vectors.main(__doc__, cases, len(QUANTIZE_CASES) + len(OPTIMIZER_CASES) + 1))
