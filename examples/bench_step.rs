@@ -1,5 +1,6 @@
-//! Time per parameter of one optimizer step, every 8-bit optimizer next to Burn's own AdamW on
-//! the same device, and the peak memory of a step beyond parameters, gradients and state.
+//! Time per parameter of one optimizer step, every 8-bit optimizer and Adam with 4-bit states
+//! (block size 128) next to Burn's own AdamW on the same device, and the peak memory of a step
+//! beyond parameters, gradients and state.
 //!
 //! ```text
 //! cargo run --release --example bench_step -- [--device flex|ndarray|wgpu] [--params N] [--steps N]
@@ -16,7 +17,8 @@ use std::time::Instant;
 
 use burn::optim::{AdamWConfig, Optimizer, RecordState, StateSink};
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
-use burn_8bit_conformance::optimizers::all_at_defaults;
+use burn_8bit::{Adam8bitConfig, Optim8bitConfig, StateConfig};
+use burn_8bit_conformance::optimizers::{all_at_defaults, tensor_step};
 
 struct Args {
     device: String,
@@ -131,6 +133,8 @@ fn main() {
     let burn_adamw = AdamWConfig::new().build();
     let mut rows = vec![measure("Burn AdamW (f32 state)", |lr, p, g, s| burn_adamw.step(lr, p, g, s), &device, &args)];
     rows.extend(all_at_defaults().into_iter().map(|(name, step)| measure(name, step, &device, &args)));
+    let four_bit = Adam8bitConfig::new().with_states(StateConfig::new().with_state_bits(4).with_block_size(128));
+    rows.push(measure("Adam, 4-bit states", tensor_step(four_bit.build()), &device, &args));
     let element_bytes = match args.dtype {
         FloatDType::F16 | FloatDType::BF16 => 2,
         _ => 4,
@@ -156,8 +160,10 @@ fn main() {
         );
     }
     let burn = rows[0].ns_per_param;
-    let adam8 = rows.iter().find(|row| row.name == "Adam8bit").expect("Adam8bit row").ns_per_param;
+    let time = |name: &str| rows.iter().find(|row| row.name == name).expect("a measured row").ns_per_param;
+    let (adam8, adam4) = (time("Adam8bit"), time("Adam, 4-bit states"));
     println!("Adam8bit / Burn AdamW time ratio: {:.3}", adam8 / burn);
+    println!("Adam 4-bit / Adam8bit time ratio: {:.3}", adam4 / adam8);
 }
 
 fn rayon_threads() -> String {

@@ -1,11 +1,12 @@
 //! Fashion-MNIST, real data: an MLP classifier trained with Burn's 32-bit AdamW and with
-//! AdamW8bit over several seeds; prints the test accuracy of each run, mean ± sd per arm, the
-//! optimizer-state bytes and the time per step.
+//! AdamW8bit (and, with `--state-bits 4`, AdamW with 4-bit states in blocks of 128) over
+//! several seeds; prints the test accuracy of each run, mean ± sd per arm, the optimizer-state
+//! bytes and the time per step.
 //!
 //! ```text
 //! sudo apt-get install dataset-fashion-mnist      # Debian/Ubuntu: the four .gz IDX files
 //! cargo run --release --example fashion_mnist -- [--data DIR] [--device flex|ndarray|wgpu]
-//!                                                [--epochs N] [--seeds N]
+//!                                                [--epochs N] [--seeds N] [--state-bits 4]
 //! ```
 //! `--data` defaults to `/usr/share/datasets/fashion-mnist` (where the package puts them).
 
@@ -20,7 +21,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateReport};
+use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateConfig, StateReport};
 use burn_8bit_conformance::rng::Rng;
 
 const PIXELS: usize = 28 * 28;
@@ -192,23 +193,43 @@ fn main() {
         train.len(),
         test.len()
     );
-    println!("{:>5} {:>22} {:>22}", "seed", "AdamW (32-bit) acc %", "AdamW8bit acc %");
-    let mut arms: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+    let mut arms: Vec<(&str, fn() -> ModuleOptimizer)> =
+        vec![("Burn AdamW (32-bit)", || AdamWConfig::new().init()), ("AdamW8bit", || AdamW8bitConfig::new().init())];
+    match flag("--state-bits").as_deref() {
+        None | Some("8") => {}
+        Some("4") => arms.push(("AdamW 4-bit states", || {
+            AdamW8bitConfig::new().with_states(StateConfig::new().with_state_bits(4).with_block_size(128)).init()
+        })),
+        Some(other) => {
+            eprintln!("--state-bits takes 8 or 4, not {other}");
+            std::process::exit(2)
+        }
+    }
+    print!("{:>5}", "seed");
+    for (name, _) in &arms {
+        print!(" {:>22}", format!("{name} acc %"));
+    }
+    println!();
+    let mut runs: Vec<Vec<Run>> = arms.iter().map(|_| Vec::new()).collect();
     for seed in 1..=seeds {
-        let full = run(&train, &test, AdamWConfig::new().init(), &device, seed, epochs);
-        let eight = run(&train, &test, AdamW8bitConfig::new().init(), &device, seed, epochs);
-        println!("{seed:>5} {:>22.2} {:>22.2}", full.accuracy, eight.accuracy);
-        arms[0].push(full);
-        arms[1].push(eight);
+        print!("{seed:>5}");
+        for ((_, optim), runs) in arms.iter().zip(&mut runs) {
+            let outcome = run(&train, &test, optim(), &device, seed, epochs);
+            print!(" {:>22.2}", outcome.accuracy);
+            runs.push(outcome);
+        }
+        println!();
     }
     println!("| optimizer | test accuracy % (mean ± sd, {seeds} seeds) | optimizer state bytes | ms/step |");
     println!("|---|---:|---:|---:|");
-    for (name, runs) in ["Burn AdamW (32-bit)", "AdamW8bit"].iter().zip(&arms) {
-        let (mean, sd) = mean_sd(&runs.iter().map(|r| r.accuracy).collect::<Vec<_>>());
+    let accuracy = |runs: &[Run]| mean_sd(&runs.iter().map(|r| r.accuracy).collect::<Vec<_>>());
+    for ((name, _), runs) in arms.iter().zip(&runs) {
+        let (mean, sd) = accuracy(runs);
         let ms = runs.iter().map(|r| r.ms_per_step).sum::<f64>() / runs.len() as f64;
         println!("| {name} | {mean:.2} ± {sd:.2} | {} | {ms:.2} |", runs[0].state_bytes);
     }
-    let (full, _) = mean_sd(&arms[0].iter().map(|r| r.accuracy).collect::<Vec<_>>());
-    let (eight, _) = mean_sd(&arms[1].iter().map(|r| r.accuracy).collect::<Vec<_>>());
-    println!("8-bit − 32-bit: {:+.2} percentage points", eight - full);
+    let (full, _) = accuracy(&runs[0]);
+    for ((name, _), runs) in arms.iter().zip(&runs).skip(1) {
+        println!("{name} − 32-bit: {:+.2} percentage points", accuracy(runs).0 - full);
+    }
 }

@@ -5,13 +5,14 @@
 //!
 //! ```text
 //! cargo run --release --example train -- [--device flex|ndarray|wgpu|…] [--steps N] [--epochs N]
-//!     [--data FILE] [--out DIR] [--seed N] [--ablation]
+//!     [--data FILE] [--out DIR] [--seed N] [--ablation] [--state-bits 4]
 //! ```
 //!
 //! The default text is the Jargon File 4.4.7 (public domain, shipped in `data/`); `--data` takes
 //! any text file. `--ablation` adds the paper's ablation arms: linear instead of dynamic maps,
 //! one absmax per tensor instead of per block, and Burn's plain `Embedding` instead of
-//! `StableEmbedding` (with 32-bit and 8-bit state).
+//! `StableEmbedding` (with 32-bit and 8-bit state). `--state-bits 4` adds an arm of AdamW with
+//! 4-bit states (block size 128, as Li, Chen, Zhu 2023 use).
 
 mod data;
 mod model;
@@ -59,8 +60,10 @@ const VALID_WINDOWS: usize = 512;
 enum Optim {
     /// Burn's `AdamW`, 32-bit state.
     Burn32,
-    /// `AdamW8bit` with the given map family and scaling.
+    /// `AdamW8bit` with the given map family and scaling (8-bit states).
     Bits8 { map_family: MapFamily, whole_tensor_block: bool },
+    /// `AdamW8bit` with 4-bit states in blocks of 128.
+    Bits4,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +100,8 @@ const ABLATION_ARMS: [Arm; 5] = [
     Arm { name: "8-bit plain Embedding", optim: DYNAMIC_BLOCKWISE, stable_embedding: false },
 ];
 
+const FOUR_BIT_ARM: Arm = Arm { name: "AdamW 4-bit states", optim: Optim::Bits4, stable_embedding: true };
+
 struct Options {
     device_name: String,
     steps: usize,
@@ -105,6 +110,7 @@ struct Options {
     out: PathBuf,
     seed: u64,
     ablation: bool,
+    four_bit: bool,
 }
 
 impl Options {
@@ -118,6 +124,7 @@ impl Options {
             out: PathBuf::from("train-output"),
             seed: 1,
             ablation: false,
+            four_bit: false,
         };
         let mut i = 0;
         while i < args.len() {
@@ -132,6 +139,11 @@ impl Options {
                 "--data" => options.data = Some(value(i)?),
                 "--out" => options.out = PathBuf::from(value(i)?),
                 "--seed" => options.seed = number(i)?,
+                "--state-bits" => match number(i)? {
+                    4 => options.four_bit = true,
+                    8 => {}
+                    other => return Err(format!("--state-bits takes 8 or 4, not {other}")),
+                },
                 "--ablation" => {
                     options.ablation = true;
                     i += 1;
@@ -178,11 +190,17 @@ fn optimizer(arm: &Arm, model: &TransformerLm) -> ModuleOptimizer {
             .with_weight_decay(WEIGHT_DECAY)
             .with_grad_clipping(clipping)
             .init(),
-        Optim::Bits8 { map_family, whole_tensor_block } => {
+        Optim::Bits8 { .. } | Optim::Bits4 => {
+            let states = match arm.optim {
+                Optim::Bits8 { map_family, whole_tensor_block } => {
+                    StateConfig::new().with_map_family(map_family).with_whole_tensor_block(whole_tensor_block)
+                }
+                _ => StateConfig::new().with_state_bits(4).with_block_size(128),
+            };
             let config = AdamW8bitConfig::new()
                 .with_weight_decay(WEIGHT_DECAY)
                 .with_grad_clipping(clipping)
-                .with_states(StateConfig::new().with_map_family(map_family).with_whole_tensor_block(whole_tensor_block));
+                .with_states(states);
             if arm.stable_embedding {
                 // The paper keeps the embedding's state in 32 bits alongside StableEmbedding.
                 keep_embeddings_32bit(config.init(), model, config.clone().f32_states().build())
@@ -199,7 +217,7 @@ fn state_bytes(arm: &Arm, dir: &Path, epochs: usize, model: &TransformerLm) -> R
     let record = OptimizerRecord::load(&path).map_err(|e| format!("{}: {e:?}", path.display()))?;
     let optim = match arm.optim {
         Optim::Burn32 => optimizer(arm, model).load_record(record),
-        Optim::Bits8 { .. } => {
+        Optim::Bits8 { .. } | Optim::Bits4 => {
             load_record_checked(optimizer(arm, model), record, model, OptimizerKind::AdamW)
                 .map_err(|e| e.to_string())?
                 .optimizer
@@ -323,6 +341,7 @@ fn main() {
     );
     let arms: Vec<Arm> = MAIN_ARMS
         .into_iter()
+        .chain(options.four_bit.then_some(FOUR_BIT_ARM))
         .chain(options.ablation.then_some(ABLATION_ARMS).into_iter().flatten())
         .collect();
     let mut outcomes = Vec::new();

@@ -5,7 +5,6 @@
 //! Every function here computes exactly what the CubeCL kernels compute: absmax from the bits of
 //! `|x|`, codes by the scaled-midpoint rule, decoding by one `f32` product.
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use burn::tensor::{bf16, f16};
@@ -637,19 +636,26 @@ pub fn block_absmax(block: &[f32]) -> f32 {
     rule::absmax_from_bits(bits)
 }
 
-/// Decodes one block of codes (one byte each): `values[code] * absmax`, the product taken per
-/// element as on the GPU; a block with a non-finite absmax decodes to the canonical NaN
-/// everywhere.
+/// Decodes one block of codes (one byte each; all below 16 with `NARROW`): `values[code] *
+/// absmax`, the product taken per element as on the GPU; a block with a non-finite absmax
+/// decodes to the canonical NaN everywhere.
 #[inline(always)]
-fn decode_block(level: Level, codes: &[u8], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
+fn decode_block<const NARROW: bool>(
+    level: Level,
+    codes: &[u8],
+    absmax: f32,
+    values: &[f32; MAP_LEN],
+    output: &mut [f32],
+) {
     if !absmax.is_finite() {
         output.fill(f32::from_bits(rule::CANONICAL_NAN_BITS));
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if level.has_avx512() {
-        // SAFETY: the level has AVX-512; `codes` hold a code for every element of `output`.
-        unsafe { avx512::decode(codes, absmax, values, output) };
+        // SAFETY: the level has AVX-512; `codes` hold a code for every element of `output`,
+        // below 16 where the caller says `NARROW`.
+        unsafe { avx512::decode::<NARROW>(codes, absmax, values, output) };
         return;
     }
     for (out, &code) in output.iter_mut().zip(codes) {
@@ -657,24 +663,47 @@ fn decode_block(level: Level, codes: &[u8], absmax: f32, values: &[f32; MAP_LEN]
     }
 }
 
-/// The codes of `len` elements packed in `words`, one byte each in element order: the words'
-/// little-endian bytes for 8-bit codes (borrowed where memory is little-endian), their nibbles
-/// from the lowest up for 4-bit codes (unpacked into `buffer`).
+/// Blocks up to this many elements unpack their codes into a buffer of this size: clearing a
+/// 4 KiB buffer for every block of 128 codes cost more than the codes.
+const SMALL_BLOCK: usize = 256;
+
+/// `f` run on `len` zeroed bytes on the stack (at most [`BlockSize::MAX`]).
 #[inline(always)]
-fn unpacked_codes<'a>(words: &'a [u32], bits: u32, len: usize, buffer: &'a mut [u8; BlockSize::MAX]) -> Cow<'a, [u8]> {
-    match bits {
-        8 if cfg!(target_endian = "little") => Cow::Borrowed(&bytemuck::cast_slice(words)[..len]),
-        8 => Cow::Owned(words.iter().flat_map(|word| word.to_le_bytes()).take(len).collect()),
-        _ => {
-            let per_word = (u32::BITS / bits) as usize;
-            let mask = (1u32 << bits) - 1;
-            for (codes, &word) in buffer[..len].chunks_mut(per_word).zip(words) {
-                for (j, code) in codes.iter_mut().enumerate() {
-                    *code = ((word >> (bits as usize * j)) & mask) as u8;
-                }
-            }
-            Cow::Borrowed(&buffer[..len])
+fn with_code_bytes<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if len <= SMALL_BLOCK {
+        f(&mut [0u8; SMALL_BLOCK][..len])
+    } else {
+        f(&mut [0u8; BlockSize::MAX][..len])
+    }
+}
+
+/// Eight 4-bit codes per word, the first in the lowest bits.
+const NIBBLES: usize = 8;
+
+/// The 4-bit codes packed in `words`, one byte each, into `codes` (as many as it holds).
+#[inline(always)]
+fn unpack_nibbles(words: &[u32], codes: &mut [u8]) {
+    let whole = codes.len() / NIBBLES;
+    let mut chunks = codes.chunks_exact_mut(NIBBLES);
+    for (codes, &word) in (&mut chunks).zip(words) {
+        for (j, code) in codes.iter_mut().enumerate() {
+            *code = ((word >> (4 * j)) & 0xf) as u8;
         }
+    }
+    let tail = chunks.into_remainder();
+    if let Some(&word) = words.get(whole) {
+        for (j, code) in tail.iter_mut().enumerate() {
+            *code = ((word >> (4 * j)) & 0xf) as u8;
+        }
+    }
+}
+
+/// `codes` (each below 16) packed eight per word into `words`, the unused bits of a partial last
+/// word zero.
+#[inline(always)]
+fn pack_nibbles(codes: &[u8], words: &mut [u32]) {
+    for (word, codes) in words.iter_mut().zip(codes.chunks(NIBBLES)) {
+        *word = codes.iter().enumerate().fold(0, |word, (j, &code)| word | u32::from(code) << (4 * j));
     }
 }
 
@@ -693,6 +722,8 @@ struct Encoder {
     /// The map's thresholds, padded with `+∞` (`CodeMap::padded_midpoints`): the padding never
     /// counts, so 4-bit maps take the 8-bit path unchanged.
     midpoints: [f32; MAP_LEN - 1],
+    /// How many of `midpoints` are the map's own (255, or 15 for a 4-bit map).
+    thresholds: usize,
     zero_code: u8,
     guesses: &'static GuessTable,
     /// Per bucket, the guess in the low byte and in the high byte the number of thresholds that
@@ -713,6 +744,7 @@ impl Encoder {
                 bits: map.bits(),
                 values: table.padded_values(),
                 midpoints: table.padded_midpoints(),
+                thresholds: table.values().len() - 1,
                 zero_code: table.zero_code(),
                 guesses,
                 #[cfg(target_arch = "x86_64")]
@@ -730,9 +762,20 @@ impl Encoder {
     /// Decodes the codes of `output.len()` elements packed in `words` into `output`.
     #[inline(always)]
     fn decode_into(&self, level: Level, words: &[u32], absmax: f32, output: &mut [f32]) {
-        let mut buffer = [0u8; BlockSize::MAX];
-        let codes = unpacked_codes(words, self.bits, output.len(), &mut buffer);
-        decode_block(level, &codes, absmax, &self.values, output);
+        match self.bits {
+            // Code `i` is byte `i` of the words in memory where memory is little-endian.
+            8 if cfg!(target_endian = "little") => {
+                decode_block::<false>(level, &bytemuck::cast_slice(words)[..output.len()], absmax, &self.values, output);
+            }
+            8 => {
+                let codes: Vec<u8> = words.iter().flat_map(|word| word.to_le_bytes()).take(output.len()).collect();
+                decode_block::<false>(level, &codes, absmax, &self.values, output);
+            }
+            _ => with_code_bytes(output.len(), |codes| {
+                unpack_nibbles(words, codes);
+                decode_block::<true>(level, codes, absmax, &self.values, output);
+            }),
+        }
     }
 
     /// Encodes `block` into `words` (as many as its codes need), packed as
@@ -740,13 +783,10 @@ impl Encoder {
     #[inline(always)]
     fn encode_into(&self, level: Level, block: &[f32], absmax: f32, words: &mut [u32]) {
         if self.bits != 8 {
-            let mut codes = [0u8; BlockSize::MAX];
-            let codes = &mut codes[..block.len()];
-            self.encode_block(level, block, absmax, codes);
-            let per_word = (u32::BITS / self.bits) as usize;
-            for (word, codes) in words.iter_mut().zip(codes.chunks(per_word)) {
-                *word = codes.iter().enumerate().fold(0, |word, (j, &code)| word | u32::from(code) << (self.bits as usize * j));
-            }
+            with_code_bytes(block.len(), |codes| {
+                self.encode_block(level, block, absmax, codes);
+                pack_nibbles(codes, words);
+            });
             return;
         }
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(words);
@@ -767,7 +807,13 @@ impl Encoder {
             codes.fill(self.zero_code);
             return;
         }
-        let bounds = block_bounds(&self.midpoints, absmax);
+        let bounds = block_bounds(&self.midpoints[..self.thresholds], absmax);
+        #[cfg(target_arch = "x86_64")]
+        if level.has_avx512() && self.thresholds < avx512::LANES {
+            // SAFETY: the level has AVX-512; a 4-bit map's bounds past its 15 thresholds are +∞.
+            unsafe { avx512::encode_narrow(block, &bounds, codes) };
+            return;
+        }
         if !self.guesses.settled_absmax.contains(&absmax) {
             for (code, &x) in codes.iter_mut().zip(block) {
                 *code = search(&bounds, x) as u8;

@@ -152,10 +152,12 @@ pub(crate) fn kernel_table(kind: MapKind) -> Vec<u32> {
     table
 }
 
-/// The bounds of one block (see [`BOUNDS`]). Inlined into the CPU twin's per-level loops, as
+/// The bounds of one block (see [`BOUNDS`]) from the map's midpoints, the padding ones left out
+/// (a 4-bit map's 240 padding bounds stay `+∞`). Inlined into the CPU twin's per-level loops, as
 /// their other helpers are, so that it runs with that level's instructions.
 #[inline(always)]
-pub(crate) fn block_bounds(midpoints: &[f32; MAP_LEN - 1], absmax: f32) -> [f32; BOUNDS] {
+pub(crate) fn block_bounds(midpoints: &[f32], absmax: f32) -> [f32; BOUNDS] {
+    debug_assert!(midpoints.len() < MAP_LEN);
     let mut bounds = [f32::INFINITY; BOUNDS];
     bounds[0] = f32::NEG_INFINITY;
     for (bound, &midpoint) in bounds[1..MAP_LEN].iter_mut().zip(midpoints) {

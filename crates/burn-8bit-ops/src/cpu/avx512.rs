@@ -5,7 +5,9 @@
 //!
 //! Gathers are the obvious tool and the slow one on the CPUs measured (AMD Zen 4: a 16-lane
 //! gather from a 1 KiB table decoded slower than the scalar loop), so the decode table lives in
-//! registers and is read by permutes, and the encoder gathers only its guess.
+//! registers and is read by permutes, and the 8-bit encoder gathers only its guess. A 4-bit
+//! map's 16 values and 15 thresholds each fit one register: its codes are decoded by one permute
+//! and encoded by a four-step binary search of permutes, with no table in memory.
 
 use std::arch::x86_64::*;
 
@@ -14,7 +16,7 @@ use crate::encode::{BOUNDS, GUESS_SHIFT};
 use crate::map::MAP_LEN;
 
 /// `f32` lanes of a 512-bit register.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// Elements the encoder guesses before it settles the undecided ones: indices fit in a byte.
 const CHUNK: usize = 256;
@@ -25,12 +27,15 @@ fn lane_mask(len: usize) -> __mmask16 {
     if len >= LANES { __mmask16::MAX } else { (1 << len) - 1 }
 }
 
-/// Decodes `codes` into `output` (as many elements): `values[code] * absmax` per element.
+/// Decodes `codes` into `output` (as many elements): `values[code] * absmax` per element. With
+/// `NARROW` every code is below 16 (4-bit codes), and one permute of the first 16 values looks
+/// them up.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and VL; `codes` is at least as long as `output`.
+/// The CPU has AVX-512 F, BW and VL; `codes` is at least as long as `output`; with `NARROW`,
+/// every code is below 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn decode(codes: &[u8], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
+pub(super) unsafe fn decode<const NARROW: bool>(codes: &[u8], absmax: f32, values: &[f32; MAP_LEN], output: &mut [f32]) {
     debug_assert!(codes.len() >= output.len());
     let scale = _mm512_set1_ps(absmax);
     // SAFETY: each load reads 16 of the 256 values.
@@ -41,7 +46,12 @@ pub(super) unsafe fn decode(codes: &[u8], absmax: f32, values: &[f32; MAP_LEN], 
         // SAFETY: masked lanes are neither read nor written, the others lie inside both slices.
         unsafe {
             let code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, codes.as_ptr().add(start).cast()));
-            let value = _mm512_mul_ps(lookup(&table, code), scale);
+            let value = if NARROW {
+                _mm512_permutexvar_ps(code, table[0])
+            } else {
+                lookup(&table, code)
+            };
+            let value = _mm512_mul_ps(value, scale);
             _mm512_mask_storeu_ps(output.as_mut_ptr().add(start), mask, value);
         }
     }
@@ -108,6 +118,37 @@ pub(super) unsafe fn encode(
         for &i in &undecided[..count] {
             let i = usize::from(i);
             codes[i] = settle(bounds, codes[i], block[i]);
+        }
+    }
+}
+
+/// Encodes `block` into `codes` (as many) under a 4-bit map: per element the number of its
+/// thresholds below `x`, by a four-step binary search over one register holding
+/// `bounds[1..17]` (the 15 thresholds, then `+∞`). Exact for every `x` and absmax, as the
+/// scalar search is: NaN compares below every threshold (code 0), `+∞` above all 15.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `bounds[16]` is `+∞` (a 4-bit map's padding); `codes` is as
+/// long as `block`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn encode_narrow(block: &[f32], bounds: &[f32; BOUNDS], codes: &mut [u8]) {
+    debug_assert_eq!(bounds[LANES], f32::INFINITY);
+    debug_assert_eq!(block.len(), codes.len());
+    // SAFETY: `bounds` holds more than 17 values.
+    let thresholds = unsafe { _mm512_loadu_ps(bounds.as_ptr().add(1)) };
+    for start in (0..block.len()).step_by(LANES) {
+        let mask = lane_mask(block.len() - start);
+        // SAFETY: masked lanes are neither read nor written, the others lie inside both slices.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(mask, block.as_ptr().add(start));
+            let mut code = _mm512_setzero_si512();
+            for step in [8, 4, 2, 1] {
+                // Threshold `code + step - 1` is bound `code + step`.
+                let probe = _mm512_add_epi32(code, _mm512_set1_epi32(step - 1));
+                let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_permutexvar_ps(probe, thresholds));
+                code = _mm512_mask_add_epi32(code, above, code, _mm512_set1_epi32(step));
+            }
+            _mm512_mask_cvtepi32_storeu_epi8(codes.as_mut_ptr().add(start).cast(), mask, code);
         }
     }
 }
