@@ -1,5 +1,5 @@
 //! Training memory of real architectures — weights, gradients and AdamW state, 32-bit against
-//! 8-bit — computed from `StateReport` rather than by hand: one tensor of each distinct layer
+//! 8-bit and 4-bit — computed from `StateReport` rather than by hand: one tensor of each distinct layer
 //! shape takes one optimizer step, its state is measured, and the sizes are multiplied by how
 //! many such tensors the model has.
 //!
@@ -13,7 +13,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
-use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateReport};
+use burn_8bit::{AdamW8bitConfig, Optim8bitConfig, StateConfig, StateReport};
 
 /// A tensor shape and how many tensors of that shape the model has.
 struct Layer {
@@ -103,12 +103,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::flex().autodiff();
     let eight_bit = AdamW8bitConfig::new();
     let thirty_two_bit = eight_bit.clone().f32_states();
+    let four_bit = AdamW8bitConfig::new().with_states(StateConfig::new().with_state_bits(4).with_block_size(128));
 
-    println!("| model | parameters | weights f32 | gradients f32 | AdamW state, 32-bit | AdamW8bit state | AdamW8bit, embedding 32-bit | training memory 32-bit → 8-bit |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| model | parameters | weights f32 | gradients f32 | AdamW state, 32-bit | AdamW8bit state | AdamW8bit, embedding 32-bit | AdamW 4-bit state | training memory 32-bit → 8-bit |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for name in models.split(',') {
         let (title, layers) = model(name)?;
-        let (mut params, mut state32, mut state8, mut state8_embedding32) = (0u64, 0u64, 0u64, 0u64);
+        let (mut params, mut state32, mut state8, mut state8_embedding32, mut state4) = (0u64, 0u64, 0u64, 0u64, 0u64);
         for layer in &layers {
             let elements: u64 = layer.shape.iter().map(|&n| n as u64).product();
             let bytes32 = state_bytes(&layer.shape, thirty_two_bit.init(), &device)?;
@@ -117,17 +118,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             state32 += layer.count * bytes32;
             state8 += layer.count * bytes8;
             state8_embedding32 += layer.count * if layer.embedding { bytes32 } else { bytes8 };
+            state4 += layer.count * state_bytes(&layer.shape, four_bit.init(), &device)?;
         }
         let weights = 4 * params;
         let gib = |bytes: u64| format!("{:.2} GiB", bytes as f64 / GIB);
         println!(
-            "| {title} | {:.1} M | {} | {} | {} | {} | {} | {} → {} |",
+            "| {title} | {:.1} M | {} | {} | {} | {} | {} | {} | {} → {} |",
             params as f64 / 1e6,
             gib(weights),
             gib(weights),
             gib(state32),
             gib(state8),
             gib(state8_embedding32),
+            gib(state4),
             gib(2 * weights + state32),
             gib(2 * weights + state8_embedding32),
         );

@@ -71,7 +71,7 @@ fn golden_states() -> StateConfig {
 }
 
 /// The optimizers of the golden records: every one, with its rule flags and percentile clipping
-/// spread over them so that every record field occurs.
+/// spread over them so that every record field occurs, and AdamW once more with 4-bit states.
 fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
     vec![
         ("adam", OptimizerKind::Adam, || Adam8bitConfig::new().with_amsgrad(true).with_states(golden_states()).init()),
@@ -93,6 +93,7 @@ fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
         ("ademamix", OptimizerKind::AdEMAMix, || AdEMAMix8bitConfig::new().with_states(golden_states()).init()),
         ("lamb", OptimizerKind::Lamb, || Lamb8bitConfig::new().with_states(golden_states()).init()),
         ("lars", OptimizerKind::Lars, || Lars8bitConfig::new().with_states(golden_states()).init()),
+        ("adamw4", OptimizerKind::AdamW, || AdamW8bitConfig::new().with_states(golden_states().with_state_bits(4)).init()),
     ]
 }
 

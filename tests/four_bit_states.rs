@@ -4,9 +4,9 @@
 
 mod common;
 
-use burn::optim::Optimizer;
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::{Device, Tensor};
-use burn_8bit::optim::StateSlot;
+use burn_8bit::optim::{StateSlot, SwitchRecord};
 use burn_8bit::{
     AdamW8bitConfig, MapFamily, MapKind, Optim8bitConfig, OptimizerKind, StateConfig, StateReport,
     load_record_checked,
@@ -83,6 +83,33 @@ fn four_bit_records_reload_bit_identically_and_convert_to_and_from_eight_bit() {
     train(net, &mut back, &device, 1, 7);
     let stepped = weight_state_bytes_per_element(&StateReport::of(&back).unwrap());
     assert!(stepped < 1.1, "the converted states are 4-bit: {stepped} bytes per element");
+}
+
+/// A run of Burn's 32-bit AdamW continues on 4-bit states through its record, and goes back.
+#[test]
+fn burn_adamw_runs_switch_to_four_bit_states_and_back() {
+    let device = Device::flex().autodiff();
+    let mut burn = AdamWConfig::new().init();
+    let halfway = train(model(&device), &mut burn, &device, 4, 1);
+    let record = || burn.to_record();
+    let stayed = weights(&train(halfway.clone(), &mut AdamWConfig::new().init().load_record(record()), &device, 2, 2));
+    let restarted = weights(&train(halfway.clone(), &mut AdamWConfig::new().init(), &device, 2, 2));
+
+    let four_bit_optim = || AdamW8bitConfig::new().with_states(four_bit());
+    let imported = four_bit_optim().build().from_burn_record(record()).expect("Burn's AdamW record imports");
+    let mut switched = load_record_checked(four_bit_optim().init(), imported, &halfway, OptimizerKind::AdamW)
+        .expect("the imported record loads")
+        .optimizer;
+    let switched_model = train(halfway.clone(), &mut switched, &device, 2, 2);
+    let per_element = weight_state_bytes_per_element(&StateReport::of(&switched).unwrap());
+    assert!(per_element < 1.1, "the imported states are 4-bit: {per_element} bytes per element");
+    let (off, reference) = (distance(&weights(&switched_model), &stayed), distance(&restarted, &stayed));
+    println!("‖switched to 4-bit − stayed‖ {off:.3e}, ‖restart − stayed‖ {reference:.3e}");
+    assert!(off < 0.2 * reference, "switching lost the state ({off} vs {reference})");
+
+    let exported = four_bit_optim().build().to_burn_record(switched.to_record()).expect("the 4-bit record exports");
+    let mut back = AdamWConfig::new().init().load_record(exported);
+    train(switched_model, &mut back, &device, 1, 3);
 }
 
 #[test]
