@@ -12,7 +12,7 @@ use burn_8bit::{
     OptimizerKind, Sgd8bitConfig, StateConfig, load_record_checked,
 };
 use burn_8bit_conformance::optimizers::State;
-use common::{Rng, devices, distance, model, train, values, weights};
+use common::{Rng, assert_agrees_with_first_backend, devices, distance, model, train, values, weights};
 
 const LEN: usize = 5000;
 
@@ -140,7 +140,7 @@ fn ablations_lose_precision_where_the_paper_says() {
 
 #[test]
 fn ablation_states_agree_across_backends_over_many_steps() {
-    let mut reference: Option<(Vec<f32>, Vec<Vec<u8>>)> = None;
+    let mut reference = None;
     for (name, device) in devices() {
         let optim = AdamW8bitConfig::new()
             .with_states(StateConfig::new().with_map_family(MapFamily::Linear).with_whole_tensor_block(true))
@@ -156,17 +156,7 @@ fn ablation_states_agree_across_backends_over_many_steps() {
         }
         let state = state.unwrap();
         let codes: Vec<Vec<u8>> = (0..2).map(|slot| quantized(&state, slot).unpacked_codes()).collect();
-        let got = (values(&p), codes);
-        match &reference {
-            None => reference = Some(got),
-            Some((params, codes)) => {
-                let differing = got.1.iter().flatten().zip(codes.iter().flatten()).filter(|(a, b)| a != b).count();
-                let drift = got.0.iter().zip(params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                println!("{name}: {differing} codes differ from the first backend, max |Δp| {drift:e}");
-                assert!(differing <= 2 * LEN / 1000, "{name}: {differing} codes differ");
-                assert!(drift < 1e-5, "{name}: parameters drift by {drift}");
-            }
-        }
+        assert_agrees_with_first_backend(&mut reference, name, (values(&p), codes));
     }
 }
 

@@ -11,7 +11,7 @@ use burn_8bit::{
     AdamW8bitConfig, MapFamily, MapKind, Optim8bitConfig, OptimizerKind, StateConfig, StateReport,
     load_record_checked,
 };
-use common::{Rng, devices, distance, model, train, values, weights};
+use common::{Rng, assert_agrees_with_first_backend, devices, distance, model, train, values, weights};
 
 /// 4-bit states at the paper's block size; the model's weight (7680 elements) is quantized, its
 /// bias (80) keeps `f32` states.
@@ -115,7 +115,7 @@ fn burn_adamw_runs_switch_to_four_bit_states_and_back() {
 #[test]
 fn four_bit_states_use_the_four_bit_maps_and_agree_across_backends() {
     const LEN: usize = 5000;
-    let mut reference: Option<(Vec<f32>, Vec<Vec<u8>>)> = None;
+    let mut reference = None;
     for (name, device) in devices() {
         let optim = AdamW8bitConfig::new().with_states(four_bit()).build();
         let mut rng = Rng::new(9);
@@ -143,16 +143,6 @@ fn four_bit_states_use_the_four_bit_maps_and_agree_across_backends() {
             })
             .collect();
         assert!(codes.iter().flatten().all(|&code| code < 16), "{name}");
-        let got = (values(&p), codes);
-        match &reference {
-            None => reference = Some(got),
-            Some((params, codes)) => {
-                let differing = got.1.iter().flatten().zip(codes.iter().flatten()).filter(|(a, b)| a != b).count();
-                let drift = got.0.iter().zip(params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                println!("{name}: {differing} codes differ from the first backend, max |Δp| {drift:e}");
-                assert!(differing <= 2 * LEN / 1000, "{name}: {differing} codes differ");
-                assert!(drift < 1e-5, "{name}: parameters drift by {drift}");
-            }
-        }
+        assert_agrees_with_first_backend(&mut reference, name, (values(&p), codes));
     }
 }

@@ -90,3 +90,22 @@ pub fn train(model: Linear, optim: &mut ModuleOptimizer, device: &Device, steps:
 pub fn weights(model: &Linear) -> Vec<f32> {
     model.weight.val().inner().reshape([-1]).into_data().try_to_vec::<f32>().unwrap()
 }
+
+/// What a backend's run produced: its parameters and each state slot's codes.
+pub type BackendRun = (Vec<f32>, Vec<Vec<u8>>);
+
+/// Keeps the first backend's `run` in `first` and compares every later one with it: at most
+/// 0.2 % of the codes may differ and no parameter by 1e-5 (the backends' `f32` arithmetic may
+/// round an element apart, and a code with it).
+pub fn assert_agrees_with_first_backend(first: &mut Option<BackendRun>, name: &str, run: BackendRun) {
+    let Some((params, codes)) = first else {
+        *first = Some(run);
+        return;
+    };
+    let elements = params.len();
+    let differing = run.1.iter().flatten().zip(codes.iter().flatten()).filter(|(a, b)| a != b).count();
+    let drift = run.0.iter().zip(params.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("{name}: {differing} codes differ from the first backend, max |Δp| {drift:e}");
+    assert!(differing <= 2 * elements / 1000, "{name}: {differing} codes differ");
+    assert!(drift < 1e-5, "{name}: parameters drift by {drift}");
+}

@@ -74,6 +74,27 @@ def compare(stem, tensors, meta, committed_dir):
     return problems, note
 
 
+def quantize_input(stem, kind, n, seed, index, inputs_from):
+    """A quantize case's input: the committed one from `inputs_from`, else drawn from `seed`."""
+    if inputs_from:
+        return read(inputs_from / stem)[0]["input"]
+    return data(kind, n, torch.Generator().manual_seed(seed * 1000 + index))
+
+
+def optimizer_inputs(stem, n, steps, seed, index, inputs_from, hyper_keys, new_hyper):
+    """`param0`, the gradients and the hyper-parameters of an optimizer case: the committed ones
+    from `inputs_from` (the metadata entries named in `hyper_keys`), else drawn from `seed`, with
+    `new_hyper()` for the hyper-parameters."""
+    if inputs_from:
+        tensors, meta = read(inputs_from / stem)
+        grads = [tensors[f"grad.{t}"] for t in range(1, int(meta["steps"]) + 1)]
+        return tensors["param0"], grads, {k: v for k, v in meta.items() if k in hyper_keys}
+    gen = torch.Generator().manual_seed(seed * 1000 + 500 + index)
+    param0 = 0.1 * torch.randn(n, generator=gen)
+    grads = [0.01 * (1 + 0.2 * (t - 1)) * torch.randn(n, generator=gen) for t in range(1, steps + 1)]
+    return param0, grads, new_hyper()
+
+
 def main(doc, cases, total):
     """The command line of a generator whose module docstring is `doc`: `cases(seed, inputs_from)`
     yields every case as (file name, tensors, metadata), `total` of them."""

@@ -29,12 +29,14 @@ from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import vectors  # noqa: E402  (the shared part, one folder up)
-from vectors import data, read  # noqa: E402
+from vectors import data  # noqa: E402
 
 SOURCE = f"torchao {torchao.__version__} (CPU), torch {torch.__version__.split('+')[0]}"
 BLOCKSIZE = 128
 MIN_QUANTIZED_SIZE = 4096
 STEPS = 12
+# The metadata entries that are inputs (hyper-parameters), not outputs.
+HYPER_KEYS = ("lr", "weight_decay", "betas", "eps")
 
 # (data kind, elements, block size): torchao cuts a tensor into rows of one block, so every
 # length is a multiple of its block size. Second moments use the unsigned map, the rest the
@@ -147,24 +149,15 @@ def cases(seed, inputs_from):
     yield "maps4.safetensors", *maps_case()
     for index, (kind, n, blocksize) in enumerate(QUANTIZE_CASES):
         stem = f"quant4_{kind}_n{n}_bs{blocksize}.safetensors"
-        if inputs_from:
-            x = read(inputs_from / stem)[0]["input"]
-        else:
-            x = data(kind, n, torch.Generator().manual_seed(seed * 1000 + index))
+        x = vectors.quantize_input(stem, kind, n, seed, index, inputs_from)
         map_name = "linear_unsigned_4" if kind == "second_moment" else "dynamic_signed_4"
         yield stem, *quantize_case(x, blocksize, map_name)
     for index, (name, n) in enumerate(OPTIMIZER_CASES):
         stem = f"optim4_{name}_n{n}.safetensors"
-        if inputs_from:
-            tensors, meta = read(inputs_from / stem)
-            steps = int(meta["steps"])
-            param0, grads = tensors["param0"], [tensors[f"grad.{t}"] for t in range(1, steps + 1)]
-            hyper = {k: v for k, v in meta.items() if k in ("lr", "weight_decay", "betas", "eps")}
-        else:
-            gen = torch.Generator().manual_seed(seed * 1000 + 500 + index)
-            param0 = 0.1 * torch.randn(n, generator=gen)
-            grads = [0.01 * (1 + 0.2 * (t - 1)) * torch.randn(n, generator=gen) for t in range(1, STEPS + 1)]
-            hyper = hyper_parameters(name, random.Random(f"{seed}/{name}/{n}"))
+        param0, grads, hyper = vectors.optimizer_inputs(
+            stem, n, STEPS, seed, index, inputs_from, HYPER_KEYS,
+            lambda: hyper_parameters(name, random.Random(f"{seed}/{name}/{n}")),
+        )
         yield stem, *optimizer_case(name, hyper, param0, grads)
 
 
