@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import vectors  # noqa: E402  (the shared part, one folder up)
-from vectors import data  # noqa: E402
 
 SOURCE = f"bitsandbytes {bnb.__version__} (CPU), torch {torch.__version__.split('+')[0]}"
 BLOCKSIZE = 256

@@ -29,7 +29,6 @@ from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import vectors  # noqa: E402  (the shared part, one folder up)
-from vectors import data  # noqa: E402
 
 SOURCE = f"torchao {torchao.__version__} (CPU), torch {torch.__version__.split('+')[0]}"
 BLOCKSIZE = 128
