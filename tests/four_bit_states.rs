@@ -26,6 +26,8 @@ fn eight_bit() -> StateConfig {
 /// Bytes of state per element of the model's weight, as `StateReport` counts them.
 fn weight_state_bytes_per_element(report: &StateReport) -> f64 {
     let weight = report.parameters.iter().find(|p| p.elements == Some(96 * 80)).expect("the weight's state");
+    let expected_bits = if weight.bytes < 2 * 96 * 80 { 4 } else { 8 };
+    assert_eq!(weight.state_bits, Some(expected_bits), "the report names the width its bytes show");
     weight.bytes as f64 / (96.0 * 80.0)
 }
 
@@ -36,7 +38,10 @@ fn four_bit_adamw_keeps_half_the_state_of_eight_bit() {
     for states in [eight_bit(), four_bit()] {
         let mut optim = AdamW8bitConfig::new().with_states(states).init();
         train(model(&device), &mut optim, &device, 2, 5);
-        per_element.push(weight_state_bytes_per_element(&StateReport::of(&optim).unwrap()));
+        let report = StateReport::of(&optim).unwrap();
+        let bias = report.parameters.iter().find(|p| p.elements == Some(80)).expect("the bias's state");
+        assert_eq!(bias.state_bits, Some(32), "a tensor under min_8bit_size keeps f32 states");
+        per_element.push(weight_state_bytes_per_element(&report));
     }
     println!("bytes of state per element: 8-bit {:.4}, 4-bit {:.4}", per_element[0], per_element[1]);
     // Codes: 2 states × 1 byte or ½ byte; absmax: 2 states × 4 bytes per block of 256 or 128;

@@ -29,6 +29,9 @@ pub struct ParamStateReport {
     pub bytes: u64,
     /// Whether the states are quantized (8-bit or 4-bit codes).
     pub quantized: bool,
+    /// Bits per element of the states: 8 or 4 for codes, 32 for `f32` states (burn-8bit states;
+    /// `None` for states the reader refuses).
+    pub state_bits: Option<u32>,
     /// FNV-1a 64 over the state's tensors (bytes, in name order) and step count: equal
     /// fingerprints mean equal states, whatever the parameter's id.
     pub fingerprint: u64,
@@ -56,6 +59,7 @@ impl ParamStateReport {
             elements,
             bytes: tensors.values().map(|data| data.as_bytes().len() as u64).sum(),
             quantized: scalar(key::BLOCK_SIZE).is_some_and(|size| size > 0),
+            state_bits: read.map(|(fields, _)| fields.layout.map_or(32, |(_, family)| family.bits())),
             fingerprint: fnv1a64(content.chain(time)),
             checksum: read.map_or(RecordChecksum::Absent, |(_, checksum)| *checksum),
             steps: read.map(|(fields, _)| fields.time as u64),
