@@ -807,13 +807,13 @@ impl Encoder {
             codes.fill(self.zero_code);
             return;
         }
-        let bounds = block_bounds(&self.midpoints[..self.thresholds], absmax);
         #[cfg(target_arch = "x86_64")]
         if level.has_avx512() && self.thresholds < avx512::LANES {
-            // SAFETY: the level has AVX-512; a 4-bit map's bounds past its 15 thresholds are +∞.
-            unsafe { avx512::encode_narrow(block, &bounds, codes) };
+            // SAFETY: the level has AVX-512; a 4-bit map's midpoints past its 15 are +∞.
+            unsafe { avx512::encode_narrow(block, &self.midpoints, absmax, codes) };
             return;
         }
+        let bounds = block_bounds(&self.midpoints[..self.thresholds], absmax);
         if !self.guesses.settled_absmax.contains(&absmax) {
             for (code, &x) in codes.iter_mut().zip(block) {
                 *code = search(&bounds, x) as u8;

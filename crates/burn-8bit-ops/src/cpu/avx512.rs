@@ -122,20 +122,22 @@ pub(super) unsafe fn encode(
     }
 }
 
-/// Encodes `block` into `codes` (as many) under a 4-bit map: per element the number of its
-/// thresholds below `x`, by a four-step binary search over one register holding
-/// `bounds[1..17]` (the 15 thresholds, then `+∞`). Exact for every `x` and absmax, as the
-/// scalar search is: NaN compares below every threshold (code 0), `+∞` above all 15.
+/// Encodes `block` into `codes` (as many) under a 4-bit map of (padded) `midpoints` in a block of
+/// `absmax` > 0: per element the number of thresholds `midpoint · absmax` below `x`, by a
+/// four-step binary search over one register holding the 15 thresholds and `+∞` (the first
+/// padding midpoint times `absmax`: the products of `block_bounds`, without building the 258
+/// bounds of an 8-bit map for every block). Exact for every `x`, as the scalar search is: NaN
+/// compares below every threshold (code 0), `+∞` above all 15.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and VL; `bounds[16]` is `+∞` (a 4-bit map's padding); `codes` is as
-/// long as `block`.
+/// The CPU has AVX-512 F, BW and VL; `midpoints[15]` is `+∞` (a 4-bit map's padding) and
+/// `absmax` is positive; `codes` is as long as `block`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn encode_narrow(block: &[f32], bounds: &[f32; BOUNDS], codes: &mut [u8]) {
-    debug_assert_eq!(bounds[LANES], f32::INFINITY);
+pub(super) unsafe fn encode_narrow(block: &[f32], midpoints: &[f32; MAP_LEN - 1], absmax: f32, codes: &mut [u8]) {
+    debug_assert!(midpoints[LANES - 1] == f32::INFINITY && absmax > 0.0);
     debug_assert_eq!(block.len(), codes.len());
-    // SAFETY: `bounds` holds more than 17 values.
-    let thresholds = unsafe { _mm512_loadu_ps(bounds.as_ptr().add(1)) };
+    // SAFETY: `midpoints` holds more than 16 values.
+    let thresholds = _mm512_mul_ps(unsafe { _mm512_loadu_ps(midpoints.as_ptr()) }, _mm512_set1_ps(absmax));
     for start in (0..block.len()).step_by(LANES) {
         let mask = lane_mask(block.len() - start);
         // SAFETY: masked lanes are neither read nor written, the others lie inside both slices.
@@ -143,7 +145,7 @@ pub(super) unsafe fn encode_narrow(block: &[f32], bounds: &[f32; BOUNDS], codes:
             let x = _mm512_maskz_loadu_ps(mask, block.as_ptr().add(start));
             let mut code = _mm512_setzero_si512();
             for step in [8, 4, 2, 1] {
-                // Threshold `code + step - 1` is bound `code + step`.
+                // The threshold just below code `code + step`.
                 let probe = _mm512_add_epi32(code, _mm512_set1_epi32(step - 1));
                 let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_permutexvar_ps(probe, thresholds));
                 code = _mm512_mask_add_epi32(code, above, code, _mm512_set1_epi32(step));
