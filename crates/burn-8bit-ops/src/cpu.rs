@@ -680,21 +680,23 @@ fn with_code_bytes<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// Eight 4-bit codes per word, the first in the lowest bits.
 const NIBBLES: usize = 8;
 
-/// The 4-bit codes packed in `words`, one byte each, into `codes` (as many as it holds).
+/// The 4-bit codes packed in `words`, one byte each, into `codes` (as many as it holds): whole
+/// words in chunks of a length the compiler knows, then the partial last one.
 #[inline(always)]
 fn unpack_nibbles(words: &[u32], codes: &mut [u8]) {
-    let whole = codes.len() / NIBBLES;
-    let mut chunks = codes.chunks_exact_mut(NIBBLES);
-    for (codes, &word) in (&mut chunks).zip(words) {
+    #[inline(always)]
+    fn unpack_word(word: u32, codes: &mut [u8]) {
         for (j, code) in codes.iter_mut().enumerate() {
             *code = ((word >> (4 * j)) & 0xf) as u8;
         }
     }
-    let tail = chunks.into_remainder();
+    let whole = codes.len() / NIBBLES;
+    let mut chunks = codes.chunks_exact_mut(NIBBLES);
+    for (codes, &word) in (&mut chunks).zip(words) {
+        unpack_word(word, codes);
+    }
     if let Some(&word) = words.get(whole) {
-        for (j, code) in tail.iter_mut().enumerate() {
-            *code = ((word >> (4 * j)) & 0xf) as u8;
-        }
+        unpack_word(word, chunks.into_remainder());
     }
 }
 
@@ -722,8 +724,6 @@ struct Encoder {
     /// The map's thresholds, padded with `+∞` (`CodeMap::padded_midpoints`): the padding never
     /// counts, so 4-bit maps take the 8-bit path unchanged.
     midpoints: [f32; MAP_LEN - 1],
-    /// How many of `midpoints` are the map's own (255, or 15 for a 4-bit map).
-    thresholds: usize,
     zero_code: u8,
     guesses: &'static GuessTable,
     /// Per bucket, the guess in the low byte and in the high byte the number of thresholds that
@@ -744,7 +744,6 @@ impl Encoder {
                 bits: map.bits(),
                 values: table.padded_values(),
                 midpoints: table.padded_midpoints(),
-                thresholds: table.values().len() - 1,
                 zero_code: table.zero_code(),
                 guesses,
                 #[cfg(target_arch = "x86_64")]
@@ -807,13 +806,15 @@ impl Encoder {
             codes.fill(self.zero_code);
             return;
         }
+        // The map's own thresholds: 255, or 15 for a 4-bit map.
+        let thresholds = (1 << self.bits) - 1;
         #[cfg(target_arch = "x86_64")]
-        if level.has_avx512() && self.thresholds < avx512::LANES {
+        if level.has_avx512() && thresholds < avx512::LANES {
             // SAFETY: the level has AVX-512; a 4-bit map's midpoints past its 15 are +∞.
             unsafe { avx512::encode_narrow(block, &self.midpoints, absmax, codes) };
             return;
         }
-        let bounds = block_bounds(&self.midpoints[..self.thresholds], absmax);
+        let bounds = block_bounds(&self.midpoints[..thresholds], absmax);
         if !self.guesses.settled_absmax.contains(&absmax) {
             for (code, &x) in codes.iter_mut().zip(block) {
                 *code = search(&bounds, x) as u8;

@@ -121,12 +121,13 @@ impl BlockQuantized {
         let (bits, per_word) = (map.bits() as usize, map.codes_per_word());
         let zero = u32::from(map.map().zero_code());
         let full_word = (0..per_word).fold(0u32, |word, j| word | zero << (bits * j));
-        let mut words = vec![full_word; map.num_words(len)];
+        let num_words = map.num_words(len);
+        let mut words = vec![full_word; num_words];
         if let Some(last) = words.last_mut() {
-            let unused = map.num_words(len) * per_word - len;
+            let unused = num_words * per_word - len;
             *last &= u32::MAX >> (bits * unused);
         }
-        let codes = Tensor::from_data(TensorData::new(words, [map.num_words(len)]), (device, DType::U32));
+        let codes = Tensor::from_data(TensorData::new(words, [num_words]), (device, DType::U32));
         // Uploaded rather than `Tensor::zeros`, for the reason `Optim8bitState::new` gives.
         let blocks = block_size.num_blocks(len);
         let absmax = Tensor::from_data(TensorData::new(vec![0f32; blocks], [blocks]), (device, DType::F32));

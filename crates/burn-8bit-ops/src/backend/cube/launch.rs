@@ -355,7 +355,8 @@ fn launch_step(
     if len == 0 {
         return;
     }
-    let launch = BlockLaunch::new(&args.param, len, block_size, args.code_bits());
+    let code_bits = args.code_bits();
+    let launch = BlockLaunch::new(&args.param, len, block_size, code_bits);
     let device = DeviceTables::of(&args.param);
     let (words1, floats1) = args.slots[0].args(0, &device, &launch);
     let (words2, floats2) = args.slots[1].args(1, &device, &launch);
@@ -369,7 +370,7 @@ fn launch_step(
         block_size,
         units: launch.units,
         stochastic_bf16: rounds_stochastically(args.param_type, scalars),
-        code_bits: args.code_bits(),
+        code_bits,
     };
     // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
     // element type the kernel declares; the spare `sums` of a step is never accessed.
