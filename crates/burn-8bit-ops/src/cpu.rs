@@ -19,6 +19,7 @@ use crate::step::{StepRule, StepScalars, update_element};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod rank1;
 
 /// The instruction set the element loops are compiled for: each `#[inline(always)]` loop below
 /// is inlined into one function per level (macerator's, Burn's own SIMD dispatch) with that
@@ -208,6 +209,32 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
     words
 }
 
+/// Rank-1 quantization of `values`, a row-major matrix of `cols` columns (see
+/// [`crate::host::rank1_quantize`]): packed codes, row maxima, column maxima.
+pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+    let (mut rows_bits, mut cols_bits) = (vec![0u32; values.len() / cols], vec![0u32; cols]);
+    for (i, x) in values.iter().enumerate() {
+        let bits = x.to_bits() & rule::ABS_MASK;
+        rows_bits[i / cols] = rows_bits[i / cols].max(bits);
+        cols_bits[i % cols] = cols_bits[i % cols].max(bits);
+    }
+    let rows: Vec<f32> = rows_bits.into_iter().map(rule::absmax_from_bits).collect();
+    let cols: Vec<f32> = cols_bits.into_iter().map(rule::absmax_from_bits).collect();
+    let mut words = vec![0u32; map.num_words(values.len())];
+    Encoder::get(map).encode_rank1(values, rank1::Scales::new(&rows, &cols, 0), &mut words);
+    (words, rows, cols)
+}
+
+/// The values of rank-1 codes under their row and column maxima (see
+/// [`crate::host::rank1_dequantize`]).
+pub fn rank1_dequantize(words: &[u32], rows: &[f32], cols: &[f32], map: MapKind) -> Vec<f32> {
+    let mut values = vec![0f32; rows.len() * cols.len()];
+    if !values.is_empty() {
+        Encoder::get(map).decode_rank1(words, rank1::Scales::new(rows, cols, 0), &mut values);
+    }
+    values
+}
+
 /// Decodes `output.len()` elements from packed codes and per-block absmax into `output`.
 pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize, output: &mut [f32]) {
     let level = Level::current();
@@ -235,9 +262,10 @@ pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize
     });
 }
 
-/// One optimizer state of a tensor on the CPU: block-wise codes with their absmax and map, or
-/// plain `f32` values. `W` and `F` are slices of words and floats, shared or mutable.
-pub enum StateSlice<W, F> {
+/// One optimizer state of a tensor on the CPU: block-wise codes with their absmax and map, codes
+/// under rank-1 normalisation, or plain `f32` values. `W` and `F` are slices of words and
+/// floats, shared or mutable; rank-1 norms are always shared (`'n`).
+pub enum StateSlice<'n, W, F> {
     /// Packed codes (`map.num_words(len)` words) and one absmax per block, in `map`.
     Blockwise {
         /// Packed codes.
@@ -247,16 +275,43 @@ pub enum StateSlice<W, F> {
         /// The map the codes index.
         map: MapKind,
     },
+    /// Packed codes (`map.num_words(len)` words) under rank-1 normalisation, in `map`.
+    Rank1 {
+        /// Packed codes of the elements from `offset` on.
+        words: W,
+        /// The norms the codes are decoded against and those new codes are encoded against.
+        norms: Rank1Scales<'n>,
+        /// The index in the whole state of the first element of `words`: the element's row and
+        /// column follow from it.
+        offset: usize,
+        /// The map the codes index.
+        map: MapKind,
+    },
     /// One `f32` per element.
     Full(F),
 }
 
-/// A state the fused step rewrites.
-pub type StateMut<'a> = StateSlice<&'a mut [u32], &'a mut [f32]>;
-/// A state the update-norm pass reads.
-pub type StateRef<'a> = StateSlice<&'a [u32], &'a [f32]>;
+/// The scales of a rank-1 state (see [`crate::Rank1Norms`]): `rows` and `cols` its codes are
+/// decoded against, `next_rows` and `next_cols` a step encodes against (passes that only read
+/// may give the same slices twice).
+#[derive(Clone, Copy, Debug)]
+pub struct Rank1Scales<'n> {
+    /// The row maxima of the stored codes.
+    pub rows: &'n [f32],
+    /// The column maxima of the stored codes.
+    pub cols: &'n [f32],
+    /// The row maxima of the step's new values.
+    pub next_rows: &'n [f32],
+    /// The column maxima of the step's new values.
+    pub next_cols: &'n [f32],
+}
 
-impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<W, F> {
+/// A state the fused step rewrites.
+pub type StateMut<'a> = StateSlice<'a, &'a mut [u32], &'a mut [f32]>;
+/// A state the update-norm pass reads.
+pub type StateRef<'a> = StateSlice<'a, &'a [u32], &'a [f32]>;
+
+impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<'_, W, F> {
     /// Writes block `block` (`output.len()` elements) of this state into `output`.
     #[inline(always)]
     fn read_block(&self, level: Level, block: usize, block_size: usize, output: &mut [f32]) {
@@ -267,14 +322,20 @@ impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<W, F> {
                 let words = &words.as_ref()[first..first + map.num_words(output.len())];
                 Encoder::get(*map).decode_into(level, words, absmax.as_ref()[block], output);
             }
+            StateSlice::Rank1 { words, norms, offset, map } => {
+                let first = start / map.codes_per_word();
+                let words = &words.as_ref()[first..first + map.num_words(output.len())];
+                let scales = rank1::Scales::new(norms.rows, norms.cols, offset + start);
+                Encoder::get(*map).decode_rank1(words, scales, output);
+            }
             StateSlice::Full(values) => output.copy_from_slice(&values.as_ref()[start..start + output.len()]),
         }
     }
 }
 
-impl<W, F> StateSlice<W, F> {
+impl<'n, W, F> StateSlice<'n, W, F> {
     /// This state, writable.
-    pub fn borrow_mut(&mut self) -> StateMut<'_>
+    pub fn borrow_mut(&mut self) -> StateSlice<'n, &mut [u32], &mut [f32]>
     where
         W: AsMut<[u32]>,
         F: AsMut<[f32]>,
@@ -283,12 +344,15 @@ impl<W, F> StateSlice<W, F> {
             StateSlice::Blockwise { words, absmax, map } => {
                 StateSlice::Blockwise { words: words.as_mut(), absmax: absmax.as_mut(), map: *map }
             }
+            StateSlice::Rank1 { words, norms, offset, map } => {
+                StateSlice::Rank1 { words: words.as_mut(), norms: *norms, offset: *offset, map: *map }
+            }
             StateSlice::Full(values) => StateSlice::Full(values.as_mut()),
         }
     }
 
     /// This state, read-only.
-    pub fn borrow(&self) -> StateRef<'_>
+    pub fn borrow(&self) -> StateSlice<'n, &[u32], &[f32]>
     where
         W: AsRef<[u32]>,
         F: AsRef<[f32]>,
@@ -297,6 +361,9 @@ impl<W, F> StateSlice<W, F> {
             StateSlice::Blockwise { words, absmax, map } => {
                 StateSlice::Blockwise { words: words.as_ref(), absmax: absmax.as_ref(), map: *map }
             }
+            StateSlice::Rank1 { words, norms, offset, map } => {
+                StateSlice::Rank1 { words: words.as_ref(), norms: *norms, offset: *offset, map: *map }
+            }
             StateSlice::Full(values) => StateSlice::Full(values.as_ref()),
         }
     }
@@ -304,7 +371,8 @@ impl<W, F> StateSlice<W, F> {
 
 impl StateMut<'_> {
     /// Stores `values` as block `block` of this state: the block's new absmax (`max_bits`, the
-    /// largest `bits(|x|)` in it) and codes, or the values themselves.
+    /// largest `bits(|x|)` in it) and codes, codes against the next rank-1 norms, or the values
+    /// themselves.
     #[inline(always)]
     fn write_block(&mut self, level: Level, block: usize, block_size: usize, values: &[f32], max_bits: u32) {
         let start = block * block_size;
@@ -315,6 +383,12 @@ impl StateMut<'_> {
                 let first = start / map.codes_per_word();
                 let words = &mut words[first..first + map.num_words(values.len())];
                 Encoder::get(*map).encode_into(level, values, scale, words);
+            }
+            StateSlice::Rank1 { words, norms, offset, map } => {
+                let first = start / map.codes_per_word();
+                let words = &mut words[first..first + map.num_words(values.len())];
+                let scales = rank1::Scales::new(norms.next_rows, norms.next_cols, *offset + start);
+                Encoder::get(*map).encode_rank1(values, scales, words);
             }
             StateSlice::Full(target) => target[start..start + values.len()].copy_from_slice(values),
         }
@@ -327,6 +401,16 @@ impl StateMut<'_> {
                 .chunks_mut(group * block_size / map.codes_per_word())
                 .zip(absmax.chunks_mut(group))
                 .map(|(words, absmax)| StateSlice::Blockwise { words, absmax, map: *map })
+                .collect(),
+            StateSlice::Rank1 { words, norms, offset, map } => words
+                .chunks_mut(group * block_size / map.codes_per_word())
+                .enumerate()
+                .map(|(part, words)| StateSlice::Rank1 {
+                    words,
+                    norms: *norms,
+                    offset: *offset + part * group * block_size,
+                    map: *map,
+                })
                 .collect(),
             StateSlice::Full(values) => values.chunks_mut(group * block_size).map(StateSlice::Full).collect(),
         }
@@ -623,6 +707,94 @@ pub fn update_norms<P: ParamElement>(
         )
     });
     sums
+}
+
+/// The first pass of a step over a rank-1 state: the row and column maxima (`rows`, `cols`, on
+/// the bits of `|x|`, NaN canonical) of the values [`fused_step`] will store in the one
+/// [`StateSlice::Rank1`] slot of `states` — the new values, or the old decoded ones where the
+/// update is skipped. Nothing is written. Each task reduces its own rows and every column, and
+/// the tasks' maxima are merged; a maximum does not depend on the order, so neither does the
+/// result.
+///
+/// # Panics
+/// When no state is rank-1, or its norms do not cover the parameter.
+pub fn rank1_norms<P: ParamElement>(
+    rule: StepRule,
+    scalars: &StepScalars,
+    grad_scale: f32,
+    param: &[P],
+    grad: &[P],
+    states: &[StateRef<'_>],
+    block_size: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let level = Level::current();
+    let (slot, norms) = states
+        .iter()
+        .enumerate()
+        .find_map(|(slot, state)| match state {
+            StateSlice::Rank1 { norms, .. } => Some((slot, *norms)),
+            _ => None,
+        })
+        .expect("a step with a rank-1 state");
+    let (num_rows, num_cols) = (norms.rows.len(), norms.cols.len());
+    assert_eq!(num_rows * num_cols, param.len(), "rank-1 norms of {num_rows} × {num_cols} for {} elements", param.len());
+    let step = Step { level, scalars, lr: scalars.lr, grad_scale };
+    let num_blocks = param.len().div_ceil(block_size);
+    let group = blocks_per_task(block_size);
+    let tasks: Vec<usize> = (0..num_blocks.div_ceil(group)).collect();
+    let parts = run_tasks(tasks, |task| {
+        level.run(
+            #[inline(always)]
+            || {
+                // A local copy, as in `Step::blocks_with`: the loop's stores cannot alias it.
+                let scalars = *step.scalars;
+                let step = Step { scalars: &scalars, ..step };
+                let blocks = task * group..((task + 1) * group).min(num_blocks);
+                let first_row = blocks.start * block_size / num_cols;
+                let last_row = ((blocks.end * block_size).min(param.len()) - 1) / num_cols;
+                let (mut rows, mut cols) = (vec![0u32; last_row + 1 - first_row], vec![0u32; num_cols]);
+                let mut scratch = Scratch::new(block_size);
+                let mut stored = vec![0f32; block_size];
+                for block in blocks {
+                    let start = block * block_size;
+                    let len = block_size.min(param.len() - start);
+                    let [s0, s1, s2] = scratch.read(level, states, block, block_size, len);
+                    let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
+                    let (s0, s1, s2, stored) = (&s0[..len], &s1[..len], &s2[..len], &mut stored[..len]);
+                    with_constant_rule!(rule, |RULE| {
+                        for i in 0..len {
+                            let (out, _, _) =
+                                step_element(step, RULE, step.lr, param[i].to_f32(), grad[i].to_f32(), [s0[i], s1[i], s2[i]]);
+                            stored[i] = out[1 + slot];
+                        }
+                    });
+                    let (mut row, mut col) = (start / num_cols - first_row, start % num_cols);
+                    for x in stored.iter() {
+                        let bits = x.to_bits() & rule::ABS_MASK;
+                        rows[row] = rows[row].max(bits);
+                        cols[col] = cols[col].max(bits);
+                        col += 1;
+                        if col == num_cols {
+                            col = 0;
+                            row += 1;
+                        }
+                    }
+                }
+                (first_row, rows, cols)
+            },
+        )
+    });
+    let (mut rows, mut cols) = (vec![0u32; num_rows], vec![0u32; num_cols]);
+    for (first_row, part_rows, part_cols) in parts {
+        for (all, part) in rows[first_row..].iter_mut().zip(part_rows) {
+            *all = (*all).max(part);
+        }
+        for (all, part) in cols.iter_mut().zip(part_cols) {
+            *all = (*all).max(part);
+        }
+    }
+    let canonical = |bits: Vec<u32>| bits.into_iter().map(rule::absmax_from_bits).collect();
+    (canonical(rows), canonical(cols))
 }
 
 /// `max |x|` over a block computed on the bits of `|x|`, as the kernels do: for non-negative
@@ -1011,6 +1183,145 @@ mod tests {
                 assert!(scalar.0.iter().all(|(skipped, _)| *skipped == 2), "{rule:?}: the two non-finite gradients skip");
                 for (level, run) in &runs[1..] {
                     assert!(run == scalar, "{level:?} differs from scalar ({rule:?}, {family:?}, quantized {quantized})");
+                }
+            }
+        }
+    }
+
+    /// A step over a rank-1 state, at every level, is its reference spelled out on the host:
+    /// decode every state, update each element (skipping the non-finite ones), quantize each
+    /// state anew — block-wise states against their blocks' new absmax, the rank-1 state against
+    /// the row and column maxima of its new values. For every rule with a non-negative state
+    /// (its first is rank-1), on matrices whose rows end inside blocks.
+    #[test]
+    fn a_rank1_step_is_decode_update_and_requantize() {
+        let (rows, cols, block_size) = (37, 1000, 256);
+        let len = rows * cols;
+        let grad = {
+            let mut grad = random_values(len, 11);
+            grad[5] = f32::NAN;
+            grad[cols + 3] = f32::INFINITY;
+            grad
+        };
+        let scalars = StepScalars {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            beta3: 0.5,
+            alpha: 5.0,
+            eps: 1e-8,
+            correction1: 0.1,
+            correction2: 0.0447,
+            decay_factor: 0.99,
+            l2_penalty: 0.01,
+            ..StepScalars::default()
+        };
+        let family = MapFamily::FourBit;
+        let rules = (0..64).filter_map(StepRule::from_code).filter(|rule| rule.state_maps(family).contains(&family.kind(false)));
+        for rule in rules {
+            let maps = rule.state_maps(family);
+            let rank1_slot = maps.iter().position(|&map| map == family.kind(false)).expect("a non-negative state");
+            let param0 = random_values(len, 3);
+            let values: Vec<Vec<f32>> = (0..maps.len())
+                .map(|slot| random_values(len, 20 + slot as u64).iter().map(|x| x.abs() * 0.1).collect())
+                .collect();
+            // (words, absmax or rows, cols): the states as stored.
+            let stored: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = values
+                .iter()
+                .zip(&maps)
+                .enumerate()
+                .map(|(slot, (values, &map))| match slot == rank1_slot {
+                    true => rank1_quantize(values, cols, map),
+                    false => {
+                        let (words, absmax) = quantize(values, map, block_size);
+                        (words, absmax, Vec::new())
+                    }
+                })
+                .collect();
+
+            let mut expected_param = param0.clone();
+            let mut decoded: Vec<Vec<f32>> = stored
+                .iter()
+                .zip(&maps)
+                .enumerate()
+                .map(|(slot, ((words, first, second), &map))| {
+                    let mut values = vec![0f32; len];
+                    if slot == rank1_slot {
+                        values = rank1_dequantize(words, first, second, map);
+                    } else {
+                        dequantize(words, first, map, block_size, &mut values);
+                    }
+                    values
+                })
+                .collect();
+            let step = Step { level: Level::detected(), scalars: &scalars, lr: scalars.lr * 0.7, grad_scale: 0.5 };
+            for i in 0..len {
+                let old: [f32; 3] = std::array::from_fn(|slot| decoded.get(slot).map_or(0.0, |values| values[i]));
+                let ([p, a, b, c], _, _) = step_element(step, rule, step.lr, expected_param[i], grad[i], old);
+                expected_param[i] = p;
+                for (values, new) in decoded.iter_mut().zip([a, b, c]) {
+                    values[i] = new;
+                }
+            }
+            let expected: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = decoded
+                .iter()
+                .zip(&maps)
+                .enumerate()
+                .map(|(slot, (values, &map))| match slot == rank1_slot {
+                    true => rank1_quantize(values, cols, map),
+                    false => {
+                        let (words, absmax) = quantize(values, map, block_size);
+                        (words, absmax, Vec::new())
+                    }
+                })
+                .collect();
+
+            for (level, (param, states)) in at_every_level(|| {
+                let mut param = param0.clone();
+                let mut states = stored.clone();
+                let (next_rows, next_cols) = {
+                    let refs: Vec<StateRef<'_>> = states
+                        .iter()
+                        .zip(&maps)
+                        .enumerate()
+                        .map(|(slot, ((words, first, second), &map))| match slot == rank1_slot {
+                            true => StateSlice::Rank1 {
+                                words: words.as_slice(),
+                                norms: Rank1Scales { rows: first, cols: second, next_rows: first, next_cols: second },
+                                offset: 0,
+                                map,
+                            },
+                            false => StateSlice::Blockwise { words: words.as_slice(), absmax: first.as_slice(), map },
+                        })
+                        .collect();
+                    rank1_norms(rule, &scalars, 0.5, &param, &grad, &refs, block_size)
+                };
+                let mut views: Vec<StateMut<'_>> = states
+                    .iter_mut()
+                    .zip(&maps)
+                    .enumerate()
+                    .map(|(slot, ((words, first, second), &map))| match slot == rank1_slot {
+                        true => StateSlice::Rank1 {
+                            words: words.as_mut_slice(),
+                            norms: Rank1Scales { rows: first, cols: second, next_rows: &next_rows, next_cols: &next_cols },
+                            offset: 0,
+                            map,
+                        },
+                        false => StateSlice::Blockwise { words: words.as_mut_slice(), absmax: first.as_mut_slice(), map },
+                    })
+                    .collect();
+                assert_eq!(fused_step(rule, &scalars, 0.5, 0.7, &mut param, &grad, &mut views, block_size), 2);
+                drop(views);
+                states[rank1_slot].1 = next_rows.clone();
+                states[rank1_slot].2 = next_cols.clone();
+                (param, states)
+            }) {
+                let bits = |values: &[f32]| values.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&param), bits(&expected_param), "{rule:?} at {level:?}: parameters");
+                for (slot, (got, want)) in states.iter().zip(&expected).enumerate() {
+                    assert_eq!(got.0, want.0, "{rule:?} at {level:?}: codes of slot {slot}");
+                    assert_eq!(bits(&got.1), bits(&want.1), "{rule:?} at {level:?}: absmax or rows of slot {slot}");
+                    assert_eq!(bits(&got.2), bits(&want.2), "{rule:?} at {level:?}: columns of slot {slot}");
                 }
             }
         }

@@ -26,6 +26,30 @@ pub struct PackedBlocks<B: Backend> {
     pub absmax: FloatTensor<B>,
 }
 
+/// The scales of a rank-1 normalised state (docs/algorithm.md §2.4): the flat state viewed as a
+/// matrix of `rows.len()` rows and `cols.len()` columns (row-major), the largest value of each
+/// row and of each column. Element `(i, j)` is scaled by the smaller of `rows[i]` and `cols[j]`.
+#[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "cube"))]
+pub struct Rank1Norms<B: Backend> {
+    /// `f32`, one per row.
+    pub rows: FloatTensor<B>,
+    /// `f32`, one per column.
+    pub cols: FloatTensor<B>,
+}
+
+/// A non-negative state quantized with rank-1 normalisation: packed codes
+/// (`map.num_words(rows · cols)` words) and the norms they were written against.
+#[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "cube"))]
+pub struct Rank1Codes<B: Backend> {
+    /// `u32` words of packed codes.
+    pub codes: IntTensor<B>,
+    /// The row and column maxima the codes are scaled by.
+    #[extension_type]
+    pub norms: Rank1Norms<B>,
+}
+
 /// One optimizer state of a parameter, as the fused step reads and rewrites it.
 #[derive(ExtensionType)]
 #[extension_type(fusion: cfg(feature = "cube"))]
@@ -35,6 +59,20 @@ pub enum StateBuffer<B: Backend> {
     /// Block-wise codes (8 or 4 bits) and absmax, in the map of the slot
     /// ([`StepRule::state_maps`] of the step's family).
     Blockwise(#[extension_type] PackedBlocks<B>),
+    /// Codes under rank-1 normalisation, in the map of the slot (an unsigned map: the state is
+    /// non-negative), and the norms of the step's new values from
+    /// [`BlockwiseOps::rank1_norms`]. The fused step decodes against `state.norms` and encodes
+    /// against `next`, and returns the two swapped: `state` then holds the new codes and the
+    /// norms they were written against, `next` the old norms. Passes that only read (the
+    /// update norms, the rank-1 norms) ignore `next`. At most one slot of a step is rank-1.
+    Rank1 {
+        /// The codes and the norms they were written against.
+        #[extension_type]
+        state: Rank1Codes<B>,
+        /// The norms the step encodes against.
+        #[extension_type]
+        next: Rank1Norms<B>,
+    },
     /// Plain flat `f32` values, one per parameter element (small tensors, `f32` configs).
     Full(FloatTensor<B>),
 }
@@ -240,6 +278,25 @@ pub trait BlockwiseOps: Backend {
         scalars: StepScalars,
         block_size: usize,
     ) -> FloatTensor<Self>;
+
+    /// The first pass of a step over a rank-1 state: the row and column maxima of the values the
+    /// fused step will store in the step's [`StateBuffer::Rank1`] slot (its new values, or its
+    /// old decoded values where the update is skipped), as [`Rank1Norms`] of the slot's shape.
+    /// Nothing is written. The maxima are taken on the bits, as block absmax is, and are exact:
+    /// the same on every backend.
+    ///
+    /// # Panics
+    /// When no slot is rank-1.
+    #[fusion(meta = fusion_meta::rank1_norms)]
+    fn rank1_norms(
+        #[extension_type] tensors: StepTensors<Self>,
+        grad: FloatTensor<Self>,
+        #[extension_type] grad_scale: Scale<Self>,
+        rule: StepRule,
+        family: MapFamily,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> Rank1Norms<Self>;
 }
 
 #[cfg(feature = "cube")]
@@ -247,7 +304,7 @@ mod fusion_meta {
     use burn::backend::fusion::custom::TensorSpec;
     use burn::tensor::DType;
 
-    use super::{PackedBlocksMetadata, ScaleMetadata, StepTensorsMetadata};
+    use super::{PackedBlocksMetadata, Rank1NormsMetadata, ScaleMetadata, StateBufferMetadata, StepTensorsMetadata};
     use crate::map::{MapFamily, MapKind};
     use crate::step::{StepRule, StepScalars};
 
@@ -262,6 +319,24 @@ mod fusion_meta {
     ) -> TensorSpec {
         let blocks = tensors.param.shape.num_elements().div_ceil(*block_size);
         TensorSpec::new([2 * blocks].into(), DType::F32)
+    }
+
+    pub fn rank1_norms(
+        tensors: &StepTensorsMetadata,
+        _grad: &TensorSpec,
+        _grad_scale: &ScaleMetadata,
+        _rule: &StepRule,
+        _family: &MapFamily,
+        _scalars: &StepScalars,
+        _block_size: &usize,
+    ) -> Rank1NormsMetadata {
+        [&tensors.state1, &tensors.state2, &tensors.state3]
+            .into_iter()
+            .find_map(|state| match state {
+                StateBufferMetadata::Rank1 { state, .. } => Some(state.norms.clone()),
+                _ => None,
+            })
+            .expect("a step with a rank-1 state")
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -42,6 +42,42 @@ pub fn dequantize(
     Ok(values)
 }
 
+/// The packed codes (`map.num_words(values.len())` words), row maxima and column maxima of
+/// `values`, a row-major matrix of `cols` columns, quantized with rank-1 normalisation in `map`
+/// (docs/algorithm.md §2.4): element `(i, j)` is scaled by `min(rows[i], cols[j])`, the largest
+/// magnitudes of its row and its column.
+///
+/// ```
+/// use burn_8bit_ops::{MapKind, host};
+///
+/// let values = [1.0, 0.5, 0.25, 0.125, 2.0, 0.0625];
+/// let (words, rows, cols) = host::rank1_quantize(&values, 3, MapKind::LinearUnsigned4)?;
+/// assert_eq!((rows.as_slice(), cols.as_slice()), ([1.0, 2.0].as_slice(), [1.0, 2.0, 0.25].as_slice()));
+/// let decoded = host::rank1_dequantize(&words, &rows, &cols, MapKind::LinearUnsigned4)?;
+/// assert_eq!(decoded, [1.0, 0.5, 0.25, 0.125, 2.0, 0.0625]);
+/// # Ok::<(), burn_8bit_ops::QuantError>(())
+/// ```
+///
+/// [`QuantError::Inconsistent`] when `cols` is 0 or does not divide the length.
+pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>), QuantError> {
+    if cols == 0 || values.len() % cols != 0 {
+        return Err(QuantError::Inconsistent { reason: format!("{} values are not rows of {cols} columns", values.len()) });
+    }
+    Ok(cpu::rank1_quantize(values, cols, map))
+}
+
+/// The values that rank-1 codes `words` with their row and column maxima encode in `map`
+/// ([`rank1_quantize`]); [`QuantError::Inconsistent`] when the lengths disagree.
+pub fn rank1_dequantize(words: &[u32], rows: &[f32], cols: &[f32], map: MapKind) -> Result<Vec<f32>, QuantError> {
+    let len = rows.len() * cols.len();
+    if words.len() != map.num_words(len) {
+        return Err(QuantError::Inconsistent {
+            reason: format!("{} code words for {} × {} elements, expected {}", words.len(), rows.len(), cols.len(), map.num_words(len)),
+        });
+    }
+    Ok(cpu::rank1_dequantize(words, rows, cols, map))
+}
+
 /// The first `len` codes packed in `words` as `map` packs them ([`MapKind::codes_per_word`]),
 /// one byte each.
 ///

@@ -4,6 +4,7 @@
 //! - [`CodeMap`] / [`MapKind`]: the dynamic and linear maps of bitsandbytes and the 4-bit maps of
 //!   torchao, bit for bit.
 //! - [`BlockQuantized`]: quantize any tensor into packed codes plus per-block absmax, and back.
+//! - [`Rank1Quantized`]: rank-1 normalised codes of a non-negative matrix (the 4-bit second moment).
 //! - [`host`]: the same codes on plain slices, without a device (what records hold).
 //! - [`BlockwiseOps`]: the backend-extension trait, implemented by CubeCL kernels (`wgpu`, `cuda`,
 //!   `cpu` features) and by a native CPU twin (`flex`, `ndarray`) with bit-identical results.
@@ -30,15 +31,17 @@ mod ext;
 pub mod host;
 mod map;
 mod quantized;
+mod rank1;
 mod rule;
 mod step;
 
 pub use block::BlockSize;
 pub use copies::shared_buffer_copies;
 pub use error::QuantError;
-pub use ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
+pub use ext::{BlockwiseOps, PackedBlocks, ParamDType, Rank1Codes, Rank1Norms, Scale, StateBuffer, StepTensors};
 pub use map::{CodeMap, MAP_LEN, MapFamily, MapKind};
 pub use quantized::BlockQuantized;
+pub use rank1::Rank1Quantized;
 pub use rule::{COUNT_WORDS, add_to_count, count_value, count_words, rounding_key};
 pub use step::{StepRule, StepScalars};
 

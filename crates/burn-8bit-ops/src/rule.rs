@@ -17,6 +17,41 @@ pub fn absmax_from_bits(max_abs_bits: u32) -> f32 {
     }
 }
 
+/// The scale of element `(i, j)` of a rank-1 normalised state (docs/algorithm.md §2.4): the
+/// smaller of its row's maximum and its column's, compared on the bits of their magnitudes (so a
+/// NaN norm loses to any other), as bits.
+pub fn rank1_scale_bits(row: f32, col: f32) -> u32 {
+    (row.to_bits() & ABS_MASK).min(col.to_bits() & ABS_MASK)
+}
+
+/// A code's value times the scale of bits `scale_bits`; the canonical NaN when the scale is not
+/// finite, as a block of non-finite absmax decodes.
+pub fn decode_scaled(value: f32, scale_bits: u32) -> f32 {
+    if scale_bits >= INFINITY_BITS {
+        f32::from_bits(CANONICAL_NAN_BITS)
+    } else {
+        value * f32::from_bits(scale_bits)
+    }
+}
+
+/// The code of `x` under a scale of bits `scale_bits` by the encode rule (docs/algorithm.md
+/// §2.2): the number of thresholds `midpoints[k] · scale` below `x`, found by binary search over
+/// the `2^bits − 1` thresholds of a map of `bits`-bit codes (a 4-bit map's padding thresholds are
+/// `+∞`); `zero_code` when the scale is 0 or not finite.
+pub fn encode_scaled(midpoints: &[f32], bits: u32, zero_code: u8, x: f32, scale_bits: u32) -> u8 {
+    if scale_bits == 0 || scale_bits >= INFINITY_BITS {
+        return zero_code;
+    }
+    let scale = f32::from_bits(scale_bits);
+    let mut code = 0;
+    let mut step = 1 << (bits - 1);
+    while step > 0 {
+        code += step * usize::from(x > midpoints[code + step - 1] * scale);
+        step /= 2;
+    }
+    code as u8
+}
+
 /// The skip counter of the fused step is a 64-bit count kept on the device as two `u32` words,
 /// `[low, high]` (WGSL has no 64-bit integers): a `u32` would wrap after 4.3 billion skips.
 pub const COUNT_WORDS: usize = 2;

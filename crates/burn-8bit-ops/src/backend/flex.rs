@@ -7,8 +7,8 @@ use burn::tensor::{DType, Element, TensorData, bf16, f16};
 use bytemuck::Pod;
 
 use crate::copies;
-use crate::cpu::{self, ParamElement, StateMut, StateRef, StateSlice};
-use crate::ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
+use crate::cpu::{self, ParamElement, Rank1Scales, StateMut, StateRef, StateSlice};
+use crate::ext::{BlockwiseOps, PackedBlocks, ParamDType, Rank1Codes, Rank1Norms, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars};
@@ -74,6 +74,10 @@ fn contiguous_states(tensors: StepTensors<Flex>) -> (FlexTensor, FlexTensor, Vec
                 codes: contiguous(packed.codes),
                 absmax: contiguous(packed.absmax),
             }),
+            StateBuffer::Rank1 { state, next } => StateBuffer::Rank1 {
+                state: Rank1Codes { codes: contiguous(state.codes), norms: contiguous_norms(state.norms) },
+                next: contiguous_norms(next),
+            },
             StateBuffer::Full(values) => StateBuffer::Full(contiguous(values)),
             StateBuffer::Absent => StateBuffer::Absent,
         })
@@ -81,11 +85,31 @@ fn contiguous_states(tensors: StepTensors<Flex>) -> (FlexTensor, FlexTensor, Vec
     (contiguous(param), contiguous(skipped), states)
 }
 
+fn contiguous_norms(norms: Rank1Norms<Flex>) -> Rank1Norms<Flex> {
+    Rank1Norms { rows: contiguous(norms.rows), cols: contiguous(norms.cols) }
+}
+
+/// The scales of a rank-1 state: its norms, and the next ones.
+fn rank1_scales<'a>(norms: &'a Rank1Norms<Flex>, next: &'a Rank1Norms<Flex>) -> Rank1Scales<'a> {
+    Rank1Scales {
+        rows: elements(&norms.rows),
+        cols: elements(&norms.cols),
+        next_rows: elements(&next.rows),
+        next_cols: elements(&next.cols),
+    }
+}
+
 fn state_mut(state: &mut StateBuffer<Flex>, map: MapKind) -> StateMut<'_> {
     match state {
         StateBuffer::Blockwise(packed) => StateSlice::Blockwise {
             words: elements_mut(&mut packed.codes),
             absmax: elements_mut(&mut packed.absmax),
+            map,
+        },
+        StateBuffer::Rank1 { state, next } => StateSlice::Rank1 {
+            words: elements_mut(&mut state.codes),
+            norms: rank1_scales(&state.norms, next),
+            offset: 0,
             map,
         },
         StateBuffer::Full(values) => StateSlice::Full(elements_mut(values)),
@@ -100,9 +124,28 @@ fn state_ref(state: &StateBuffer<Flex>, map: MapKind) -> StateRef<'_> {
             absmax: elements(&packed.absmax),
             map,
         },
+        StateBuffer::Rank1 { state, .. } => StateSlice::Rank1 {
+            words: elements(&state.codes),
+            norms: rank1_scales(&state.norms, &state.norms),
+            offset: 0,
+            map,
+        },
         StateBuffer::Full(values) => StateSlice::Full(elements(values)),
         StateBuffer::Absent => unreachable!("absent slots are filtered out"),
     }
+}
+
+/// The states after a step: each rank-1 state's codes with the norms they were written against.
+fn swap_rank1_norms(states: Vec<StateBuffer<Flex>>) -> Vec<StateBuffer<Flex>> {
+    states
+        .into_iter()
+        .map(|state| match state {
+            StateBuffer::Rank1 { state, next } => {
+                StateBuffer::Rank1 { state: Rank1Codes { codes: state.codes, norms: next }, next: state.norms }
+            }
+            other => other,
+        })
+        .collect()
 }
 
 /// One fused step's values besides its buffers, applied to parameters and gradients of the
@@ -126,6 +169,12 @@ impl StepRun<'_> {
     fn norms<P: ParamElement + Element + Pod>(&self, param: &FlexTensor, grad: &FlexTensor, states: &[StateRef<'_>]) -> Vec<f32> {
         let (param, grad) = (elements::<P>(param), elements::<P>(grad));
         cpu::update_norms(self.rule, self.scalars, self.grad_scale, param, grad, states, self.block_size)
+    }
+
+    /// The rank-1 norm pass over parameter and gradient elements of type `P`.
+    fn rank1<P: ParamElement + Element + Pod>(&self, param: &FlexTensor, grad: &FlexTensor, states: &[StateRef<'_>]) -> (Vec<f32>, Vec<f32>) {
+        let (param, grad) = (elements::<P>(param), elements::<P>(grad));
+        cpu::rank1_norms(self.rule, self.scalars, self.grad_scale, param, grad, states, self.block_size)
     }
 }
 
@@ -195,7 +244,7 @@ impl BlockwiseOps for Flex {
         let count: &mut [u32; rule::COUNT_WORDS] =
             elements_mut::<u32>(&mut skipped).try_into().expect("a two-word skip counter");
         *count = rule::add_to_count(*count, newly_skipped);
-        StepTensors::new(param, skipped, states)
+        StepTensors::new(param, skipped, swap_rank1_norms(states))
     }
 
     fn update_norms(
@@ -220,6 +269,31 @@ impl BlockwiseOps for Flex {
             ParamDType::F16 => run.norms::<f16>(&param, &grad, &views),
             ParamDType::BF16 => run.norms::<bf16>(&param, &grad, &views),
         })
+    }
+
+    fn rank1_norms(
+        tensors: StepTensors<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: Scale<Self>,
+        rule: StepRule,
+        family: MapFamily,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> Rank1Norms<Self> {
+        let (param, _, states) = contiguous_states(tensors);
+        let grad = contiguous(grad);
+        let views: Vec<StateRef<'_>> = states
+            .iter()
+            .zip(rule.state_maps(family))
+            .map(|(state, map)| state_ref(state, map))
+            .collect();
+        let run = StepRun { rule, scalars: &scalars, grad_scale: scale(grad_scale), update_scale: 1.0, block_size };
+        let (rows, cols) = match ParamDType::of_step(param.dtype(), grad.dtype()) {
+            ParamDType::F32 => run.rank1::<f32>(&param, &grad, &views),
+            ParamDType::F16 => run.rank1::<f16>(&param, &grad, &views),
+            ParamDType::BF16 => run.rank1::<bf16>(&param, &grad, &views),
+        };
+        Rank1Norms { rows: flat(rows), cols: flat(cols) }
     }
 }
 

@@ -11,14 +11,18 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{NdArray, TensorMetadata};
 use burn::tensor::TensorData;
 
-use crate::cpu::{self, StateRef, StateSlice};
-use crate::ext::{BlockwiseOps, PackedBlocks, Scale, StateBuffer, StepTensors};
+use crate::cpu::{self, Rank1Scales, StateRef, StateSlice};
+use crate::ext::{BlockwiseOps, PackedBlocks, Rank1Codes, Rank1Norms, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars};
 
-/// A state copied out of NdArray's buffers.
-type OwnedState = StateSlice<Vec<u32>, Vec<f32>>;
+/// A state copied out of NdArray's buffers (rank-1 norms borrowed from [`NormValues`]).
+type OwnedState<'n> = StateSlice<'n, Vec<u32>, Vec<f32>>;
+
+/// The values of a rank-1 state's norms and next norms, borrowed from NdArray's buffers where
+/// they are standard-layout.
+type NormValues<'a> = [Cow<'a, [f32]>; 4];
 
 fn flat<E: burn::tensor::Element>(values: Vec<E>) -> NdArrayTensor {
     let len = values.len();
@@ -59,20 +63,55 @@ fn scale(scale: &Scale<NdArray>) -> f32 {
     }
 }
 
-fn owned_states(states: &[StateBuffer<NdArray>], rule: StepRule, family: MapFamily) -> Vec<OwnedState> {
+/// Each state's rank-1 norm values (`None` for other states).
+fn norm_values(states: &[StateBuffer<NdArray>]) -> Vec<Option<NormValues<'_>>> {
     states
         .iter()
+        .map(|state| match state {
+            StateBuffer::Rank1 { state, next } => Some([
+                f32_values(&state.norms.rows),
+                f32_values(&state.norms.cols),
+                f32_values(&next.rows),
+                f32_values(&next.cols),
+            ]),
+            _ => None,
+        })
+        .collect()
+}
+
+fn owned_states<'n>(
+    states: &[StateBuffer<NdArray>],
+    norms: &'n [Option<NormValues<'_>>],
+    rule: StepRule,
+    family: MapFamily,
+) -> Vec<OwnedState<'n>> {
+    states
+        .iter()
+        .zip(norms)
         .zip(rule.state_maps(family))
-        .map(|(state, map)| match state {
+        .map(|((state, norms), map)| match state {
             StateBuffer::Blockwise(packed) => StateSlice::Blockwise {
                 words: u32_values(&packed.codes).into_owned(),
                 absmax: f32_values(&packed.absmax).into_owned(),
                 map,
             },
+            StateBuffer::Rank1 { state, .. } => {
+                let [rows, cols, next_rows, next_cols] = norms.as_ref().expect("the norms of a rank-1 state");
+                StateSlice::Rank1 {
+                    words: u32_values(&state.codes).into_owned(),
+                    norms: Rank1Scales { rows, cols, next_rows, next_cols },
+                    offset: 0,
+                    map,
+                }
+            }
             StateBuffer::Full(values) => StateSlice::Full(f32_values(values).into_owned()),
             StateBuffer::Absent => unreachable!("absent slots are filtered out"),
         })
         .collect()
+}
+
+fn clone_norms(norms: &Rank1Norms<NdArray>) -> Rank1Norms<NdArray> {
+    Rank1Norms { rows: norms.rows.clone(), cols: norms.cols.clone() }
 }
 
 impl BlockwiseOps for NdArray {
@@ -113,9 +152,10 @@ impl BlockwiseOps for NdArray {
         scalars: StepScalars,
         block_size: usize,
     ) -> StepTensors<Self> {
-        let (param, skipped, states) = tensors.into_parts();
+        let (param, skipped, buffers) = tensors.into_parts();
         let mut param = f32_values(&param).into_owned();
-        let mut states = owned_states(&states, rule, family);
+        let norms = norm_values(&buffers);
+        let mut states = owned_states(&buffers, &norms, rule, family);
         let mut views: Vec<_> = states.iter_mut().map(StateSlice::borrow_mut).collect();
         let newly_skipped = cpu::fused_step(
             rule,
@@ -131,11 +171,18 @@ impl BlockwiseOps for NdArray {
         let count = u32_values(&skipped).as_ref().try_into().expect("a two-word skip counter");
         let states = states
             .into_iter()
-            .map(|state| match state {
-                StateSlice::Blockwise { words, absmax, .. } => {
+            .zip(&buffers)
+            .map(|(state, given)| match (state, given) {
+                (StateSlice::Blockwise { words, absmax, .. }, _) => {
                     StateBuffer::Blockwise(PackedBlocks { codes: flat(words), absmax: flat(absmax) })
                 }
-                StateSlice::Full(values) => StateBuffer::Full(flat(values)),
+                // The new codes, with the norms they were written against.
+                (StateSlice::Rank1 { words, .. }, StateBuffer::Rank1 { state, next }) => StateBuffer::Rank1 {
+                    state: Rank1Codes { codes: flat(words), norms: clone_norms(next) },
+                    next: clone_norms(&state.norms),
+                },
+                (StateSlice::Full(values), _) => StateBuffer::Full(flat(values)),
+                (StateSlice::Rank1 { .. }, _) => unreachable!("a rank-1 view of a rank-1 state"),
             })
             .collect();
         StepTensors::new(flat(param), flat(rule::add_to_count(count, newly_skipped).to_vec()), states)
@@ -150,8 +197,9 @@ impl BlockwiseOps for NdArray {
         scalars: StepScalars,
         block_size: usize,
     ) -> FloatTensor<Self> {
-        let (param, _, states) = tensors.into_parts();
-        let states = owned_states(&states, rule, family);
+        let (param, _, buffers) = tensors.into_parts();
+        let norms = norm_values(&buffers);
+        let states = owned_states(&buffers, &norms, rule, family);
         let views: Vec<StateRef<'_>> = states.iter().map(StateSlice::borrow).collect();
         flat(cpu::update_norms(
             rule,
@@ -162,5 +210,30 @@ impl BlockwiseOps for NdArray {
             &views,
             block_size,
         ))
+    }
+
+    fn rank1_norms(
+        tensors: StepTensors<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: Scale<Self>,
+        rule: StepRule,
+        family: MapFamily,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> Rank1Norms<Self> {
+        let (param, _, buffers) = tensors.into_parts();
+        let norms = norm_values(&buffers);
+        let states = owned_states(&buffers, &norms, rule, family);
+        let views: Vec<StateRef<'_>> = states.iter().map(StateSlice::borrow).collect();
+        let (rows, cols) = cpu::rank1_norms(
+            rule,
+            &scalars,
+            scale(&grad_scale),
+            &f32_values(&param),
+            &f32_values(&grad),
+            &views,
+            block_size,
+        );
+        Rank1Norms { rows: flat(rows), cols: flat(cols) }
     }
 }

@@ -27,6 +27,10 @@ pub enum SlotKind {
     Blockwise,
     /// Plain `f32` values in the slot's floats buffer.
     Full,
+    /// Packed codes in the slot's words buffer under rank-1 normalisation: the norms they are
+    /// decoded against in the kernel's `rank1_rows` and `rank1_cols`, those they are encoded
+    /// against in `next_rows` and `next_cols` (at most one slot).
+    Rank1,
 }
 
 /// What a step kernel computes.
@@ -38,6 +42,10 @@ pub enum Pass {
     /// update the step would apply into `sums[2·block]` and `sums[2·block + 1]`; nothing else is
     /// written.
     Norms,
+    /// The first pass of a step over a rank-1 state: the row and column maxima of the values
+    /// the step will store in the rank-1 slot, raised into `next_rows` and `next_cols` (zero
+    /// before the pass) by atomic maxima on their bits; nothing else is written.
+    Rank1Norms,
 }
 
 /// What a step kernel is compiled for.
@@ -227,6 +235,31 @@ fn encode_in_block(
     select(degenerate, zero_code, code)
 }
 
+/// The scale bits of element `i` of a rank-1 state of `columns` columns under the norms `rows`
+/// and `cols` (`rule::rank1_scale_bits`).
+#[cube]
+fn rank1_scale_bits(rows: &[f32], cols: &[f32], i: usize, columns: usize) -> u32 {
+    let row = abs_bits(rows[i / columns]);
+    let col = abs_bits(cols[i % columns]);
+    select(row < col, row, col)
+}
+
+/// The code of `x` under a scale of bits `scale_bits` by binary search over the thresholds of
+/// the map at `table` (`rule::encode_scaled`): `code_bits` comparisons against
+/// `midpoint · scale`; `zero_code` when the scale is 0 or not finite.
+#[cube]
+fn encode_scaled(tables: &[u32], table: u32, zero_code: u32, x: f32, scale_bits: u32, #[comptime] code_bits: u32) -> u32 {
+    let scale = f32::reinterpret(scale_bits);
+    let mut code = 0u32;
+    #[unroll]
+    for s in 0..code_bits {
+        let step = comptime![(1u32 << (code_bits - 1)) >> s];
+        let midpoint = f32::reinterpret(tables[table as usize + MIDPOINTS + (code + step - 1) as usize]);
+        code += select(x > midpoint * scale, step, 0u32);
+    }
+    select(scale_bits == 0 || scale_bits >= INFINITY_BITS, zero_code, code)
+}
+
 /// Sums `direction2` and `param2` over the cube into `sums[2·block]` and `sums[2·block + 1]`.
 #[cube]
 fn write_norms(sums: &mut [f32], direction2: f32, param2: f32, #[comptime] units: usize) {
@@ -396,6 +429,11 @@ pub fn fused_step_kernel<P: Float>(
     update_scale: &[f32],
     skipped: &mut [Atomic<u32>],
     sums: &mut [f32],
+    rank1_rows: &[f32],
+    rank1_cols: &[f32],
+    next_rows: &mut [Atomic<u32>],
+    next_cols: &mut [Atomic<u32>],
+    columns: usize,
     len: usize,
     num_blocks: usize,
     h: &StepScalars,
@@ -408,6 +446,7 @@ pub fn fused_step_kernel<P: Float>(
         terminate!();
     }
     let step = comptime![layout.pass == Pass::Step];
+    let norms = comptime![layout.pass == Pass::Norms];
     let units = comptime![layout.units];
     let code_bits = comptime![layout.code_bits];
     let per_word = comptime![(32 / layout.code_bits) as usize];
@@ -419,22 +458,29 @@ pub fn fused_step_kernel<P: Float>(
     let f1 = comptime![layout.slots[0] == SlotKind::Full];
     let f2 = comptime![layout.slots[1] == SlotKind::Full];
     let f3 = comptime![layout.slots[2] == SlotKind::Full];
+    let r1 = comptime![layout.slots[0] == SlotKind::Rank1];
+    let r2 = comptime![layout.slots[1] == SlotKind::Rank1];
+    let r3 = comptime![layout.slots[2] == SlotKind::Rank1];
+    let coded1 = comptime![q1 || r1];
+    let coded2 = comptime![q2 || r2];
+    let coded3 = comptime![q3 || r3];
     let first_word = block * comptime![layout.block_size / per_word] + UNIT_POS as usize;
     let total_words = len.div_ceil(per_word);
 
     let mut values = Shared::<[f32]>::new_slice(comptime![3 * MAP_LEN]);
-    if q1 {
+    if coded1 {
         stage_values(tables, maps.table1, &mut values, 0usize, units);
     }
-    if q2 {
+    if coded2 {
         stage_values(tables, maps.table2, &mut values, 1usize, units);
     }
-    if q3 {
+    if coded3 {
         stage_values(tables, maps.table3, &mut values, 2usize, units);
     }
-    if comptime![q1 || q2 || q3] {
+    if comptime![coded1 || coded2 || coded3] {
         sync_cube();
     }
+    let nan = f32::reinterpret(CANONICAL_NAN_BITS);
     let mut g_scale = 1.0f32;
     if comptime![layout.grad_scaled] {
         g_scale = grad_scale[0];
@@ -472,13 +518,13 @@ pub fn fused_step_kernel<P: Float>(
         let mut w2 = 0u32;
         let mut w3 = 0u32;
         if word < total_words {
-            if q1 {
+            if coded1 {
                 w1 = words1[word];
             }
-            if q2 {
+            if coded2 {
                 w2 = words2[word];
             }
-            if q3 {
+            if coded3 {
                 w3 = words3[word];
             }
         }
@@ -497,17 +543,32 @@ pub fn fused_step_kernel<P: Float>(
                 if f1 {
                     s1 = floats1[i];
                 }
+                if r1 {
+                    let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
+                    let value = values[((w1 >> shift) & mask) as usize] * f32::reinterpret(bits);
+                    s1 = select(bits >= INFINITY_BITS, nan, value);
+                }
                 if q2 {
                     s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * old2;
                 }
                 if f2 {
                     s2 = floats2[i];
                 }
+                if r2 {
+                    let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
+                    let value = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * f32::reinterpret(bits);
+                    s2 = select(bits >= INFINITY_BITS, nan, value);
+                }
                 if q3 {
                     s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * old3;
                 }
                 if f3 {
                     s3 = floats3[i];
+                }
+                if r3 {
+                    let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
+                    let value = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * f32::reinterpret(bits);
+                    s3 = select(bits >= INFINITY_BITS, nan, value);
                 }
                 let stored = param[i];
                 let p = f32::cast_from(stored);
@@ -524,36 +585,56 @@ pub fn fused_step_kernel<P: Float>(
                     let a = select(applied, u.s1, s1);
                     let b = select(applied, u.s2, s2);
                     let c = select(applied, u.s3, s3);
-                    if q1 {
+                    if coded1 {
                         n1[k] = a;
+                    }
+                    if q1 {
                         max1 = max(max1, abs_bits(a));
                     }
                     if f1 {
                         floats1[i] = a;
                     }
-                    if q2 {
+                    if coded2 {
                         n2[k] = b;
+                    }
+                    if q2 {
                         max2 = max(max2, abs_bits(b));
                     }
                     if f2 {
                         floats2[i] = b;
                     }
-                    if q3 {
+                    if coded3 {
                         n3[k] = c;
+                    }
+                    if q3 {
                         max3 = max(max3, abs_bits(c));
                     }
                     if f3 {
                         floats3[i] = c;
                     }
-                } else {
+                } else if comptime![norms] {
                     let direction = select(applied, u.direction, 0.0f32);
                     direction2 += direction * direction;
                     param2 += p * p;
+                } else {
+                    let mut kept = 0.0f32;
+                    if r1 {
+                        kept = select(applied, u.s1, s1);
+                    }
+                    if r2 {
+                        kept = select(applied, u.s2, s2);
+                    }
+                    if r3 {
+                        kept = select(applied, u.s3, s3);
+                    }
+                    let bits = abs_bits(kept);
+                    next_rows[i / columns].fetch_max(bits);
+                    next_cols[i % columns].fetch_max(bits);
                 }
             }
         }
     }
-    if comptime![!step] {
+    if comptime![norms] {
         write_norms(sums, direction2, param2, units);
     }
     if local_skipped > 0 {
@@ -565,9 +646,17 @@ pub fn fused_step_kernel<P: Float>(
         }
     }
 
-    if comptime![step && (q1 || q2 || q3)] {
-        let mut shared_max = Shared::<[u32]>::new_slice(comptime![3 * layout.units]);
-        let (new1, new2, new3) = cube_max(&mut shared_max, (max1, max2, max3), comptime![(q1, q2, q3)], units);
+    if comptime![step && (coded1 || coded2 || coded3)] {
+        let mut new1 = 0u32;
+        let mut new2 = 0u32;
+        let mut new3 = 0u32;
+        if comptime![q1 || q2 || q3] {
+            let mut shared_max = Shared::<[u32]>::new_slice(comptime![3 * layout.units]);
+            let (a, b, c) = cube_max(&mut shared_max, (max1, max2, max3), comptime![(q1, q2, q3)], units);
+            new1 = a;
+            new2 = b;
+            new3 = c;
+        }
         let scale1 = absmax_from_bits(new1);
         let scale2 = absmax_from_bits(new2);
         let scale3 = absmax_from_bits(new3);
@@ -592,7 +681,9 @@ pub fn fused_step_kernel<P: Float>(
                 floats3[block] = scale3;
             }
         }
-        sync_cube();
+        if comptime![q1 || q2 || q3] {
+            sync_cube();
+        }
         let bits1 = u32::reinterpret(scale1);
         let bits2 = u32::reinterpret(scale2);
         let bits3 = u32::reinterpret(scale3);
@@ -618,15 +709,29 @@ pub fn fused_step_kernel<P: Float>(
                         if q3 {
                             packed3 |= encode_in_block(&bounds, tables, maps.table3, maps.zero3, bits3, n3[k], 2usize) << shift;
                         }
+                        if comptime![r1 || r2 || r3] {
+                            let row = next_rows[i / columns].load();
+                            let col = next_cols[i % columns].load();
+                            let scale_bits = select(row < col, row, col);
+                            if r1 {
+                                packed1 |= encode_scaled(tables, maps.table1, maps.zero1, n1[k], scale_bits, code_bits) << shift;
+                            }
+                            if r2 {
+                                packed2 |= encode_scaled(tables, maps.table2, maps.zero2, n2[k], scale_bits, code_bits) << shift;
+                            }
+                            if r3 {
+                                packed3 |= encode_scaled(tables, maps.table3, maps.zero3, n3[k], scale_bits, code_bits) << shift;
+                            }
+                        }
                     }
                 }
-                if q1 {
+                if coded1 {
                     words1[word] = packed1;
                 }
-                if q2 {
+                if coded2 {
                     words2[word] = packed2;
                 }
-                if q3 {
+                if coded3 {
                     words3[word] = packed3;
                 }
             }

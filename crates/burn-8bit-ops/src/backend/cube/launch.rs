@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use burn::tensor::DType;
 use burn_cubecl::{CubeBackend, CubeDevice};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::FloatKind;
 use cubecl::prelude::*;
@@ -15,7 +15,7 @@ use cubecl::server::Handle;
 
 use super::kernels::{self, Pass, SlotKind, SlotMapsLaunch, StepLayout};
 use crate::copies;
-use crate::ext::{ParamDType, StateBuffer};
+use crate::ext::{ParamDType, Rank1Norms, StateBuffer};
 use crate::encode::{self, TABLE_STRIDE};
 use crate::map::MapKind;
 use crate::rule;
@@ -107,14 +107,15 @@ impl BlockLaunch {
 }
 
 /// Buffers every kernel on a device reads, made once per device: the tables of every map, a
-/// `1.0` for an absent scale, and spares bound where a slot holds no words or floats, or a step
-/// writes no sums (the kernels never touch them).
+/// `1.0` for an absent scale, and spares bound where a slot holds no words or floats, a step
+/// writes no sums or has no rank-1 norms (the kernels never touch them).
 pub struct DeviceTables {
     pub tables: Handle,
     pub one: Handle,
     pub spare_words: [Handle; 3],
     pub spare_floats: [Handle; 3],
     pub spare_sums: Handle,
+    pub spare_norms: [Handle; 4],
 }
 
 impl DeviceTables {
@@ -135,6 +136,7 @@ impl DeviceTables {
                     spare_words: [word(), word(), word()],
                     spare_floats: [float(), float(), float()],
                     spare_sums: float(),
+                    spare_norms: [float(), float(), float(), float()],
                 })
             })
             .clone()
@@ -253,6 +255,7 @@ impl SlotBinding {
         match self.state {
             StateBuffer::Absent => SlotKind::Absent,
             StateBuffer::Blockwise(_) => SlotKind::Blockwise,
+            StateBuffer::Rank1 { .. } => SlotKind::Rank1,
             StateBuffer::Full(_) => SlotKind::Full,
         }
     }
@@ -264,6 +267,7 @@ impl SlotBinding {
             StateBuffer::Blockwise(packed) => {
                 (Some((&packed.codes, self.map.num_words(launch.len))), Some((&packed.absmax, launch.num_blocks)))
             }
+            StateBuffer::Rank1 { state, .. } => (Some((&state.codes, self.map.num_words(launch.len))), None),
             StateBuffer::Full(values) => (None, Some((values, launch.len))),
             StateBuffer::Absent => (None, None),
         };
@@ -317,12 +321,21 @@ pub struct StepArgs {
 }
 
 impl StepArgs {
-    /// Bits per code of the block-wise slots (8 when there are none).
+    /// The norms and next norms of the rank-1 slot, if one is.
+    fn rank1_state(&self) -> Option<(&Rank1Norms<CubeBackend>, &Rank1Norms<CubeBackend>)> {
+        self.slots.iter().find_map(|slot| match &slot.state {
+            StateBuffer::Rank1 { state, next } => Some((&state.norms, next)),
+            _ => None,
+        })
+    }
+
+    /// Bits per code of the block-wise and rank-1 slots (8 when there are none).
     ///
     /// # Panics
     /// When two block-wise slots differ: a step's states come from one map family.
     fn code_bits(&self) -> u32 {
-        let mut bits = self.slots.iter().filter(|slot| slot.kind() == SlotKind::Blockwise).map(|slot| slot.map.bits());
+        let coded = |slot: &&SlotBinding| matches!(slot.kind(), SlotKind::Blockwise | SlotKind::Rank1);
+        let mut bits = self.slots.iter().filter(coded).map(|slot| slot.map.bits());
         let first = bits.next().unwrap_or(8);
         assert!(bits.all(|other| other == first), "the block-wise states of one step have codes of one width");
         first
@@ -331,26 +344,41 @@ impl StepArgs {
 
 /// Runs the fused step kernel; the buffers of `args` are rewritten in place.
 pub fn fused_step(args: &StepArgs, rule: StepRule, scalars: &StepScalars, block_size: usize) {
-    launch_step(args, Pass::Step, None, rule, scalars, block_size);
+    launch_step(args, PassOutput::Step, rule, scalars, block_size);
 }
 
 /// Runs the update-norm pass: `f32[2 · blocks]` of per-block sums; nothing of `args` is written.
 pub fn update_norms(args: &StepArgs, rule: StepRule, scalars: &StepScalars, block_size: usize) -> CubeTensor {
     let num_blocks = args.param.meta.num_elements().div_ceil(block_size);
     let sums = empty_f32(&args.param, 2 * num_blocks);
-    launch_step(args, Pass::Norms, Some(&sums), rule, scalars, block_size);
+    launch_step(args, PassOutput::Sums(&sums), rule, scalars, block_size);
     sums
 }
 
-/// Launches the step kernel for `pass` over the buffers of `args` (and `sums` for the norms).
-fn launch_step(
-    args: &StepArgs,
-    pass: Pass,
-    sums: Option<&CubeTensor>,
-    rule: StepRule,
-    scalars: &StepScalars,
-    block_size: usize,
-) {
+/// Runs the rank-1 norm pass: the row and column maxima of the rank-1 slot's stored values, in
+/// fresh zeroed buffers of its norms' lengths; nothing of `args` is written.
+pub fn rank1_norms(args: &StepArgs, rule: StepRule, scalars: &StepScalars, block_size: usize) -> (CubeTensor, CubeTensor) {
+    let norms = &args.rank1_state().expect("a step with a rank-1 state").0;
+    let zeros = |like: &CubeTensor| {
+        zeros_client(like.client.clone(), like.device.clone(), [like.meta.num_elements()].into(), DType::F32)
+    };
+    let (rows, cols) = (zeros(&norms.rows), zeros(&norms.cols));
+    launch_step(args, PassOutput::Rank1Norms(&rows, &cols), rule, scalars, block_size);
+    (rows, cols)
+}
+
+/// What a launch of the step kernel computes, with the buffers it writes besides the step's.
+enum PassOutput<'a> {
+    /// The fused step.
+    Step,
+    /// The update-norm pass, into these sums.
+    Sums(&'a CubeTensor),
+    /// The rank-1 norm pass, into these zeroed row and column maxima.
+    Rank1Norms(&'a CubeTensor, &'a CubeTensor),
+}
+
+/// Launches the step kernel for the pass of `output` over the buffers of `args`.
+fn launch_step(args: &StepArgs, output: PassOutput<'_>, rule: StepRule, scalars: &StepScalars, block_size: usize) {
     let len = args.param.meta.num_elements();
     if len == 0 {
         return;
@@ -361,6 +389,11 @@ fn launch_step(
     let (words1, floats1) = args.slots[0].args(0, &device, &launch);
     let (words2, floats2) = args.slots[1].args(1, &device, &launch);
     let (words3, floats3) = args.slots[2].args(2, &device, &launch);
+    let pass = match output {
+        PassOutput::Step => Pass::Step,
+        PassOutput::Sums(_) => Pass::Norms,
+        PassOutput::Rank1Norms(..) => Pass::Rank1Norms,
+    };
     let layout = StepLayout {
         pass,
         rule,
@@ -372,12 +405,24 @@ fn launch_step(
         stochastic_bf16: rounds_stochastically(args.param_type, scalars),
         code_bits,
     };
+    let rank1 = args.rank1_state();
+    let columns = rank1.map_or(1, |(norms, _)| norms.cols.meta.num_elements());
+    let (next_rows, next_cols) = match (&output, rank1) {
+        (PassOutput::Rank1Norms(rows, cols), _) => (Some(*rows), Some(*cols)),
+        (PassOutput::Step, Some((_, next))) => (Some(&next.rows), Some(&next.cols)),
+        _ => (None, None),
+    };
     // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
-    // element type the kernel declares; the spare `sums` of a step is never accessed.
+    // element type the kernel declares (the next norms' `f32` bits are read as `u32`: the
+    // maxima are taken on the bits); spares are never accessed.
     unsafe {
-        let sums = match sums {
-            Some(sums) => BufferArg::from_raw_parts(sums.handle.clone(), 2 * launch.num_blocks),
-            None => BufferArg::from_raw_parts(device.spare_sums.clone(), 1),
+        let sums = match output {
+            PassOutput::Sums(sums) => BufferArg::from_raw_parts(sums.handle.clone(), 2 * launch.num_blocks),
+            _ => BufferArg::from_raw_parts(device.spare_sums.clone(), 1),
+        };
+        let floats = |tensor: Option<&CubeTensor>, spare: usize| match tensor {
+            Some(tensor) => BufferArg::from_raw_parts(tensor.handle.clone(), tensor.meta.num_elements()),
+            None => BufferArg::from_raw_parts(device.spare_norms[spare].clone(), 1),
         };
         kernels::fused_step_kernel::launch_unchecked(
             &launch.client,
@@ -397,6 +442,11 @@ fn launch_step(
             scale_arg(&args.update_scale, &device),
             BufferArg::from_raw_parts(args.skipped.handle.clone(), rule::COUNT_WORDS),
             sums,
+            floats(rank1.map(|(norms, _)| &norms.rows), 0),
+            floats(rank1.map(|(norms, _)| &norms.cols), 1),
+            floats(next_rows, 2),
+            floats(next_cols, 3),
+            columns,
             len,
             launch.num_blocks,
             scalars_arg(scalars),

@@ -10,7 +10,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::ext::{BlockwiseOps, PackedBlocks, ParamDType, Scale, StateBuffer, StepTensors};
+use crate::ext::{BlockwiseOps, PackedBlocks, ParamDType, Rank1Codes, Rank1Norms, Scale, StateBuffer, StepTensors};
 use crate::map::{MapFamily, MapKind};
 use crate::step::{StepRule, StepScalars};
 use launch::{SlotBinding, StepArgs, writable};
@@ -28,6 +28,16 @@ fn prepared(state: StateBuffer<CubeBackend>, prepare: fn(CubeTensor) -> CubeTens
             codes: prepare(packed.codes),
             absmax: prepare(f32_tensor(packed.absmax, "absmax")),
         }),
+        StateBuffer::Rank1 { state, next } => {
+            let norms = |norms: Rank1Norms<CubeBackend>| Rank1Norms {
+                rows: into_contiguous(f32_tensor(norms.rows, "norms")),
+                cols: into_contiguous(f32_tensor(norms.cols, "norms")),
+            };
+            StateBuffer::Rank1 {
+                state: Rank1Codes { codes: prepare(state.codes), norms: norms(state.norms) },
+                next: norms(next),
+            }
+        }
         StateBuffer::Full(values) => StateBuffer::Full(prepare(f32_tensor(values, "states"))),
         StateBuffer::Absent => StateBuffer::Absent,
     }
@@ -115,7 +125,13 @@ impl BlockwiseOps for CubeBackend {
     ) -> StepTensors<Self> {
         let args = step_args(tensors, grad, grad_scale, update_scale, rule, family, writable);
         launch::fused_step(&args, rule, &scalars, block_size);
-        let [state1, state2, state3] = args.slots.map(|slot| slot.state);
+        // A rank-1 state keeps its new codes with the norms they were written against.
+        let [state1, state2, state3] = args.slots.map(|slot| match slot.state {
+            StateBuffer::Rank1 { state, next } => {
+                StateBuffer::Rank1 { state: Rank1Codes { codes: state.codes, norms: next }, next: state.norms }
+            }
+            other => other,
+        });
         StepTensors { param: args.param, skipped: args.skipped, state1, state2, state3 }
     }
 
@@ -131,6 +147,20 @@ impl BlockwiseOps for CubeBackend {
         let args = step_args(tensors, grad, grad_scale, Scale::One, rule, family, into_contiguous);
         launch::update_norms(&args, rule, &scalars, block_size)
     }
+
+    fn rank1_norms(
+        tensors: StepTensors<Self>,
+        grad: FloatTensor<Self>,
+        grad_scale: Scale<Self>,
+        rule: StepRule,
+        family: MapFamily,
+        scalars: StepScalars,
+        block_size: usize,
+    ) -> Rank1Norms<Self> {
+        let args = step_args(tensors, grad, grad_scale, Scale::One, rule, family, into_contiguous);
+        let (rows, cols) = launch::rank1_norms(&args, rule, &scalars, block_size);
+        Rank1Norms { rows, cols }
+    }
 }
 
 #[cfg(all(test, feature = "wgpu"))]
@@ -141,8 +171,8 @@ mod tests {
 
     use super::launch::tests::FORCED_MAX_UNITS;
     use crate::{
-        BlockQuantized, BlockSize, BlockwiseOps, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, Scale, StateBuffer,
-        StepRule, StepScalars, StepTensors,
+        BlockQuantized, BlockSize, BlockwiseOps, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, Rank1Codes, Rank1Norms,
+        Rank1Quantized, Scale, StateBuffer, StepRule, StepScalars, StepTensors,
     };
     use burn::backend::Dispatch;
 
@@ -274,6 +304,68 @@ mod tests {
             let on_cpu = adam_steps(&param, &grad, block_size, MapFamily::FourBit, None, &Device::flex());
             assert_eq!(on_kernel, on_cpu, "block {block_size:?}");
             assert_eq!(on_cpu[1].shape().num_elements(), len.div_ceil(8), "eight codes per word");
+        }
+    }
+
+    /// Parameter, the first moment's codes and absmax (block-wise) and the second moment's codes
+    /// and norms (rank-1, `rows` × `len / rows`) after three 4-bit Adam steps from `param`, each
+    /// step the rank-1 norm pass and then the fused step.
+    fn adam_rank1_steps(param: &TensorData, grad: &TensorData, rows: usize, block_size: BlockSize, device: &Device) -> Vec<TensorData> {
+        let len = param.shape().num_elements();
+        let family = MapFamily::FourBit;
+        let [signed, unsigned] = [family.kind(true), family.kind(false)];
+        let mut param = Tensor::<1>::from_data(param.clone(), device);
+        let grad = Tensor::<1>::from_data(grad.clone(), device);
+        let mut skipped = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![0u32; COUNT_WORDS], [COUNT_WORDS]), (device, DType::U32));
+        let (mut m_codes, mut m_absmax) = BlockQuantized::zeros([len].into(), signed, block_size, device).into_parts();
+        let (mut v_codes, mut v_rows, mut v_cols) =
+            Rank1Quantized::zeros([rows, len / rows].into(), unsigned, device).expect("a matrix").into_parts();
+        for step in 1..=3u32 {
+            let scalars =
+                StepScalars { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, first_step: u32::from(step == 1), ..StepScalars::default() };
+            let tensors = |next: Rank1Norms<Dispatch>| {
+                let m = StateBuffer::Blockwise(PackedBlocks { codes: m_codes.clone().into_dispatch(), absmax: m_absmax.clone().into_dispatch() });
+                let norms = Rank1Norms { rows: v_rows.clone().into_dispatch(), cols: v_cols.clone().into_dispatch() };
+                let v = StateBuffer::Rank1 { state: Rank1Codes { codes: v_codes.clone().into_dispatch(), norms }, next };
+                StepTensors::new(param.clone().into_dispatch(), skipped.clone().into_dispatch(), vec![m, v])
+            };
+            let unused = Rank1Norms { rows: v_rows.clone().into_dispatch(), cols: v_cols.clone().into_dispatch() };
+            let next = Dispatch::rank1_norms(tensors(unused), grad.clone().into_dispatch(), Scale::One, ADAM, family, scalars, block_size.get());
+            let out = Dispatch::fused_step(tensors(next), grad.clone().into_dispatch(), Scale::One, Scale::One, ADAM, family, scalars, block_size.get());
+            let (new_param, new_skipped, mut buffers) = out.into_parts();
+            param = Tensor::from_dispatch(new_param);
+            skipped = Tensor::from_dispatch(new_skipped);
+            let (StateBuffer::Rank1 { state, .. }, StateBuffer::Blockwise(m)) = (buffers.remove(1), buffers.remove(0)) else {
+                unreachable!("the states keep their kinds")
+            };
+            (m_codes, m_absmax) = (Tensor::from_dispatch(m.codes), Tensor::from_dispatch(m.absmax));
+            (v_codes, v_rows, v_cols) =
+                (Tensor::from_dispatch(state.codes), Tensor::from_dispatch(state.norms.rows), Tensor::from_dispatch(state.norms.cols));
+        }
+        [param.into_data(), m_codes.into_data(), m_absmax.into_data(), v_codes.into_data(), v_rows.into_data(), v_cols.into_data()].into()
+    }
+
+    /// Adam with a rank-1 second moment on the kernels and on the CPU twin: the same parameters,
+    /// codes and norms, for matrices whose rows end inside a block and on its edge, and with two
+    /// units per cube.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn rank1_states_step_to_the_cpu_twins_bits() {
+        let Some(device) = wgpu_device() else { return };
+        let block_size = BlockSize::new(128).expect("valid");
+        for (rows, cols) in [(96, 1000), (256, 128), (7, 4099)] {
+            let len = rows * cols;
+            let spread = |offset: f32, scale: f32| -> TensorData {
+                TensorData::new((0..len).map(|i| ((i as f32 * 0.618_034 + offset).fract() - 0.5) * scale * (1.0 + (i % cols) as f32 / 64.0)).collect::<Vec<_>>(), [len])
+            };
+            let (param, grad) = (spread(0.1, 4.0), spread(0.7, 0.5));
+            let on_cpu = adam_rank1_steps(&param, &grad, rows, block_size, &Device::flex());
+            let on_kernel = adam_rank1_steps(&param, &grad, rows, block_size, &device);
+            assert_eq!(on_kernel, on_cpu, "{rows} × {cols}");
+            let few_units = with_max_units(2, || adam_rank1_steps(&param, &grad, rows, block_size, &device));
+            assert_eq!(few_units, on_cpu, "{rows} × {cols}, two units per cube");
+            assert_ne!(on_cpu[5], TensorData::new(vec![0f32; cols], [cols]), "the column norms were written");
+            assert_ne!(on_cpu[3], TensorData::new(vec![0u32; len / 8], [len / 8]), "the codes were written");
         }
     }
 
