@@ -33,7 +33,9 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub use burn_8bit_ops as ops;
-pub use burn_8bit_ops::{BlockQuantized, BlockSize, CodeMap, MapFamily, MapKind, QuantError, shared_buffer_copies};
+pub use burn_8bit_ops::{
+    BlockQuantized, BlockSize, CodeMap, MapFamily, MapKind, QuantError, Rank1Quantized, shared_buffer_copies,
+};
 pub use burn_8bit_nn as nn;
 pub use burn_8bit_optim as optim;
 // Every public item of the optimizer layer, so that a new optimizer needs no entry here.

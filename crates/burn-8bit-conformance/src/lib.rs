@@ -479,7 +479,7 @@ fn distance(a: &[f32], b: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// The hash of a final state: every slot's codes and absmax (8-bit) or values (`f32`).
+/// The hash of a final state: every slot's codes and absmax or norms (quantized) or values (`f32`).
 fn state_hash(state: &State) -> u64 {
     let mut bytes = Vec::new();
     for slot in state.slots() {
@@ -487,6 +487,10 @@ fn state_hash(state: &State) -> u64 {
             StateSlot::Quantized(q) => {
                 bytes.extend(q.unpacked_codes());
                 bytes.extend(q.absmax_values().iter().flat_map(|a| a.to_le_bytes()));
+            }
+            StateSlot::Rank1(q) => {
+                bytes.extend(q.unpacked_codes());
+                bytes.extend(q.row_norms().iter().chain(&q.col_norms()).flat_map(|a| a.to_le_bytes()));
             }
             StateSlot::Full(values) => bytes.extend(
                 values
@@ -531,7 +535,9 @@ fn optimizer_case(file: &VectorFile, device: &Device) -> Verdict {
     let states = StateConfig::new()
         .with_block_size(file.meta("blocksize")?)
         .with_min_8bit_size(file.meta("min_8bit_size")?)
-        .with_state_bits(if state_bits == 4 { 4 } else { 8 });
+        .with_state_bits(if state_bits == 4 { 4 } else { 8 })
+        // torchao's 4-bit states are block-wise: it leaves the paper's rank-1 norms out.
+        .with_rank1_second_moment(false);
     let weight_decay: f32 = file.meta("weight_decay")?;
     let config_error = |error: burn_8bit_optim::ConfigError| VectorError::Content(error.to_string());
     let kind = OptimizerKind::ALL

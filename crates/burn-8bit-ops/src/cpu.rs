@@ -712,16 +712,19 @@ pub fn update_norms<P: ParamElement>(
 /// The first pass of a step over a rank-1 state: the row and column maxima (`rows`, `cols`, on
 /// the bits of `|x|`, NaN canonical) of the values [`fused_step`] will store in the one
 /// [`StateSlice::Rank1`] slot of `states` — the new values, or the old decoded ones where the
-/// update is skipped. Nothing is written. Each task reduces its own rows and every column, and
+/// update is skipped, which `grad_scale` and `update_scale` decide as in the step. Nothing is
+/// written. Each task reduces its own rows and every column, and
 /// the tasks' maxima are merged; a maximum does not depend on the order, so neither does the
 /// result.
 ///
 /// # Panics
 /// When no state is rank-1, or its norms do not cover the parameter.
+#[allow(clippy::too_many_arguments)]
 pub fn rank1_norms<P: ParamElement>(
     rule: StepRule,
     scalars: &StepScalars,
     grad_scale: f32,
+    update_scale: f32,
     param: &[P],
     grad: &[P],
     states: &[StateRef<'_>],
@@ -738,7 +741,7 @@ pub fn rank1_norms<P: ParamElement>(
         .expect("a step with a rank-1 state");
     let (num_rows, num_cols) = (norms.rows.len(), norms.cols.len());
     assert_eq!(num_rows * num_cols, param.len(), "rank-1 norms of {num_rows} × {num_cols} for {} elements", param.len());
-    let step = Step { level, scalars, lr: scalars.lr, grad_scale };
+    let step = Step { level, scalars, lr: scalars.lr * update_scale, grad_scale };
     let num_blocks = param.len().div_ceil(block_size);
     let group = blocks_per_task(block_size);
     let tasks: Vec<usize> = (0..num_blocks.div_ceil(group)).collect();
@@ -1294,7 +1297,7 @@ mod tests {
                             false => StateSlice::Blockwise { words: words.as_slice(), absmax: first.as_slice(), map },
                         })
                         .collect();
-                    rank1_norms(rule, &scalars, 0.5, &param, &grad, &refs, block_size)
+                    rank1_norms(rule, &scalars, 0.5, 0.7, &param, &grad, &refs, block_size)
                 };
                 let mut views: Vec<StateMut<'_>> = states
                     .iter_mut()

@@ -282,16 +282,19 @@ pub trait BlockwiseOps: Backend {
     /// The first pass of a step over a rank-1 state: the row and column maxima of the values the
     /// fused step will store in the step's [`StateBuffer::Rank1`] slot (its new values, or its
     /// old decoded values where the update is skipped), as [`Rank1Norms`] of the slot's shape.
+    /// `grad_scale` and `update_scale` are the step's: they decide which elements it skips.
     /// Nothing is written. The maxima are taken on the bits, as block absmax is, and are exact:
     /// the same on every backend.
     ///
     /// # Panics
     /// When no slot is rank-1.
+    #[allow(clippy::too_many_arguments)]
     #[fusion(meta = fusion_meta::rank1_norms)]
     fn rank1_norms(
         #[extension_type] tensors: StepTensors<Self>,
         grad: FloatTensor<Self>,
         #[extension_type] grad_scale: Scale<Self>,
+        #[extension_type] update_scale: Scale<Self>,
         rule: StepRule,
         family: MapFamily,
         scalars: StepScalars,
@@ -321,10 +324,12 @@ mod fusion_meta {
         TensorSpec::new([2 * blocks].into(), DType::F32)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn rank1_norms(
         tensors: &StepTensorsMetadata,
         _grad: &TensorSpec,
         _grad_scale: &ScaleMetadata,
+        _update_scale: &ScaleMetadata,
         _rule: &StepRule,
         _family: &MapFamily,
         _scalars: &StepScalars,

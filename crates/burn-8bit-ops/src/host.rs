@@ -42,6 +42,9 @@ pub fn dequantize(
     Ok(values)
 }
 
+/// Rank-1 codes as plain vectors: packed code words, row maxima, column maxima.
+pub type Rank1Parts = (Vec<u32>, Vec<f32>, Vec<f32>);
+
 /// The packed codes (`map.num_words(values.len())` words), row maxima and column maxima of
 /// `values`, a row-major matrix of `cols` columns, quantized with rank-1 normalisation in `map`
 /// (docs/algorithm.md §2.4): element `(i, j)` is scaled by `min(rows[i], cols[j])`, the largest
@@ -59,8 +62,8 @@ pub fn dequantize(
 /// ```
 ///
 /// [`QuantError::Inconsistent`] when `cols` is 0 or does not divide the length.
-pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>), QuantError> {
-    if cols == 0 || values.len() % cols != 0 {
+pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> Result<Rank1Parts, QuantError> {
+    if cols == 0 || !values.len().is_multiple_of(cols) {
         return Err(QuantError::Inconsistent { reason: format!("{} values are not rows of {cols} columns", values.len()) });
     }
     Ok(cpu::rank1_quantize(values, cols, map))

@@ -4,7 +4,8 @@
 use burn::backend::Dispatch;
 use burn::tensor::{DType, FloatDType, Tensor};
 use burn_8bit_ops::{
-    BlockSize, BlockwiseOps, MapFamily, ParamDType, Scale, StepRule, StepScalars, StepTensors, rounding_key,
+    BlockSize, BlockwiseOps, MapFamily, ParamDType, Rank1Norms, Scale, StateBuffer, StepRule, StepScalars, StepTensors,
+    rounding_key,
 };
 
 use crate::state::{OptimizerKind, Optim8bitState, StateSlot};
@@ -21,6 +22,8 @@ pub(crate) struct StateSettings {
     pub percentile: Option<usize>,
     /// The family of the states' maps.
     pub map_family: MapFamily,
+    /// Second moments under rank-1 normalisation where they fit (4-bit states only).
+    pub rank1: bool,
     /// One absmax per tensor (ablation) instead of one per block.
     pub whole_tensor_block: bool,
     /// The seed of stochastic rounding for `bf16` parameters, `None` when they round to nearest.
@@ -133,9 +136,9 @@ pub(crate) fn step<R: UpdateRule, const D: usize>(
             } else {
                 state.to_device(&device)
             };
-            state.adapted(step_rule, layout)
+            state.adapted(step_rule, layout, settings.rank1)
         }
-        _ => Optim8bitState::new(R::KIND, step_rule, shape.clone(), layout, &device),
+        _ => Optim8bitState::new(R::KIND, step_rule, shape.clone(), layout, settings.rank1, &device),
     };
     state.time = state.time.saturating_add(1);
     if len == 0 {
@@ -195,9 +198,19 @@ impl FusedStep {
             let param_norm = totals.slice([0..1, 1..2]).reshape([1]).sqrt();
             trust_scale(trust, direction_norm, param_norm)
         });
-        let len = param.shape().num_elements();
         let maps = state.slot_maps();
-        let buffers = std::mem::take(&mut state.slots).into_iter().map(StateSlot::into_buffer).collect();
+        let mut next = self.rank1_norms(&state, &param, &grad, grad_scale.as_ref(), update_scale.as_ref());
+        let buffers = std::mem::take(&mut state.slots)
+            .into_iter()
+            .map(StateSlot::into_buffer)
+            .map(|buffer| match (buffer, next.take()) {
+                (StateBuffer::Rank1 { state, .. }, Some(next)) => StateBuffer::Rank1 { state, next },
+                (buffer, unused) => {
+                    next = unused;
+                    buffer
+                }
+            })
+            .collect();
         let skipped = state.skipped.take().expect("a non-empty tensor has a skip counter");
         let out = Dispatch::fused_step(
             StepTensors::new(param.into_dispatch(), skipped.into_dispatch(), buffers),
@@ -214,9 +227,36 @@ impl FusedStep {
         state.slots = buffers
             .into_iter()
             .zip(maps)
-            .map(|(buffer, map)| StateSlot::from_buffer(buffer, len, self.block_size, map))
+            .map(|(buffer, map)| StateSlot::from_buffer(buffer, &state.shape, self.block_size, map))
             .collect();
         (Tensor::from_dispatch(param), state)
+    }
+
+    /// The first pass over a rank-1 state: the norms of its new values under the step's scales,
+    /// from clones of the state's handles (nothing is written); `None` without a rank-1 state.
+    fn rank1_norms<const D: usize>(
+        &self,
+        state: &Optim8bitState<D>,
+        param: &Tensor<1>,
+        grad: &Tensor<1>,
+        grad_scale: Option<&Tensor<1>>,
+        update_scale: Option<&Tensor<1>>,
+    ) -> Option<Rank1Norms<Dispatch>> {
+        if !state.slots.iter().any(|slot| matches!(slot, StateSlot::Rank1(_))) {
+            return None;
+        }
+        let buffers = state.slots.iter().cloned().map(StateSlot::into_buffer).collect();
+        let skipped = state.skipped.clone().expect("a non-empty tensor has a skip counter");
+        Some(Dispatch::rank1_norms(
+            StepTensors::new(param.clone().into_dispatch(), skipped.into_dispatch(), buffers),
+            grad.clone().into_dispatch(),
+            device_scale(grad_scale.cloned()),
+            device_scale(update_scale.cloned()),
+            state.rule,
+            self.family,
+            self.scalars,
+            self.block_size.get(),
+        ))
     }
 
     /// The first pass of a two-pass rule: per-block sums of the squared direction and

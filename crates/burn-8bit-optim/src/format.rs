@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{DType, TensorData};
-use burn_8bit_ops::{BlockSize, MapFamily, StepRule};
+use burn::tensor::Shape;
+use burn_8bit_ops::{BlockSize, MapFamily, Rank1Quantized, StepRule};
 use burn_pack::Scalar;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -48,7 +49,7 @@ pub(crate) mod key {
         format!("dim{axis}")
     }
 
-    /// The key of a part (`codes`, `absmax` or `values`) of state slot `slot`.
+    /// The key of a part (`codes`, `absmax`, `rows`, `cols` or `values`) of state slot `slot`.
     pub fn slot(slot: usize, part: &str) -> String {
         format!("state{slot}.{part}")
     }
@@ -57,8 +58,10 @@ pub(crate) mod key {
 /// One state slot as the record holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum SlotData {
-    /// Packed codes (`ceil(n / 4)` words) and one absmax per block.
+    /// Packed codes and one absmax per block.
     Quantized { words: Vec<u32>, absmax: Vec<f32> },
+    /// Packed codes and the row and column norms of rank-1 normalisation.
+    Rank1 { words: Vec<u32>, rows: Vec<f32>, cols: Vec<f32> },
     /// `f32` values, one per element.
     Full(Vec<f32>),
 }
@@ -156,6 +159,14 @@ fn checked_floats(bytes: &[u8], key: &str, non_negative: bool) -> Result<Vec<f32
     }
 }
 
+/// The `rows × cols` matrix of slot `slot` of `rule`'s states for a parameter of `shape` when
+/// that slot may be rank-1: the second moment of 4-bit states, rank ≥ 2.
+fn rank1_matrix(rule: StepRule, family: MapFamily, shape: &[usize], slot: usize) -> Option<(usize, usize)> {
+    let second_moment = rule.state_maps(family).iter().position(|&map| map == family.kind(false));
+    let matrix = Rank1Quantized::matrix(&Shape::from(shape.to_vec()))?;
+    (family == MapFamily::FourBit && second_moment == Some(slot)).then_some(matrix)
+}
+
 impl StateFields {
     /// Number of elements of the parameter.
     pub fn len(&self) -> usize {
@@ -184,6 +195,11 @@ impl StateFields {
                 SlotData::Quantized { words, absmax } => {
                     tensors.push((key::slot(slot, "codes"), TensorData::new(words.clone(), [words.len()])));
                     tensors.push((key::slot(slot, "absmax"), TensorData::new(absmax.clone(), [absmax.len()])));
+                }
+                SlotData::Rank1 { words, rows, cols } => {
+                    tensors.push((key::slot(slot, "codes"), TensorData::new(words.clone(), [words.len()])));
+                    tensors.push((key::slot(slot, "rows"), TensorData::new(rows.clone(), [rows.len()])));
+                    tensors.push((key::slot(slot, "cols"), TensorData::new(cols.clone(), [cols.len()])));
                 }
                 SlotData::Full(values) => {
                     tensors.push((key::slot(slot, "values"), TensorData::new(values.clone(), [values.len()])));
@@ -220,6 +236,11 @@ impl StateFields {
                 SlotData::Quantized { words, absmax } => {
                     words.iter().for_each(|w| hash.update(&w.to_le_bytes()));
                     absmax.iter().for_each(|a| hash.update(&a.to_le_bytes()));
+                }
+                SlotData::Rank1 { words, rows, cols } => {
+                    hash.update(b"rank-1");
+                    words.iter().for_each(|w| hash.update(&w.to_le_bytes()));
+                    rows.iter().chain(cols).for_each(|v| hash.update(&v.to_le_bytes()));
                 }
                 SlotData::Full(values) => values.iter().for_each(|v| hash.update(&v.to_le_bytes())),
             }
@@ -294,9 +315,23 @@ impl StateFields {
                     if used > 0 && words.last().is_some_and(|&w| w >> (map.bits() as usize * used) != 0) {
                         return Err(format!("`{codes_key}` has codes past the last element"));
                     }
-                    let absmax_key = key::slot(slot, "absmax");
-                    let absmax = tensor_bytes(source, &absmax_key, &[DType::F32], size.num_blocks(len))?;
-                    SlotData::Quantized { words, absmax: checked_floats(&absmax, &absmax_key, true)? }
+                    let rows_key = key::slot(slot, "rows");
+                    match source.tensor(&rows_key) {
+                        Some(rows) => {
+                            let Some((num_rows, num_cols)) = rank1_matrix(rule, family, &shape, slot) else {
+                                return Err(format!("`{rows_key}`: slot {slot} of a {shape:?} parameter is not a rank-1 second moment"));
+                            };
+                            let rows = checked_floats(&rank1_bytes(rows, &rows_key, &[DType::F32], num_rows)?, &rows_key, true)?;
+                            let cols_key = key::slot(slot, "cols");
+                            let cols = tensor_bytes(source, &cols_key, &[DType::F32], num_cols)?;
+                            SlotData::Rank1 { words, rows, cols: checked_floats(&cols, &cols_key, true)? }
+                        }
+                        None => {
+                            let absmax_key = key::slot(slot, "absmax");
+                            let absmax = tensor_bytes(source, &absmax_key, &[DType::F32], size.num_blocks(len))?;
+                            SlotData::Quantized { words, absmax: checked_floats(&absmax, &absmax_key, true)? }
+                        }
+                    }
                 }
                 None => {
                     let values_key = key::slot(slot, "values");

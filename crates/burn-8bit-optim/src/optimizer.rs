@@ -43,6 +43,15 @@ pub struct StateConfig {
     /// are the ones measured (docs/benchmarks.md).
     #[config(default = 8)]
     pub state_bits: u32,
+    /// With 4-bit states, the paper's rank-1 normalisation of the second moment (the rule's
+    /// first non-negative state): a tensor of rank ≥ 2 viewed as a `dim0 × rest` matrix keeps
+    /// the largest value of each row and each column, and each element is scaled by the smaller
+    /// of its two, where these norms take no more memory than block-wise absmax
+    /// ([`Rank1Quantized::fits`](burn_8bit_ops::Rank1Quantized::fits)). Other tensors and states
+    /// stay block-wise. `false`: block-wise everywhere, as torchao's `AdamW4bit`. 8-bit states
+    /// and the whole-tensor ablation are always block-wise.
+    #[config(default = true)]
+    pub rank1_second_moment: bool,
     /// Ablation setting: the family of the states' 8-bit code maps, `Dynamic` (the paper's
     /// method) or `Linear` (its linear-quantization ablation, less precise for small values).
     /// `state_bits = 4` takes [`MapFamily::FourBit`], which may also be named here.
@@ -108,6 +117,7 @@ impl StateConfig {
             min_8bit_size: self.min_8bit_size,
             percentile: (self.percentile_clipping < 100).then_some(self.percentile_clipping),
             map_family,
+            rank1: map_family == MapFamily::FourBit && self.rank1_second_moment && !self.whole_tensor_block,
             whole_tensor_block: self.whole_tensor_block,
             rounding_seed: self.stochastic_rounding.then_some(self.rounding_seed),
         })

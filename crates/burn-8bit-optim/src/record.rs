@@ -13,7 +13,7 @@ use burn_8bit_ops::fnv1a64;
 use burn_pack::{Reader, Scalar};
 
 use crate::error::LoadError;
-use crate::format::{RecordChecksum, StateFields, key};
+use crate::format::{RecordChecksum, SlotData, StateFields, key};
 use crate::state::OptimizerKind;
 
 /// One parameter's optimizer state as a record holds it.
@@ -32,6 +32,9 @@ pub struct ParamStateReport {
     /// Bits per element of the states: 8 or 4 for codes, 32 for `f32` states (burn-8bit states;
     /// `None` for states the reader refuses).
     pub state_bits: Option<u32>,
+    /// Whether a state (the 4-bit second moment) is held under rank-1 normalisation: codes with
+    /// row and column norms instead of block absmax.
+    pub rank1: bool,
     /// FNV-1a 64 over the state's tensors (bytes, in name order) and step count: equal
     /// fingerprints mean equal states, whatever the parameter's id.
     pub fingerprint: u64,
@@ -60,6 +63,7 @@ impl ParamStateReport {
             bytes: tensors.values().map(|data| data.as_bytes().len() as u64).sum(),
             quantized: scalar(key::BLOCK_SIZE).is_some_and(|size| size > 0),
             state_bits: read.map(|(fields, _)| fields.layout.map_or(32, |(_, family)| family.bits())),
+            rank1: read.is_some_and(|(fields, _)| fields.slots.iter().any(|slot| matches!(slot, SlotData::Rank1 { .. }))),
             fingerprint: fnv1a64(content.chain(time)),
             checksum: read.map_or(RecordChecksum::Absent, |(_, checksum)| *checksum),
             steps: read.map(|(fields, _)| fields.time as u64),

@@ -4,8 +4,8 @@ use burn::optim::{RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
 use burn::backend::Dispatch;
 use burn_8bit_ops::{
-    BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, StateBuffer, StepRule, count_value,
-    count_words,
+    BlockQuantized, BlockSize, COUNT_WORDS, MapFamily, MapKind, PackedBlocks, Rank1Codes, Rank1Norms, Rank1Quantized,
+    StateBuffer, StepRule, count_value, count_words,
 };
 use burn_pack::Scalar;
 
@@ -101,30 +101,50 @@ impl OptimizerKind {
     }
 }
 
-/// One state slot of one parameter: block-wise quantized, or `f32` for tensors smaller than
-/// `min_8bit_size`.
+/// The slot of `rule`'s states that a parameter of `shape` keeps under rank-1 normalisation:
+/// its second moment (the first non-negative state) when `rank1` asks for it, the states are
+/// 4-bit and the norms fit ([`Rank1Quantized::fits`]); `None` otherwise.
+pub(crate) fn rank1_slot(rule: StepRule, layout: Option<(BlockSize, MapFamily)>, shape: &Shape, rank1: bool) -> Option<usize> {
+    let (block_size, family) = layout?;
+    if !rank1 || family != MapFamily::FourBit || !Rank1Quantized::fits(shape, block_size.get()) {
+        return None;
+    }
+    rule.state_maps(family).iter().position(|&map| map == family.kind(false))
+}
+
+/// One state slot of one parameter: block-wise quantized, rank-1 quantized (a 4-bit second
+/// moment), or `f32` for tensors smaller than `min_8bit_size`.
 #[derive(Clone, Debug)]
 pub enum StateSlot {
-    /// Packed 8-bit codes plus per-block absmax.
+    /// Packed codes plus per-block absmax.
     Quantized(BlockQuantized),
+    /// Packed codes plus row and column norms.
+    Rank1(Rank1Quantized),
     /// A flat `f32` tensor.
     Full(Tensor<1>),
 }
 
 impl StateSlot {
-    /// The slot as the fused op takes it.
+    /// The slot as the fused op takes it; a rank-1 slot with its own norms as the next ones
+    /// (what the passes that only read take; the step's come from the rank-1 norm pass).
     pub(crate) fn into_buffer(self) -> StateBuffer<Dispatch> {
         match self {
             StateSlot::Quantized(q) => {
                 let (codes, absmax) = q.into_parts();
                 StateBuffer::Blockwise(PackedBlocks { codes: codes.into_dispatch(), absmax: absmax.into_dispatch() })
             }
+            StateSlot::Rank1(q) => {
+                let (codes, rows, cols) = q.into_parts();
+                let norms = || Rank1Norms { rows: rows.clone().into_dispatch(), cols: cols.clone().into_dispatch() };
+                StateBuffer::Rank1 { state: Rank1Codes { codes: codes.into_dispatch(), norms: norms() }, next: norms() }
+            }
             StateSlot::Full(values) => StateBuffer::Full(values.into_dispatch()),
         }
     }
 
-    /// The slot of a fused op's state of `len` elements (codes in `map` with `block_size`).
-    pub(crate) fn from_buffer(buffer: StateBuffer<Dispatch>, len: usize, block_size: BlockSize, map: MapKind) -> Self {
+    /// The slot of a fused op's state of a parameter of `shape` (codes in `map` with `block_size`).
+    pub(crate) fn from_buffer(buffer: StateBuffer<Dispatch>, shape: &Shape, block_size: BlockSize, map: MapKind) -> Self {
+        let len = shape.num_elements();
         match buffer {
             StateBuffer::Blockwise(packed) => StateSlot::Quantized(
                 BlockQuantized::from_parts(
@@ -132,6 +152,16 @@ impl StateSlot {
                     Tensor::from_dispatch(packed.absmax),
                     [len].into(),
                     block_size,
+                    map,
+                )
+                .expect("the fused step keeps the state's layout"),
+            ),
+            StateBuffer::Rank1 { state, .. } => StateSlot::Rank1(
+                Rank1Quantized::from_parts(
+                    Tensor::from_dispatch(state.codes),
+                    Tensor::from_dispatch(state.norms.rows),
+                    Tensor::from_dispatch(state.norms.cols),
+                    shape.clone(),
                     map,
                 )
                 .expect("the fused step keeps the state's layout"),
@@ -144,6 +174,7 @@ impl StateSlot {
     pub(crate) fn decoded(&self) -> Tensor<1> {
         match self {
             StateSlot::Quantized(q) => q.dequantize_flat(),
+            StateSlot::Rank1(q) => q.dequantize_flat(),
             StateSlot::Full(t) => t.clone(),
         }
     }
@@ -151,6 +182,7 @@ impl StateSlot {
     fn size_bytes(&self) -> usize {
         match self {
             StateSlot::Quantized(q) => q.size_bytes(),
+            StateSlot::Rank1(q) => q.size_bytes(),
             StateSlot::Full(t) => 4 * t.shape().num_elements(),
         }
     }
@@ -158,6 +190,7 @@ impl StateSlot {
     fn to_device(self, device: &Device) -> Self {
         match self {
             StateSlot::Quantized(q) => StateSlot::Quantized(q.to_device(device)),
+            StateSlot::Rank1(q) => StateSlot::Rank1(q.to_device(device)),
             StateSlot::Full(t) => StateSlot::Full(t.to_device(device)),
         }
     }
@@ -165,6 +198,7 @@ impl StateSlot {
     fn device(&self) -> Device {
         match self {
             StateSlot::Quantized(q) => q.device(),
+            StateSlot::Rank1(q) => q.device(),
             StateSlot::Full(t) => t.device(),
         }
     }
@@ -175,6 +209,11 @@ impl StateSlot {
             StateSlot::Quantized(q) => SlotData::Quantized {
                 words: q.codes().to_data().convert::<u32>().try_into_vec::<u32>().expect("u32 codes"),
                 absmax: q.absmax_values(),
+            },
+            StateSlot::Rank1(q) => SlotData::Rank1 {
+                words: q.codes().to_data().convert::<u32>().try_into_vec::<u32>().expect("u32 codes"),
+                rows: q.row_norms(),
+                cols: q.col_norms(),
             },
             StateSlot::Full(t) => SlotData::Full(t.to_data().try_into_vec::<f32>().expect("f32 state")),
         }
@@ -218,7 +257,8 @@ fn skip_counter(count: u64, device: &Device) -> Tensor<1, Int> {
 
 impl<const D: usize> Optim8bitState<D> {
     /// Fresh zero states for a parameter of `shape`: quantized in blocks of the given size with
-    /// maps of the given family, or `f32` when `layout` is `None`. A parameter without elements
+    /// maps of the given family (the second moment under rank-1 normalisation where `rank1` asks
+    /// for it and it fits), or `f32` when `layout` is `None`. A parameter without elements
     /// gets no device buffers (Burn 0.22's fusion mishandles zero-length tensors; see
     /// docs/checkpoints.md).
     pub(crate) fn new(
@@ -226,16 +266,22 @@ impl<const D: usize> Optim8bitState<D> {
         rule: StepRule,
         shape: Shape,
         layout: Option<(BlockSize, MapFamily)>,
+        rank1: bool,
         device: &Device,
     ) -> Self {
         let len = shape.num_elements();
         let family = layout.map_or(MapFamily::Dynamic, |(_, family)| family);
+        let rank1_at = rank1_slot(rule, layout, &shape, rank1);
         let slots = match len {
             0 => Vec::new(),
             _ => rule
                 .state_maps(family)
                 .into_iter()
-                .map(|map| match layout {
+                .enumerate()
+                .map(|(slot, map)| match layout {
+                    Some(_) if rank1_at == Some(slot) => {
+                        StateSlot::Rank1(Rank1Quantized::zeros(shape.clone(), map, device).expect("a fitting matrix"))
+                    }
                     Some((block_size, _)) => {
                         StateSlot::Quantized(BlockQuantized::zeros([len].into(), map, block_size, device))
                     }
@@ -378,6 +424,7 @@ impl<const D: usize> Optim8bitState<D> {
             .zip(dynamic)
             .map(|(slot, dynamic)| match slot {
                 StateSlot::Quantized(q) => q.map(),
+                StateSlot::Rank1(q) => q.map(),
                 StateSlot::Full(_) => dynamic,
             })
             .collect()
@@ -408,16 +455,21 @@ impl<const D: usize> Optim8bitState<D> {
     /// converted on the device: 8-bit states decoded, `f32` states quantized, 8-bit states of
     /// another layout re-quantized. A slot the new rule adds starts from zero, except AMSGrad's
     /// `max_moment_2`, which starts from `moment_2`. Unchanged settings return the state as is.
-    pub(crate) fn adapted(mut self, rule: StepRule, layout: Option<(BlockSize, MapFamily)>) -> Self {
+    pub(crate) fn adapted(mut self, rule: StepRule, layout: Option<(BlockSize, MapFamily)>, rank1: bool) -> Self {
         let len = self.shape.num_elements();
         let family = layout.map_or(MapFamily::Dynamic, |(_, family)| family);
         let maps = rule.state_maps(family);
-        let unchanged = |slot: &StateSlot, map: MapKind| match (slot, layout) {
-            (StateSlot::Quantized(q), Some((block_size, _))) => q.block_size() == block_size && q.map() == map,
+        let rank1_at = rank1_slot(rule, layout, &self.shape, rank1);
+        let unchanged = |slot: &StateSlot, index: usize, map: MapKind| match (slot, layout) {
+            (StateSlot::Quantized(q), Some((block_size, _))) => {
+                rank1_at != Some(index) && q.block_size() == block_size && q.map() == map
+            }
+            (StateSlot::Rank1(q), Some(_)) => rank1_at == Some(index) && q.map() == map,
             (StateSlot::Full(_), None) => true,
             _ => false,
         };
-        if (rule == self.rule && self.slots.iter().zip(&maps).all(|(slot, &map)| unchanged(slot, map))) || len == 0 {
+        let all_unchanged = self.slots.iter().zip(&maps).enumerate().all(|(index, (slot, &map))| unchanged(slot, index, map));
+        if (rule == self.rule && all_unchanged) || len == 0 {
             return Self { rule, layout, ..self };
         }
         let mut old: Vec<(&'static str, StateSlot)> = self.rule.state_names().into_iter().zip(std::mem::take(&mut self.slots)).collect();
@@ -431,11 +483,17 @@ impl<const D: usize> Optim8bitState<D> {
             let moment_2 = names.iter().position(|&n| n == "moment_2").and_then(|j| decoded[j].clone());
             decoded[i] = moment_2;
         }
+        let shape = self.shape.clone();
         self.slots = decoded
             .into_iter()
             .zip(maps)
-            .map(|(slot, map)| match (slot, layout) {
-                (Some(slot), _) if unchanged(&slot, map) => slot,
+            .enumerate()
+            .map(|(index, (slot, map))| match (slot, layout) {
+                (Some(slot), _) if unchanged(&slot, index, map) => slot,
+                (slot, Some(_)) if rank1_at == Some(index) => {
+                    let values = slot.map_or_else(|| Tensor::zeros(shape.clone(), &device), |slot| slot.decoded().reshape(shape.clone()));
+                    StateSlot::Rank1(Rank1Quantized::quantize::<D>(values, map).expect("a fitting matrix"))
+                }
                 (Some(slot), Some((block_size, _))) => StateSlot::Quantized(BlockQuantized::quantize(slot.decoded(), map, block_size)),
                 (Some(slot), None) => StateSlot::Full(slot.decoded()),
                 (None, Some((block_size, _))) => StateSlot::Quantized(BlockQuantized::zeros([len].into(), map, block_size, &device)),
@@ -476,6 +534,13 @@ impl<const D: usize> Optim8bitState<D> {
             .into_iter()
             .zip(maps)
             .map(|(slot, map)| match (slot, fields.layout) {
+                (SlotData::Rank1 { words, rows, cols }, Some(_)) => {
+                    let (num_rows, num_cols) = (rows.len(), cols.len());
+                    let codes = Tensor::<1, Int>::from_data(TensorData::new(words, [map.num_words(len)]), (device, DType::U32));
+                    let rows = Tensor::<1>::from_data(TensorData::new(rows, [num_rows]), (device, DType::F32));
+                    let cols = Tensor::<1>::from_data(TensorData::new(cols, [num_cols]), (device, DType::F32));
+                    Rank1Quantized::from_parts(codes, rows, cols, Shape::from(fields.shape.clone()), map).ok().map(StateSlot::Rank1)
+                }
                 (SlotData::Quantized { words, absmax }, Some((block_size, _))) => {
                     let blocks = absmax.len();
                     let codes = Tensor::<1, Int>::from_data(TensorData::new(words, [map.num_words(len)]), (device, DType::U32));

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{ParamGroup, ParamId};
 use burn::optim::OptimizerRecord;
-use burn::tensor::{Bytes, TensorData};
+use burn::tensor::{Bytes, Shape, TensorData};
 use burn_8bit_ops::{MapFamily, StepRule, host};
 use burn_pack::{Scalar, Writer};
 
@@ -13,7 +13,7 @@ use crate::engine::{StateSettings, UpdateRule};
 use crate::error::LoadError;
 use crate::format::{SlotData, StateFields, key};
 use crate::record::{Entries, read_entries, record_bytes};
-use crate::state::OptimizerKind;
+use crate::state::{OptimizerKind, rank1_slot};
 
 /// Converts optimizer records between a Burn 32-bit optimizer and this 8-bit optimizer (its
 /// twin: `AdamConfig` ↔ `Adam8bitConfig`, `AdamWConfig` ↔ `AdamW8bitConfig`, `SgdConfig` ↔
@@ -281,13 +281,20 @@ fn from_burn(
         None => 1,
     };
     let block_size = (len >= settings.min_8bit_size).then_some(settings.block_size);
+    let state_layout = block_size.map(|size| (size, settings.map_family));
+    let rank1_at = rank1_slot(rule, state_layout, &Shape::from(shape.clone()), settings.rank1);
     let mut slots = Vec::new();
-    for (key, map) in layout.slots.iter().zip(rule.state_maps(settings.map_family)) {
+    for (index, (key, map)) in layout.slots.iter().zip(rule.state_maps(settings.map_family)).enumerate() {
         let values = f32_values(tensors.get(*key).ok_or_else(|| missing(key))?, param_id, key)?;
         if len == 0 {
             continue;
         }
         slots.push(match block_size {
+            Some(_) if rank1_at == Some(index) => {
+                let cols = len / shape[0];
+                let (words, rows, cols) = host::rank1_quantize(&values, cols, map).expect("a fitting matrix");
+                SlotData::Rank1 { words, rows, cols }
+            }
             Some(block_size) => {
                 let (words, absmax) = host::quantize(&values, map, block_size);
                 SlotData::Quantized { words, absmax }
@@ -300,7 +307,7 @@ fn from_burn(
         rule,
         time: usize::try_from(time).map_err(|_| missing("a step count in range"))?,
         shape,
-        layout: block_size.map(|size| (size, settings.map_family)),
+        layout: state_layout,
         slots,
         skipped: 0,
         gnorms: None,
@@ -339,6 +346,8 @@ fn to_burn(
                     host::dequantize(words, absmax, map, block_size, len)
                         .map_err(|error| LoadError::Corrupt { param_id, reason: error.to_string() })
                 }
+                SlotData::Rank1 { words, rows, cols } => host::rank1_dequantize(words, rows, cols, map)
+                    .map_err(|error| LoadError::Corrupt { param_id, reason: error.to_string() }),
                 SlotData::Full(values) => Ok(values.clone()),
             })
             .collect::<Result<_, _>>()?,

@@ -174,7 +174,7 @@ impl StepRun<'_> {
     /// The rank-1 norm pass over parameter and gradient elements of type `P`.
     fn rank1<P: ParamElement + Element + Pod>(&self, param: &FlexTensor, grad: &FlexTensor, states: &[StateRef<'_>]) -> (Vec<f32>, Vec<f32>) {
         let (param, grad) = (elements::<P>(param), elements::<P>(grad));
-        cpu::rank1_norms(self.rule, self.scalars, self.grad_scale, param, grad, states, self.block_size)
+        cpu::rank1_norms(self.rule, self.scalars, self.grad_scale, self.update_scale, param, grad, states, self.block_size)
     }
 }
 
@@ -275,6 +275,7 @@ impl BlockwiseOps for Flex {
         tensors: StepTensors<Self>,
         grad: FloatTensor<Self>,
         grad_scale: Scale<Self>,
+        update_scale: Scale<Self>,
         rule: StepRule,
         family: MapFamily,
         scalars: StepScalars,
@@ -287,7 +288,13 @@ impl BlockwiseOps for Flex {
             .zip(rule.state_maps(family))
             .map(|(state, map)| state_ref(state, map))
             .collect();
-        let run = StepRun { rule, scalars: &scalars, grad_scale: scale(grad_scale), update_scale: 1.0, block_size };
+        let run = StepRun {
+            rule,
+            scalars: &scalars,
+            grad_scale: scale(grad_scale),
+            update_scale: scale(update_scale),
+            block_size,
+        };
         let (rows, cols) = match ParamDType::of_step(param.dtype(), grad.dtype()) {
             ParamDType::F32 => run.rank1::<f32>(&param, &grad, &views),
             ParamDType::F16 => run.rank1::<f16>(&param, &grad, &views),

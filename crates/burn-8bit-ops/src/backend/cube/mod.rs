@@ -152,12 +152,13 @@ impl BlockwiseOps for CubeBackend {
         tensors: StepTensors<Self>,
         grad: FloatTensor<Self>,
         grad_scale: Scale<Self>,
+        update_scale: Scale<Self>,
         rule: StepRule,
         family: MapFamily,
         scalars: StepScalars,
         block_size: usize,
     ) -> Rank1Norms<Self> {
-        let args = step_args(tensors, grad, grad_scale, Scale::One, rule, family, into_contiguous);
+        let args = step_args(tensors, grad, grad_scale, update_scale, rule, family, into_contiguous);
         let (rows, cols) = launch::rank1_norms(&args, rule, &scalars, block_size);
         Rank1Norms { rows, cols }
     }
@@ -330,7 +331,16 @@ mod tests {
                 StepTensors::new(param.clone().into_dispatch(), skipped.clone().into_dispatch(), vec![m, v])
             };
             let unused = Rank1Norms { rows: v_rows.clone().into_dispatch(), cols: v_cols.clone().into_dispatch() };
-            let next = Dispatch::rank1_norms(tensors(unused), grad.clone().into_dispatch(), Scale::One, ADAM, family, scalars, block_size.get());
+            let next = Dispatch::rank1_norms(
+                tensors(unused),
+                grad.clone().into_dispatch(),
+                Scale::One,
+                Scale::One,
+                ADAM,
+                family,
+                scalars,
+                block_size.get(),
+            );
             let out = Dispatch::fused_step(tensors(next), grad.clone().into_dispatch(), Scale::One, Scale::One, ADAM, family, scalars, block_size.get());
             let (new_param, new_skipped, mut buffers) = out.into_parts();
             param = Tensor::from_dispatch(new_param);
