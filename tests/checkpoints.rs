@@ -71,7 +71,8 @@ fn golden_states() -> StateConfig {
 }
 
 /// The optimizers of the golden records: every one, with its rule flags and percentile clipping
-/// spread over them so that every record field occurs, and AdamW once more with 4-bit states.
+/// spread over them so that every record field occurs, and AdamW twice more with 4-bit states:
+/// block-wise (torchao's layout) and with its second moment rank-1 (the weight, 16 × 32).
 fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
     vec![
         ("adam", OptimizerKind::Adam, || Adam8bitConfig::new().with_amsgrad(true).with_states(golden_states()).init()),
@@ -93,7 +94,10 @@ fn optimizers() -> Vec<(&'static str, OptimizerKind, fn() -> ModuleOptimizer)> {
         ("ademamix", OptimizerKind::AdEMAMix, || AdEMAMix8bitConfig::new().with_states(golden_states()).init()),
         ("lamb", OptimizerKind::Lamb, || Lamb8bitConfig::new().with_states(golden_states()).init()),
         ("lars", OptimizerKind::Lars, || Lars8bitConfig::new().with_states(golden_states()).init()),
-        ("adamw4", OptimizerKind::AdamW, || AdamW8bitConfig::new().with_states(golden_states().with_state_bits(4)).init()),
+        ("adamw4", OptimizerKind::AdamW, || {
+            AdamW8bitConfig::new().with_states(golden_states().with_state_bits(4).with_rank1_second_moment(false)).init()
+        }),
+        ("adamw4-rank1", OptimizerKind::AdamW, || AdamW8bitConfig::new().with_states(golden_states().with_state_bits(4)).init()),
     ]
 }
 
@@ -477,6 +481,45 @@ fn absmax_must_be_finite_non_negative_f32() {
     let as_int = edited(&bytes, |p| tensor(p, &name).dtype = DType::I32);
     let error = checked(&as_int, adamw, OptimizerKind::AdamW).err().expect("an I32 absmax");
     assert!(error.contains("absmax"), "{error}");
+}
+
+/// A rank-1 state's norms are checked as absmax is (finite, non-negative, one per row and
+/// column), and only the 4-bit second moment of a matrix may have them.
+#[test]
+fn rank1_norms_are_checked() {
+    let device = Device::flex().autodiff();
+    let rank1 = optimizers().into_iter().find(|(name, _, _)| *name == "adamw4-rank1").expect("listed").2;
+    let mut optim = rank1();
+    let _ = run(golden_model(&device), &mut optim, &Device::flex(), 1..4);
+    let bytes = record_bytes(&optim);
+    let (rows, cols) = (format!("{WEIGHT}.state1.rows"), format!("{WEIGHT}.state1.cols"));
+    for (what, value) in [("NaN", f32::NAN), ("+inf", f32::INFINITY), ("negative", -0.5)] {
+        for name in [&rows, &cols] {
+            let damaged = edited(&bytes, |p| tensor(p, name).bytes[..4].copy_from_slice(&value.to_le_bytes()));
+            let error = checked(&damaged, rank1, OptimizerKind::AdamW).err().unwrap_or_else(|| panic!("{what} {name} accepted"));
+            let leaf = name.trim_start_matches(&format!("{WEIGHT}."));
+            assert!(error.contains(leaf) && error.contains("finite"), "{what}: {error}");
+        }
+    }
+    let short = edited(&bytes, |p| {
+        let entry = tensor(p, &rows);
+        entry.shape = vec![15];
+        entry.bytes.truncate(60);
+    });
+    let error = checked(&short, rank1, OptimizerKind::AdamW).err().expect("15 row norms for 16 rows");
+    assert!(error.contains("state1.rows") && error.contains("[16]"), "{error}");
+    let no_cols = edited(&bytes, |p| p.tensors.retain(|t| t.name != cols));
+    let error = checked(&no_cols, rank1, OptimizerKind::AdamW).err().expect("rows without columns");
+    assert!(error.contains("state1.cols") && error.contains("missing"), "{error}");
+    // Norms on the first moment, whose slot is never rank-1.
+    let misplaced = edited(&bytes, |p| {
+        for part in ["rows", "cols"] {
+            let entry = tensor(p, &format!("{WEIGHT}.state1.{part}")).clone();
+            p.tensors.push(Entry { name: format!("{WEIGHT}.state0.{part}"), ..entry });
+        }
+    });
+    let error = checked(&misplaced, rank1, OptimizerKind::AdamW).err().expect("rank-1 norms on the first moment");
+    assert!(error.contains("state0.rows") && error.contains("not a rank-1"), "{error}");
 }
 
 /// D2: what the state reader needs, checked: step count, map family, rank, shape.

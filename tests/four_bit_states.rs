@@ -1,6 +1,6 @@
-//! 4-bit optimizer states (`StateConfig::state_bits = 4`, the `FourBit` maps): their memory,
-//! their records and conversions to and from 8-bit ones, and their agreement across backends,
-//! on every backend compiled in.
+//! Block-wise 4-bit optimizer states (`StateConfig::state_bits = 4`, the `FourBit` maps): their
+//! memory, their records and conversions to and from 8-bit ones, and their agreement across
+//! backends, on every backend compiled in.
 
 mod common;
 
@@ -13,10 +13,11 @@ use burn_8bit::{
 };
 use common::{Rng, assert_agrees_with_first_backend, devices, distance, model, train, values, weights};
 
-/// 4-bit states at the paper's block size; the model's weight (7680 elements) is quantized, its
-/// bias (80) keeps `f32` states.
+/// Block-wise 4-bit states (torchao's layout; `tests/rank1_states.rs` covers the rank-1 second
+/// moment) at the paper's block size; the model's weight (7680 elements) is quantized, its bias
+/// (80) keeps `f32` states.
 fn four_bit() -> StateConfig {
-    StateConfig::new().with_state_bits(4).with_block_size(128).with_min_8bit_size(1024)
+    StateConfig::new().with_state_bits(4).with_block_size(128).with_min_8bit_size(1024).with_rank1_second_moment(false)
 }
 
 fn eight_bit() -> StateConfig {

@@ -14,8 +14,8 @@ use burn_8bit::{
 };
 use common::{BackendRun, Rng, assert_agrees_with_first_backend, devices, distance, values};
 
-/// 4-bit states at the paper's block size, with the second moment rank-1 where it fits (the
-/// default) or block-wise everywhere (torchao's variant).
+/// 4-bit states at the paper's block size, with the second moment rank-1 where its shape takes
+/// it (the default) or block-wise everywhere (torchao's variant).
 fn four_bit(rank1: bool) -> StateConfig {
     StateConfig::new().with_state_bits(4).with_block_size(128).with_rank1_second_moment(rank1)
 }
@@ -69,7 +69,7 @@ fn rank1_adamw_keeps_at_most_1_04_bytes_of_state_per_parameter() {
     assert!(measured[0] <= 1.04, "{} bytes per parameter", measured[0]);
 }
 
-/// A 512 × 256 weight: its rank-1 norms (768 floats) fit under its 1024 blocks of 128.
+/// A 512 × 256 weight, whose second moment is rank-1.
 fn model(device: &Device) -> Linear {
     LinearConfig::new(512, 256).init(device)
 }

@@ -13,8 +13,10 @@ use crate::map::MapKind;
 /// largest magnitude of each row and of each column. Element `(i, j)` decodes to
 /// `value[code] · min(rows[i], cols[j])`.
 ///
-/// The norms cost `4 · (rows + cols)` bytes where block-wise absmax costs 4 per block: the
-/// optimizers use rank-1 only where that is no more ([`Rank1Quantized::fits`]). The fused step
+/// The norms cost `4 · (rows + cols)` bytes (block-wise absmax costs 4 per block): 0.002 bytes
+/// per element of a 4096 × 4096 matrix, 0.06 of a 128 × 128 one, and all of a tensor's memory
+/// when one side is short. The optimizers use rank-1 where the norms take no more memory than
+/// the 4-bit codes ([`Rank1Quantized::fits`]). The fused step
 /// keeps these states on the device; quantizing and decoding a whole tensor here goes through
 /// the host (records, conversion and inspection).
 ///
@@ -45,10 +47,19 @@ impl Rank1Quantized {
         (shape.num_dims() >= 2 && len > 0).then(|| (shape[0], len / shape[0]))
     }
 
-    /// Whether rank-1 norms of a tensor of `shape` take no more memory than block-wise absmax
-    /// at `block_size` (`rows + cols ≤ ⌈n / block_size⌉`): the optimizers' rule for using them.
-    pub fn fits(shape: &Shape, block_size: usize) -> bool {
-        Self::matrix(shape).is_some_and(|(rows, cols)| rows + cols <= shape.num_elements().div_ceil(block_size))
+    /// Whether rank-1 norms of a tensor of `shape` take no more memory than its 4-bit codes,
+    /// `4 · (rows + cols) ≤ n / 2` bytes: the optimizers' rule for using them. Every matrix of 64
+    /// × 64 and up fits, so do most weights; a matrix with a short side does not (a `1 × n` or
+    /// `n × 2` one would keep a norm per element).
+    ///
+    /// ```
+    /// use burn_8bit_ops::Rank1Quantized;
+    /// assert!(Rank1Quantized::fits(&[128, 128].into()));
+    /// assert!(!Rank1Quantized::fits(&[4, 4096].into()));
+    /// assert!(!Rank1Quantized::fits(&[16384].into())); // not a matrix
+    /// ```
+    pub fn fits(shape: &Shape) -> bool {
+        Self::matrix(shape).is_some_and(|(rows, cols)| 8 * (rows + cols) <= shape.num_elements())
     }
 
     /// Quantizes `tensor` (rank ≥ 2, `f32` values read back to the host) in `map`.

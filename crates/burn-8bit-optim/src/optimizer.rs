@@ -46,7 +46,7 @@ pub struct StateConfig {
     /// With 4-bit states, the paper's rank-1 normalisation of the second moment (the rule's
     /// first non-negative state): a tensor of rank ≥ 2 viewed as a `dim0 × rest` matrix keeps
     /// the largest value of each row and each column, and each element is scaled by the smaller
-    /// of its two, where these norms take no more memory than block-wise absmax
+    /// of its two, where these norms take no more memory than the codes
     /// ([`Rank1Quantized::fits`](burn_8bit_ops::Rank1Quantized::fits)). Other tensors and states
     /// stay block-wise. `false`: block-wise everywhere, as torchao's `AdamW4bit`. 8-bit states
     /// and the whole-tensor ablation are always block-wise.

@@ -103,10 +103,10 @@ impl OptimizerKind {
 
 /// The slot of `rule`'s states that a parameter of `shape` keeps under rank-1 normalisation:
 /// its second moment (the first non-negative state) when `rank1` asks for it, the states are
-/// 4-bit and the norms fit ([`Rank1Quantized::fits`]); `None` otherwise.
+/// 4-bit and its shape takes them ([`Rank1Quantized::fits`]); `None` otherwise.
 pub(crate) fn rank1_slot(rule: StepRule, layout: Option<(BlockSize, MapFamily)>, shape: &Shape, rank1: bool) -> Option<usize> {
-    let (block_size, family) = layout?;
-    if !rank1 || family != MapFamily::FourBit || !Rank1Quantized::fits(shape, block_size.get()) {
+    let (_, family) = layout?;
+    if !rank1 || family != MapFamily::FourBit || !Rank1Quantized::fits(shape) {
         return None;
     }
     rule.state_maps(family).iter().position(|&map| map == family.kind(false))
