@@ -1,6 +1,7 @@
 //! Time per parameter of one optimizer step, every 8-bit optimizer and Adam with 4-bit states
-//! (block size 128) next to Burn's own AdamW on the same device, and the peak memory of a step
-//! beyond parameters, gradients and state.
+//! (block size 128; block-wise on the flat tensor, and with its second moment rank-1 on the same
+//! parameters as rows of 4096) next to Burn's own AdamW on the same device, and the peak memory
+//! of a step beyond parameters, gradients and state.
 //!
 //! ```text
 //! cargo run --release --example bench_step -- [--device flex|ndarray|wgpu] [--params N] [--steps N]
@@ -135,6 +136,16 @@ fn main() {
     rows.extend(all_at_defaults().into_iter().map(|(name, step)| measure(name, step, &device, &args)));
     let four_bit = Adam8bitConfig::new().with_states(StateConfig::new().with_state_bits(4).with_block_size(128));
     rows.push(measure("Adam, 4-bit states", tensor_step(four_bit.build()), &device, &args));
+    // The same parameters as a matrix of 4096-element rows: its second moment is rank-1.
+    let (matrix_rows, matrix_cols) = (args.params.div_ceil(4096), 4096.min(args.params));
+    if matrix_rows * matrix_cols == args.params {
+        let rank1 = four_bit.build();
+        let step = move |lr, p: Tensor<1>, g: Tensor<1>, s| {
+            let (p, s) = rank1.step(lr, p.reshape([matrix_rows, matrix_cols]), g.reshape([matrix_rows, matrix_cols]), s);
+            (p.reshape([args.params]), s)
+        };
+        rows.push(measure("Adam, 4-bit rank-1 (rows of 4096)", step, &device, &args));
+    }
     let element_bytes = match args.dtype {
         FloatDType::F16 | FloatDType::BF16 => 2,
         _ => 4,
@@ -164,6 +175,9 @@ fn main() {
     let (adam8, adam4) = (time("Adam8bit"), time("Adam, 4-bit states"));
     println!("Adam8bit / Burn AdamW time ratio: {:.3}", adam8 / burn);
     println!("Adam 4-bit / Adam8bit time ratio: {:.3}", adam4 / adam8);
+    if let Some(row) = rows.iter().find(|row| row.name.contains("rank-1")) {
+        println!("Adam 4-bit rank-1 / Adam8bit time ratio: {:.3}", row.ns_per_param / adam8);
+    }
 }
 
 fn rayon_threads() -> String {

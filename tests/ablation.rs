@@ -19,7 +19,7 @@ const LEN: usize = 5000;
 fn quantized(state: &State, slot: usize) -> &BlockQuantized {
     match &state.slots()[slot] {
         StateSlot::Quantized(q) => q,
-        StateSlot::Full(_) => panic!("expected an 8-bit state"),
+        StateSlot::Rank1(_) | StateSlot::Full(_) => panic!("expected a block-wise 8-bit state"),
     }
 }
 

@@ -145,7 +145,7 @@ fn four_bit_states_use_the_four_bit_maps_and_agree_across_backends() {
                     assert_eq!(q.codes().dims()[0], LEN.div_ceil(8), "{name}: eight codes per word");
                     q.unpacked_codes()
                 }
-                StateSlot::Full(_) => panic!("{name}: expected a 4-bit state"),
+                StateSlot::Rank1(_) | StateSlot::Full(_) => panic!("{name}: expected a block-wise 4-bit state"),
             })
             .collect();
         assert!(codes.iter().flatten().all(|&code| code < 16), "{name}");

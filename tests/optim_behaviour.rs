@@ -43,7 +43,7 @@ fn codes(state: &State) -> Vec<Vec<u8>> {
         .iter()
         .map(|slot| match slot {
             StateSlot::Quantized(q) => q.unpacked_codes(),
-            StateSlot::Full(_) => panic!("expected 8-bit states"),
+            StateSlot::Rank1(_) | StateSlot::Full(_) => panic!("expected block-wise 8-bit states"),
         })
         .collect()
 }
