@@ -221,7 +221,11 @@ pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> (Vec<u32>, V
     let rows: Vec<f32> = rows_bits.into_iter().map(rule::absmax_from_bits).collect();
     let cols: Vec<f32> = cols_bits.into_iter().map(rule::absmax_from_bits).collect();
     let mut words = vec![0u32; map.num_words(values.len())];
-    Encoder::get(map).encode_rank1(values, rank1::Scales::new(&rows, &cols, 0), &mut words);
+    let level = Level::current();
+    level.run(
+        #[inline(always)]
+        || Encoder::get(map).encode_rank1(level, values, rank1::Scales::new(&rows, &cols, 0), &mut words),
+    );
     (words, rows, cols)
 }
 
@@ -230,7 +234,11 @@ pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> (Vec<u32>, V
 pub fn rank1_dequantize(words: &[u32], rows: &[f32], cols: &[f32], map: MapKind) -> Vec<f32> {
     let mut values = vec![0f32; rows.len() * cols.len()];
     if !values.is_empty() {
-        Encoder::get(map).decode_rank1(words, rank1::Scales::new(rows, cols, 0), &mut values);
+        let level = Level::current();
+        level.run(
+            #[inline(always)]
+            || Encoder::get(map).decode_rank1(level, words, rank1::Scales::new(rows, cols, 0), &mut values),
+        );
     }
     values
 }
@@ -326,7 +334,7 @@ impl<W: AsRef<[u32]>, F: AsRef<[f32]>> StateSlice<'_, W, F> {
                 let first = start / map.codes_per_word();
                 let words = &words.as_ref()[first..first + map.num_words(output.len())];
                 let scales = rank1::Scales::new(norms.rows, norms.cols, offset + start);
-                Encoder::get(*map).decode_rank1(words, scales, output);
+                Encoder::get(*map).decode_rank1(level, words, scales, output);
             }
             StateSlice::Full(values) => output.copy_from_slice(&values.as_ref()[start..start + output.len()]),
         }
@@ -388,7 +396,7 @@ impl StateMut<'_> {
                 let first = start / map.codes_per_word();
                 let words = &mut words[first..first + map.num_words(values.len())];
                 let scales = rank1::Scales::new(norms.next_rows, norms.next_cols, *offset + start);
-                Encoder::get(*map).encode_rank1(values, scales, words);
+                Encoder::get(*map).encode_rank1(level, values, scales, words);
             }
             StateSlice::Full(target) => target[start..start + values.len()].copy_from_slice(values),
         }
@@ -771,17 +779,7 @@ pub fn rank1_norms<P: ParamElement>(
                             stored[i] = out[1 + slot];
                         }
                     });
-                    let (mut row, mut col) = (start / num_cols - first_row, start % num_cols);
-                    for x in stored.iter() {
-                        let bits = x.to_bits() & rule::ABS_MASK;
-                        rows[row] = rows[row].max(bits);
-                        cols[col] = cols[col].max(bits);
-                        col += 1;
-                        if col == num_cols {
-                            col = 0;
-                            row += 1;
-                        }
-                    }
+                    rank1::raise_norms(stored, start, first_row, &mut rows, &mut cols);
                 }
                 (first_row, rows, cols)
             },
@@ -1187,6 +1185,49 @@ mod tests {
                 for (level, run) in &runs[1..] {
                     assert!(run == scalar, "{level:?} differs from scalar ({rule:?}, {family:?}, quantized {quantized})");
                 }
+            }
+        }
+    }
+
+    /// Rank-1 codes and decoded values at every level are the rule's (`rule::encode_scaled`,
+    /// `rule::decode_scaled`) element by element, for scales of every kind: normal, tiny, zero,
+    /// infinite and NaN norms, and values on and off the thresholds.
+    #[test]
+    fn rank1_codes_follow_the_rule_at_every_level() {
+        let (num_rows, num_cols) = (23, 301);
+        let mut rows: Vec<f32> = random_values(num_rows, 5).iter().map(|x| x.abs() * 3.0).collect();
+        let mut cols: Vec<f32> = random_values(num_cols, 6).iter().map(|x| x.abs() * 2.0).collect();
+        (rows[3], rows[4], rows[5]) = (0.0, f32::INFINITY, f32::NAN);
+        (cols[7], cols[8], cols[9], cols[10]) = (0.0, f32::INFINITY, f32::NAN, 1e-40);
+        let len = num_rows * num_cols;
+        let mut values: Vec<f32> = random_values(len, 7).iter().map(|x| x.abs() * 2.5).collect();
+        values[11] = f32::NAN;
+        for kind in [MapKind::LinearUnsigned4, MapKind::DynamicUnsigned] {
+            let map = kind.map();
+            let midpoints = map.padded_midpoints();
+            // Some values exactly on a threshold of their element's scale.
+            for i in (0..len).step_by(17) {
+                let scale = f32::from_bits(rule::rank1_scale_bits(rows[i / num_cols], cols[i % num_cols]));
+                values[i] = midpoints[i % ((1 << kind.bits()) - 1)] * scale;
+            }
+            let scale_of = |i: usize| rule::rank1_scale_bits(rows[i / num_cols], cols[i % num_cols]);
+            let codes: Vec<u8> = (0..len)
+                .map(|i| rule::encode_scaled(&midpoints, kind.bits(), map.zero_code(), values[i], scale_of(i)))
+                .collect();
+            let decoded: Vec<u32> = (0..len)
+                .map(|i| rule::decode_scaled(map.padded_values()[usize::from(codes[i])], scale_of(i)).to_bits())
+                .collect();
+            for (level, (words, got)) in at_every_level(|| {
+                let encoder = Encoder::get(kind);
+                let mut words = vec![0u32; kind.num_words(len)];
+                let level = Level::current();
+                encoder.encode_rank1(level, &values, rank1::Scales::new(&rows, &cols, 0), &mut words);
+                let mut got = vec![0f32; len];
+                encoder.decode_rank1(level, &words, rank1::Scales::new(&rows, &cols, 0), &mut got);
+                (words, got.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            }) {
+                assert_eq!(crate::host::unpack(&words, kind, len), codes, "{kind:?} at {level:?}: codes");
+                assert_eq!(got, decoded, "{kind:?} at {level:?}: decoded values");
             }
         }
     }

@@ -1,5 +1,5 @@
-//! The two block loops of the CPU twin that the compiler cannot vectorise, written with AVX-512
-//! (F, BW, VL) intrinsics: both are table lookups, which the portable loops do lane by lane.
+//! The block loops of the CPU twin that the compiler cannot vectorise, written with AVX-512
+//! (F, BW, VL) intrinsics: all are table lookups, which the portable loops do lane by lane.
 //! They produce exactly the portable loops' results; `cpu.rs` calls them at levels with
 //! AVX-512 and its tests compare every level bit for bit.
 //!
@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 use super::settle;
 use crate::encode::{BOUNDS, GUESS_SHIFT};
 use crate::map::MAP_LEN;
+use crate::rule;
 
 /// `f32` lanes of a 512-bit register.
 pub(super) const LANES: usize = 16;
@@ -150,6 +151,77 @@ pub(super) unsafe fn encode_narrow(block: &[f32], midpoints: &[f32; MAP_LEN - 1]
                 let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_permutexvar_ps(probe, thresholds));
                 code = _mm512_mask_add_epi32(code, above, code, _mm512_set1_epi32(step));
             }
+            _mm512_mask_cvtepi32_storeu_epi8(codes.as_mut_ptr().add(start).cast(), mask, code);
+        }
+    }
+}
+
+/// Decodes 4-bit `codes` into `output` (as many elements), each against its own scale, given by
+/// its bits in `scales` (rank-1 normalisation): `values[code] · scale`, the canonical NaN where
+/// the scale is not finite (`rule::decode_scaled`).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `codes` and `scales` are at least as long as `output`; every
+/// code is below 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn decode_scaled_narrow(codes: &[u8], scales: &[u32], values: &[f32; MAP_LEN], output: &mut [f32]) {
+    debug_assert!(codes.len() >= output.len() && scales.len() >= output.len());
+    // SAFETY: `values` holds more than 16 values.
+    let table = unsafe { _mm512_loadu_ps(values.as_ptr()) };
+    let infinity = _mm512_set1_epi32(rule::INFINITY_BITS as i32);
+    let nan = _mm512_castsi512_ps(_mm512_set1_epi32(rule::CANONICAL_NAN_BITS as i32));
+    for start in (0..output.len()).step_by(LANES) {
+        let mask = lane_mask(output.len() - start);
+        // SAFETY: masked lanes are neither read nor written, the others lie inside the slices.
+        unsafe {
+            let code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, codes.as_ptr().add(start).cast()));
+            let scale = _mm512_maskz_loadu_epi32(mask, scales.as_ptr().add(start).cast());
+            let value = _mm512_mul_ps(_mm512_permutexvar_ps(code, table), _mm512_castsi512_ps(scale));
+            let non_finite = _mm512_cmpge_epu32_mask(scale, infinity);
+            _mm512_mask_storeu_ps(output.as_mut_ptr().add(start), mask, _mm512_mask_blend_ps(non_finite, value, nan));
+        }
+    }
+}
+
+/// Encodes `block` into `codes` (as many) under a 4-bit map of (padded) `midpoints`, each element
+/// against its own scale, given by its bits in `scales` (rank-1 normalisation): the number of
+/// thresholds `midpoint · scale` below `x`, by the four-step search of [`encode_narrow`] with a
+/// scale per lane; `zero_code` where the scale is 0 or not finite (`rule::encode_scaled`).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `midpoints[15]` is `+∞` (a 4-bit map's padding); `scales`
+/// and `codes` are as long as `block`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn encode_scaled_narrow(
+    block: &[f32],
+    scales: &[u32],
+    midpoints: &[f32; MAP_LEN - 1],
+    zero_code: u8,
+    codes: &mut [u8],
+) {
+    debug_assert!(midpoints[LANES - 1] == f32::INFINITY);
+    debug_assert!(block.len() == codes.len() && scales.len() >= block.len());
+    // SAFETY: `midpoints` holds more than 16 values.
+    let thresholds = unsafe { _mm512_loadu_ps(midpoints.as_ptr()) };
+    let infinity = _mm512_set1_epi32(rule::INFINITY_BITS as i32);
+    let zero = _mm512_set1_epi32(i32::from(zero_code));
+    for start in (0..block.len()).step_by(LANES) {
+        let mask = lane_mask(block.len() - start);
+        // SAFETY: masked lanes are neither read nor written, the others lie inside the slices.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(mask, block.as_ptr().add(start));
+            let scale_bits = _mm512_maskz_loadu_epi32(mask, scales.as_ptr().add(start).cast());
+            let scale = _mm512_castsi512_ps(scale_bits);
+            let mut code = _mm512_setzero_si512();
+            for step in [8, 4, 2, 1] {
+                let probe = _mm512_add_epi32(code, _mm512_set1_epi32(step - 1));
+                let threshold = _mm512_mul_ps(_mm512_permutexvar_ps(probe, thresholds), scale);
+                let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, threshold);
+                code = _mm512_mask_add_epi32(code, above, code, _mm512_set1_epi32(step));
+            }
+            let degenerate = _mm512_cmpeq_epi32_mask(scale_bits, _mm512_setzero_si512())
+                | _mm512_cmpge_epu32_mask(scale_bits, infinity);
+            let code = _mm512_mask_blend_epi32(degenerate, code, zero);
             _mm512_mask_cvtepi32_storeu_epi8(codes.as_mut_ptr().add(start).cast(), mask, code);
         }
     }

@@ -1,47 +1,85 @@
 //! Rank-1 normalised codes on the CPU (docs/algorithm.md §2.4): element `(i, j)` of a state
 //! viewed as a row-major matrix is scaled by the smaller of row `i`'s and column `j`'s maximum,
-//! so every element has its own scale. Scalar loops by the rules of `rule.rs`, which the kernels
-//! follow too.
+//! so every element has its own scale. The scales of a run of elements are computed row segment
+//! by row segment (a minimum against a contiguous slice of column norms, which vectorises), then
+//! decoded and encoded by the rules of `rule.rs`, which the kernels follow too; at levels with
+//! AVX-512 a 4-bit map's lookups are permutes (`avx512.rs`).
 
-use super::{Encoder, NIBBLES, unpack_nibbles, with_code_bytes};
+#[cfg(target_arch = "x86_64")]
+use super::avx512;
+use super::{Encoder, Level, NIBBLES, unpack_nibbles, with_code_bytes};
 use crate::block::BlockSize;
 use crate::rule;
 
 /// Elements decoded or encoded at a time: the most a code buffer holds.
 const CHUNK: usize = BlockSize::MAX;
 
-/// The scale bits of consecutive elements of a row-major matrix, from one element on.
+/// Where a run of consecutive elements of a row-major matrix lies: the matrix's norms and the
+/// index of the run's first element.
+#[derive(Clone, Copy)]
 pub(super) struct Scales<'n> {
     rows: &'n [f32],
     cols: &'n [f32],
-    row: usize,
-    col: usize,
+    index: usize,
 }
 
 impl<'n> Scales<'n> {
     /// The scales of element `index` and those after it, under the norms `rows` and `cols`.
     pub(super) fn new(rows: &'n [f32], cols: &'n [f32], index: usize) -> Self {
-        Self { rows, cols, row: index / cols.len(), col: index % cols.len() }
+        Self { rows, cols, index }
+    }
+
+    /// The scale bits (`rule::rank1_scale_bits`) of the run's first `out.len()` elements.
+    #[inline(always)]
+    fn fill(self, out: &mut [u32]) {
+        let num_cols = self.cols.len();
+        let (mut row, mut col) = (self.index / num_cols, self.index % num_cols);
+        let mut done = 0;
+        while done < out.len() {
+            let len = (num_cols - col).min(out.len() - done);
+            let row_bits = self.rows[row].to_bits() & rule::ABS_MASK;
+            for (scale, norm) in out[done..done + len].iter_mut().zip(&self.cols[col..col + len]) {
+                *scale = row_bits.min(norm.to_bits() & rule::ABS_MASK);
+            }
+            done += len;
+            col = 0;
+            row += 1;
+        }
+    }
+
+    /// The same matrix from `count` elements further on.
+    fn advanced(self, count: usize) -> Self {
+        Self { index: self.index + count, ..self }
     }
 }
 
-impl Iterator for Scales<'_> {
-    type Item = u32;
-
-    #[inline(always)]
-    fn next(&mut self) -> Option<u32> {
-        let bits = rule::rank1_scale_bits(*self.rows.get(self.row)?, self.cols[self.col]);
-        self.col += 1;
-        if self.col == self.cols.len() {
-            self.col = 0;
-            self.row += 1;
+/// The row and column maxima of `values` (bits of `|x|`), a run of consecutive elements of a
+/// row-major matrix of `cols.len()` columns from element `index` on, raised into `rows` (whose
+/// first entry is row `first_row`) and `cols`, row segment by row segment.
+#[inline(always)]
+pub(super) fn raise_norms(values: &[f32], index: usize, first_row: usize, rows: &mut [u32], cols: &mut [u32]) {
+    let num_cols = cols.len();
+    let (mut row, mut col) = (index / num_cols - first_row, index % num_cols);
+    let mut done = 0;
+    while done < values.len() {
+        let len = (num_cols - col).min(values.len() - done);
+        let segment = &values[done..done + len];
+        let mut row_max = rows[row];
+        for (norm, x) in cols[col..col + len].iter_mut().zip(segment) {
+            let bits = x.to_bits() & rule::ABS_MASK;
+            row_max = row_max.max(bits);
+            *norm = (*norm).max(bits);
         }
-        Some(bits)
+        rows[row] = row_max;
+        done += len;
+        col = 0;
+        row += 1;
     }
 }
 
 impl Encoder {
     /// The codes of `codes.len()` elements packed in `words`, one byte each.
+    #[inline(always)]
     fn unpack(&self, words: &[u32], codes: &mut [u8]) {
         if self.bits == 8 {
             let bytes = words.iter().flat_map(|word| word.to_le_bytes());
@@ -54,6 +92,7 @@ impl Encoder {
     }
 
     /// `codes` packed into `words`, the unused bits of a partial last word zero.
+    #[inline(always)]
     fn pack(&self, codes: &[u8], words: &mut [u32]) {
         let per_word = if self.bits == 8 { 4 } else { NIBBLES };
         for (word, codes) in words.iter_mut().zip(codes.chunks(per_word)) {
@@ -65,12 +104,24 @@ impl Encoder {
     }
 
     /// Decodes the codes of `output.len()` elements packed in `words`, each against its scale.
-    pub(super) fn decode_rank1(&self, words: &[u32], mut scales: Scales<'_>, output: &mut [f32]) {
+    #[inline(always)]
+    pub(super) fn decode_rank1(&self, level: Level, words: &[u32], scales: Scales<'_>, output: &mut [f32]) {
         let per_word = 32 / self.bits as usize;
-        for (words, output) in words.chunks(CHUNK / per_word).zip(output.chunks_mut(CHUNK)) {
+        let mut scale_bits = [0u32; CHUNK];
+        for (part, (words, output)) in words.chunks(CHUNK / per_word).zip(output.chunks_mut(CHUNK)).enumerate() {
+            let scale_bits = &mut scale_bits[..output.len()];
+            scales.advanced(part * CHUNK).fill(scale_bits);
             with_code_bytes(output.len(), |codes| {
                 self.unpack(words, codes);
-                for ((out, &code), scale) in output.iter_mut().zip(codes.iter()).zip(&mut scales) {
+                #[cfg(target_arch = "x86_64")]
+                if level.has_avx512() && self.bits == 4 {
+                    // SAFETY: the level has AVX-512; 4-bit codes are below 16; `codes` and
+                    // `scale_bits` are as long as `output`.
+                    unsafe { avx512::decode_scaled_narrow(codes, scale_bits, &self.values, output) };
+                    return;
+                }
+                let _ = level;
+                for ((out, &code), &scale) in output.iter_mut().zip(codes.iter()).zip(scale_bits.iter()) {
                     *out = rule::decode_scaled(self.values[usize::from(code)], scale);
                 }
             });
@@ -78,13 +129,26 @@ impl Encoder {
     }
 
     /// Encodes `values` into `words` (as many as their codes need), each against its scale.
-    pub(super) fn encode_rank1(&self, values: &[f32], mut scales: Scales<'_>, words: &mut [u32]) {
+    #[inline(always)]
+    pub(super) fn encode_rank1(&self, level: Level, values: &[f32], scales: Scales<'_>, words: &mut [u32]) {
         let per_word = 32 / self.bits as usize;
-        for (values, words) in values.chunks(CHUNK).zip(words.chunks_mut(CHUNK / per_word)) {
+        let mut scale_bits = [0u32; CHUNK];
+        for (part, (values, words)) in values.chunks(CHUNK).zip(words.chunks_mut(CHUNK / per_word)).enumerate() {
+            let scale_bits = &mut scale_bits[..values.len()];
+            scales.advanced(part * CHUNK).fill(scale_bits);
             with_code_bytes(values.len(), |codes| {
-                for ((code, &x), scale) in codes.iter_mut().zip(values).zip(&mut scales) {
-                    *code = rule::encode_scaled(&self.midpoints, self.bits, self.zero_code, x, scale);
+                #[cfg(target_arch = "x86_64")]
+                if level.has_avx512() && self.bits == 4 {
+                    // SAFETY: the level has AVX-512; a 4-bit map's padding midpoints are +∞;
+                    // `scale_bits` and `codes` are as long as `values`.
+                    unsafe { avx512::encode_scaled_narrow(values, scale_bits, &self.midpoints, self.zero_code, codes) };
+                } else {
+                    for ((code, &x), &scale) in codes.iter_mut().zip(values).zip(scale_bits.iter()) {
+                        *code = rule::encode_scaled(&self.midpoints, self.bits, self.zero_code, x, scale);
+                    }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = level;
                 self.pack(codes, words);
             });
         }
