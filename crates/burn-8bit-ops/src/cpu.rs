@@ -772,12 +772,11 @@ pub fn rank1_norms<P: ParamElement>(
                     let [s0, s1, s2] = scratch.read(level, states, block, block_size, len);
                     let (param, grad) = (&param[start..start + len], &grad[start..start + len]);
                     let (s0, s1, s2, stored) = (&s0[..len], &s1[..len], &s2[..len], &mut stored[..len]);
-                    with_constant_rule!(rule, |RULE| {
-                        for i in 0..len {
-                            let (out, _, _) =
-                                step_element(step, RULE, step.lr, param[i].to_f32(), grad[i].to_f32(), [s0[i], s1[i], s2[i]]);
-                            stored[i] = out[1 + slot];
-                        }
+                    let states = [s0, s1, s2];
+                    with_constant_rule!(rule, |RULE| match slot {
+                        0 => stored_values::<P, 1>(step, RULE, param, grad, states, stored),
+                        1 => stored_values::<P, 2>(step, RULE, param, grad, states, stored),
+                        _ => stored_values::<P, 3>(step, RULE, param, grad, states, stored),
                     });
                     rank1::raise_norms(stored, start, first_row, &mut rows, &mut cols);
                 }
@@ -796,6 +795,23 @@ pub fn rank1_norms<P: ParamElement>(
     }
     let canonical = |bits: Vec<u32>| bits.into_iter().map(rule::absmax_from_bits).collect();
     (canonical(rows), canonical(cols))
+}
+
+/// The value each element of a block stores in state slot `OUT − 1` after the step: output `OUT`
+/// of [`step_element`] (a constant, so that the loop vectorises).
+#[inline(always)]
+fn stored_values<P: ParamElement, const OUT: usize>(
+    step: Step<'_>,
+    rule: StepRule,
+    param: &[P],
+    grad: &[P],
+    [s0, s1, s2]: [&[f32]; 3],
+    stored: &mut [f32],
+) {
+    for (i, stored) in stored.iter_mut().enumerate() {
+        let (out, _, _) = step_element(step, rule, step.lr, param[i].to_f32(), grad[i].to_f32(), [s0[i], s1[i], s2[i]]);
+        *stored = out[OUT];
+    }
 }
 
 /// `max |x|` over a block computed on the bits of `|x|`, as the kernels do: for non-negative

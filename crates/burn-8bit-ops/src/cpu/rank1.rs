@@ -7,12 +7,24 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::avx512;
-use super::{Encoder, Level, NIBBLES, unpack_nibbles, with_code_bytes};
+use super::{Encoder, Level, SMALL_BLOCK, pack_nibbles, unpack_nibbles, with_code_bytes};
 use crate::block::BlockSize;
 use crate::rule;
 
 /// Elements decoded or encoded at a time: the most a code buffer holds.
 const CHUNK: usize = BlockSize::MAX;
+
+/// `f` run on `len` zeroed scale slots on the stack (at most [`CHUNK`]): a buffer no larger than
+/// a block's, since clearing 16 KiB for every block of 128 elements would cost more than the
+/// block.
+#[inline(always)]
+fn with_scale_bits<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    if len <= SMALL_BLOCK {
+        f(&mut [0u32; SMALL_BLOCK][..len])
+    } else {
+        f(&mut [0u32; CHUNK][..len])
+    }
+}
 
 /// Where a run of consecutive elements of a row-major matrix lies: the matrix's norms and the
 /// index of the run's first element.
@@ -37,9 +49,12 @@ impl<'n> Scales<'n> {
         let mut done = 0;
         while done < out.len() {
             let len = (num_cols - col).min(out.len() - done);
-            let row_bits = self.rows[row].to_bits() & rule::ABS_MASK;
-            for (scale, norm) in out[done..done + len].iter_mut().zip(&self.cols[col..col + len]) {
-                *scale = row_bits.min(norm.to_bits() & rule::ABS_MASK);
+            let row_norm = self.rows[row];
+            for (scale, &col_norm) in out[done..done + len]
+                .iter_mut()
+                .zip(&self.cols[col..col + len])
+            {
+                *scale = rule::rank1_scale_bits(row_norm, col_norm);
             }
             done += len;
             col = 0;
@@ -49,7 +64,10 @@ impl<'n> Scales<'n> {
 
     /// The same matrix from `count` elements further on.
     fn advanced(self, count: usize) -> Self {
-        Self { index: self.index + count, ..self }
+        Self {
+            index: self.index + count,
+            ..self
+        }
     }
 }
 
@@ -57,7 +75,13 @@ impl<'n> Scales<'n> {
 /// row-major matrix of `cols.len()` columns from element `index` on, raised into `rows` (whose
 /// first entry is row `first_row`) and `cols`, row segment by row segment.
 #[inline(always)]
-pub(super) fn raise_norms(values: &[f32], index: usize, first_row: usize, rows: &mut [u32], cols: &mut [u32]) {
+pub(super) fn raise_norms(
+    values: &[f32],
+    index: usize,
+    first_row: usize,
+    rows: &mut [u32],
+    cols: &mut [u32],
+) {
     let num_cols = cols.len();
     let (mut row, mut col) = (index / num_cols - first_row, index % num_cols);
     let mut done = 0;
@@ -94,62 +118,102 @@ impl Encoder {
     /// `codes` packed into `words`, the unused bits of a partial last word zero.
     #[inline(always)]
     fn pack(&self, codes: &[u8], words: &mut [u32]) {
-        let per_word = if self.bits == 8 { 4 } else { NIBBLES };
-        for (word, codes) in words.iter_mut().zip(codes.chunks(per_word)) {
-            *word = codes
-                .iter()
-                .enumerate()
-                .fold(0, |word, (j, &code)| word | u32::from(code) << (self.bits as usize * j));
+        if self.bits == 8 {
+            for (word, codes) in words.iter_mut().zip(codes.chunks(4)) {
+                *word = codes.iter().rev().fold(0, |word, &code| word << 8 | u32::from(code));
+            }
+        } else {
+            pack_nibbles(codes, words);
         }
     }
 
     /// Decodes the codes of `output.len()` elements packed in `words`, each against its scale.
     #[inline(always)]
-    pub(super) fn decode_rank1(&self, level: Level, words: &[u32], scales: Scales<'_>, output: &mut [f32]) {
+    pub(super) fn decode_rank1(
+        &self,
+        level: Level,
+        words: &[u32],
+        scales: Scales<'_>,
+        output: &mut [f32],
+    ) {
         let per_word = 32 / self.bits as usize;
-        let mut scale_bits = [0u32; CHUNK];
-        for (part, (words, output)) in words.chunks(CHUNK / per_word).zip(output.chunks_mut(CHUNK)).enumerate() {
-            let scale_bits = &mut scale_bits[..output.len()];
-            scales.advanced(part * CHUNK).fill(scale_bits);
-            with_code_bytes(output.len(), |codes| {
-                self.unpack(words, codes);
-                #[cfg(target_arch = "x86_64")]
-                if level.has_avx512() && self.bits == 4 {
-                    // SAFETY: the level has AVX-512; 4-bit codes are below 16; `codes` and
-                    // `scale_bits` are as long as `output`.
-                    unsafe { avx512::decode_scaled_narrow(codes, scale_bits, &self.values, output) };
-                    return;
-                }
-                let _ = level;
-                for ((out, &code), &scale) in output.iter_mut().zip(codes.iter()).zip(scale_bits.iter()) {
-                    *out = rule::decode_scaled(self.values[usize::from(code)], scale);
-                }
+        for (part, (words, output)) in words
+            .chunks(CHUNK / per_word)
+            .zip(output.chunks_mut(CHUNK))
+            .enumerate()
+        {
+            with_scale_bits(output.len(), #[inline(always)] |scale_bits| {
+                scales.advanced(part * CHUNK).fill(scale_bits);
+                with_code_bytes(output.len(), #[inline(always)] |codes| {
+                    self.unpack(words, codes);
+                    #[cfg(target_arch = "x86_64")]
+                    if level.has_avx512() && self.bits == 4 {
+                        // SAFETY: the level has AVX-512; 4-bit codes are below 16; `codes` and
+                        // `scale_bits` are as long as `output`.
+                        unsafe {
+                            avx512::decode_scaled_narrow(codes, scale_bits, &self.values, output)
+                        };
+                        return;
+                    }
+                    let _ = level;
+                    for ((out, &code), &scale) in
+                        output.iter_mut().zip(codes.iter()).zip(scale_bits.iter())
+                    {
+                        *out = rule::decode_scaled(self.values[usize::from(code)], scale);
+                    }
+                })
             });
         }
     }
 
     /// Encodes `values` into `words` (as many as their codes need), each against its scale.
     #[inline(always)]
-    pub(super) fn encode_rank1(&self, level: Level, values: &[f32], scales: Scales<'_>, words: &mut [u32]) {
+    pub(super) fn encode_rank1(
+        &self,
+        level: Level,
+        values: &[f32],
+        scales: Scales<'_>,
+        words: &mut [u32],
+    ) {
         let per_word = 32 / self.bits as usize;
-        let mut scale_bits = [0u32; CHUNK];
-        for (part, (values, words)) in values.chunks(CHUNK).zip(words.chunks_mut(CHUNK / per_word)).enumerate() {
-            let scale_bits = &mut scale_bits[..values.len()];
-            scales.advanced(part * CHUNK).fill(scale_bits);
-            with_code_bytes(values.len(), |codes| {
-                #[cfg(target_arch = "x86_64")]
-                if level.has_avx512() && self.bits == 4 {
-                    // SAFETY: the level has AVX-512; a 4-bit map's padding midpoints are +∞;
-                    // `scale_bits` and `codes` are as long as `values`.
-                    unsafe { avx512::encode_scaled_narrow(values, scale_bits, &self.midpoints, self.zero_code, codes) };
-                } else {
-                    for ((code, &x), &scale) in codes.iter_mut().zip(values).zip(scale_bits.iter()) {
-                        *code = rule::encode_scaled(&self.midpoints, self.bits, self.zero_code, x, scale);
+        for (part, (values, words)) in values
+            .chunks(CHUNK)
+            .zip(words.chunks_mut(CHUNK / per_word))
+            .enumerate()
+        {
+            with_scale_bits(values.len(), #[inline(always)] |scale_bits| {
+                scales.advanced(part * CHUNK).fill(scale_bits);
+                with_code_bytes(values.len(), #[inline(always)] |codes| {
+                    #[cfg(target_arch = "x86_64")]
+                    if level.has_avx512() && self.bits == 4 {
+                        // SAFETY: the level has AVX-512; a 4-bit map's padding midpoints are +∞;
+                        // `scale_bits` and `codes` are as long as `values`.
+                        unsafe {
+                            avx512::encode_scaled_narrow(
+                                values,
+                                scale_bits,
+                                &self.midpoints,
+                                self.zero_code,
+                                codes,
+                            )
+                        };
+                    } else {
+                        for ((code, &x), &scale) in
+                            codes.iter_mut().zip(values).zip(scale_bits.iter())
+                        {
+                            *code = rule::encode_scaled(
+                                &self.midpoints,
+                                self.bits,
+                                self.zero_code,
+                                x,
+                                scale,
+                            );
+                        }
                     }
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = level;
-                self.pack(codes, words);
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = level;
+                    self.pack(codes, words);
+                })
             });
         }
     }
