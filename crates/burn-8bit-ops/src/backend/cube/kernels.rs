@@ -44,7 +44,8 @@ pub enum Pass {
     Norms,
     /// The first pass of a step over a rank-1 state: the row and column maxima of the values
     /// the step will store in the rank-1 slot, raised into `next_rows` and `next_cols` (zero
-    /// before the pass) by atomic maxima on their bits; nothing else is written.
+    /// before the pass) by atomic maxima on their bits, one per element for the columns and one
+    /// per run of a row within a unit's word for the rows; nothing else is written.
     Rank1Norms,
 }
 
@@ -510,6 +511,9 @@ pub fn fused_step_kernel<P: Float>(
     let mut max3 = 0u32;
     let mut local_skipped = 0u32;
     let mut direction2 = 0.0f32;
+    let mut run_row = 0usize;
+    let mut run_max = 0u32;
+    let mut run_open = false;
     let mut param2 = 0.0f32;
     #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
@@ -628,9 +632,25 @@ pub fn fused_step_kernel<P: Float>(
                         kept = select(applied, u.s3, s3);
                     }
                     let bits = abs_bits(kept);
-                    next_rows[i / columns].fetch_max(bits);
+                    // A word's elements are consecutive, mostly of one row: one atomic per row
+                    // run instead of one per element on the same address.
+                    let row = i / columns;
+                    if run_open && row != run_row {
+                        next_rows[run_row].fetch_max(run_max);
+                        run_max = 0u32;
+                    }
+                    run_row = row;
+                    run_open = true;
+                    run_max = max(run_max, bits);
                     next_cols[i % columns].fetch_max(bits);
                 }
+            }
+        }
+        if comptime![!step && !norms] {
+            if run_open {
+                next_rows[run_row].fetch_max(run_max);
+                run_open = false;
+                run_max = 0u32;
             }
         }
     }
