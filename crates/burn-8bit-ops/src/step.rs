@@ -79,6 +79,20 @@ impl StepRule {
         }
     }
 
+    /// The slot of the second moment (the first non-negative state: Adam's and LAMB's `v`,
+    /// AdEMAMix's `ν`, RMSprop's square average, Adagrad's sum), the one state that 4-bit
+    /// configs keep under rank-1 normalisation; `None` for rules without one.
+    ///
+    /// ```
+    /// use burn_8bit_ops::StepRule;
+    /// assert_eq!(StepRule::Adam { amsgrad: true, cautious: false }.second_moment_slot(), Some(1));
+    /// assert_eq!(StepRule::Lion.second_moment_slot(), None);
+    /// ```
+    pub fn second_moment_slot(self) -> Option<usize> {
+        let family = MapFamily::Dynamic;
+        self.state_maps(family).iter().position(|&map| map == family.kind(false))
+    }
+
     /// The number of state slots: the length of [`StepRule::state_maps`], usable in constants.
     pub const fn num_states(self) -> usize {
         match self {

@@ -203,12 +203,9 @@ impl FusedStep {
         let buffers = std::mem::take(&mut state.slots)
             .into_iter()
             .map(StateSlot::into_buffer)
-            .map(|buffer| match (buffer, next.take()) {
-                (StateBuffer::Rank1 { state, .. }, Some(next)) => StateBuffer::Rank1 { state, next },
-                (buffer, unused) => {
-                    next = unused;
-                    buffer
-                }
+            .map(|buffer| match buffer {
+                StateBuffer::Rank1 { state, next: own } => StateBuffer::Rank1 { state, next: next.take().unwrap_or(own) },
+                buffer => buffer,
             })
             .collect();
         let skipped = state.skipped.take().expect("a non-empty tensor has a skip counter");

@@ -162,9 +162,8 @@ fn checked_floats(bytes: &[u8], key: &str, non_negative: bool) -> Result<Vec<f32
 /// The `rows × cols` matrix of slot `slot` of `rule`'s states for a parameter of `shape` when
 /// that slot may be rank-1: the second moment of 4-bit states, rank ≥ 2.
 fn rank1_matrix(rule: StepRule, family: MapFamily, shape: &[usize], slot: usize) -> Option<(usize, usize)> {
-    let second_moment = rule.state_maps(family).iter().position(|&map| map == family.kind(false));
     let matrix = Rank1Quantized::matrix(&Shape::from(shape.to_vec()))?;
-    (family == MapFamily::FourBit && second_moment == Some(slot)).then_some(matrix)
+    (family == MapFamily::FourBit && rule.second_moment_slot() == Some(slot)).then_some(matrix)
 }
 
 impl StateFields {

@@ -109,7 +109,7 @@ pub(crate) fn rank1_slot(rule: StepRule, layout: Option<(BlockSize, MapFamily)>,
     if !rank1 || family != MapFamily::FourBit || !Rank1Quantized::fits(shape) {
         return None;
     }
-    rule.state_maps(family).iter().position(|&map| map == family.kind(false))
+    rule.second_moment_slot()
 }
 
 /// One state slot of one parameter: block-wise quantized, rank-1 quantized (a 4-bit second
