@@ -1130,16 +1130,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_simd_level_steps_every_rule_to_the_same_bits() {
-        let len = 3 * 4096 + 129;
-        let grad = {
-            let mut grad = random_values(len, 11);
-            grad[5] = f32::NAN;
-            grad[700] = f32::INFINITY;
-            grad
-        };
-        let scalars = StepScalars {
+    /// `len` random gradient elements, NaN at index 5 and +∞ at `infinite`.
+    fn gradient_with_two_non_finite(len: usize, infinite: usize) -> Vec<f32> {
+        let mut grad = random_values(len, 11);
+        grad[5] = f32::NAN;
+        grad[infinite] = f32::INFINITY;
+        grad
+    }
+
+    /// Step scalars with every rate, correction and decay on, so that every rule reads a value
+    /// of its own in each field it takes.
+    fn every_rate() -> StepScalars {
+        StepScalars {
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
@@ -1150,11 +1152,16 @@ mod tests {
             correction2: 0.0447,
             decay_factor: 0.99,
             l2_penalty: 0.01,
-            first_step: 0,
             direction_decay: 0.01,
-            stochastic_rounding: 0,
-            rounding_key: 0,
-        };
+            ..StepScalars::default()
+        }
+    }
+
+    #[test]
+    fn every_simd_level_steps_every_rule_to_the_same_bits() {
+        let len = 3 * 4096 + 129;
+        let grad = gradient_with_two_non_finite(len, 700);
+        let scalars = every_rate();
         let rules: Vec<StepRule> = (0..64).filter_map(StepRule::from_code).collect();
         for rule in rules {
             for (family, quantized) in
@@ -1257,25 +1264,8 @@ mod tests {
     fn a_rank1_step_is_decode_update_and_requantize() {
         let (rows, cols, block_size) = (37, 1000, 256);
         let len = rows * cols;
-        let grad = {
-            let mut grad = random_values(len, 11);
-            grad[5] = f32::NAN;
-            grad[cols + 3] = f32::INFINITY;
-            grad
-        };
-        let scalars = StepScalars {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            beta3: 0.5,
-            alpha: 5.0,
-            eps: 1e-8,
-            correction1: 0.1,
-            correction2: 0.0447,
-            decay_factor: 0.99,
-            l2_penalty: 0.01,
-            ..StepScalars::default()
-        };
+        let grad = gradient_with_two_non_finite(len, cols + 3);
+        let scalars = every_rate();
         let family = MapFamily::FourBit;
         let rules = (0..64).filter_map(StepRule::from_code).filter(|rule| rule.second_moment_slot().is_some());
         for rule in rules {

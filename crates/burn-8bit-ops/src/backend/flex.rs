@@ -135,6 +135,22 @@ fn state_ref(state: &StateBuffer<Flex>, map: MapKind) -> StateRef<'_> {
     }
 }
 
+/// A pass that only reads (the update norms, the rank-1 norms): `pass` over the contiguous
+/// parameter, gradient and state views, told the parameters' element type.
+fn read_pass<R>(
+    tensors: StepTensors<Flex>,
+    grad: FlexTensor,
+    rule: StepRule,
+    family: MapFamily,
+    pass: impl FnOnce(ParamDType, &FlexTensor, &FlexTensor, &[StateRef<'_>]) -> R,
+) -> R {
+    let (param, _, states) = contiguous_states(tensors);
+    let grad = contiguous(grad);
+    let views: Vec<StateRef<'_>> =
+        states.iter().zip(rule.state_maps(family)).map(|(state, map)| state_ref(state, map)).collect();
+    pass(ParamDType::of_step(param.dtype(), grad.dtype()), &param, &grad, &views)
+}
+
 /// The states after a step: each rank-1 state's codes with the norms they were written against.
 fn swap_rank1_norms(states: Vec<StateBuffer<Flex>>) -> Vec<StateBuffer<Flex>> {
     states
@@ -256,18 +272,13 @@ impl BlockwiseOps for Flex {
         scalars: StepScalars,
         block_size: usize,
     ) -> FloatTensor<Self> {
-        let (param, _, states) = contiguous_states(tensors);
-        let grad = contiguous(grad);
-        let views: Vec<StateRef<'_>> = states
-            .iter()
-            .zip(rule.state_maps(family))
-            .map(|(state, map)| state_ref(state, map))
-            .collect();
         let run = StepRun { rule, scalars: &scalars, grad_scale: scale(grad_scale), update_scale: 1.0, block_size };
-        flat(match ParamDType::of_step(param.dtype(), grad.dtype()) {
-            ParamDType::F32 => run.norms::<f32>(&param, &grad, &views),
-            ParamDType::F16 => run.norms::<f16>(&param, &grad, &views),
-            ParamDType::BF16 => run.norms::<bf16>(&param, &grad, &views),
+        read_pass(tensors, grad, rule, family, |dtype, param, grad, views| {
+            flat(match dtype {
+                ParamDType::F32 => run.norms::<f32>(param, grad, views),
+                ParamDType::F16 => run.norms::<f16>(param, grad, views),
+                ParamDType::BF16 => run.norms::<bf16>(param, grad, views),
+            })
         })
     }
 
@@ -281,25 +292,13 @@ impl BlockwiseOps for Flex {
         scalars: StepScalars,
         block_size: usize,
     ) -> Rank1Norms<Self> {
-        let (param, _, states) = contiguous_states(tensors);
-        let grad = contiguous(grad);
-        let views: Vec<StateRef<'_>> = states
-            .iter()
-            .zip(rule.state_maps(family))
-            .map(|(state, map)| state_ref(state, map))
-            .collect();
-        let run = StepRun {
-            rule,
-            scalars: &scalars,
-            grad_scale: scale(grad_scale),
-            update_scale: scale(update_scale),
-            block_size,
-        };
-        let (rows, cols) = match ParamDType::of_step(param.dtype(), grad.dtype()) {
-            ParamDType::F32 => run.rank1::<f32>(&param, &grad, &views),
-            ParamDType::F16 => run.rank1::<f16>(&param, &grad, &views),
-            ParamDType::BF16 => run.rank1::<bf16>(&param, &grad, &views),
-        };
+        let update_scale = scale(update_scale);
+        let run = StepRun { rule, scalars: &scalars, grad_scale: scale(grad_scale), update_scale, block_size };
+        let (rows, cols) = read_pass(tensors, grad, rule, family, |dtype, param, grad, views| match dtype {
+            ParamDType::F32 => run.rank1::<f32>(param, grad, views),
+            ParamDType::F16 => run.rank1::<f16>(param, grad, views),
+            ParamDType::BF16 => run.rank1::<bf16>(param, grad, views),
+        });
         Rank1Norms { rows: flat(rows), cols: flat(cols) }
     }
 }
