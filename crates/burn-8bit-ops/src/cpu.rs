@@ -213,15 +213,14 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
 /// [`crate::host::rank1_quantize`]): packed codes, row maxima, column maxima.
 pub fn rank1_quantize(values: &[f32], cols: usize, map: MapKind) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
     let (mut rows_bits, mut cols_bits) = (vec![0u32; values.len() / cols], vec![0u32; cols]);
-    for (i, x) in values.iter().enumerate() {
-        let bits = x.to_bits() & rule::ABS_MASK;
-        rows_bits[i / cols] = rows_bits[i / cols].max(bits);
-        cols_bits[i % cols] = cols_bits[i % cols].max(bits);
-    }
+    let level = Level::current();
+    level.run(
+        #[inline(always)]
+        || rank1::raise_norms(values, 0, 0, &mut rows_bits, &mut cols_bits),
+    );
     let rows: Vec<f32> = rows_bits.into_iter().map(rule::absmax_from_bits).collect();
     let cols: Vec<f32> = cols_bits.into_iter().map(rule::absmax_from_bits).collect();
     let mut words = vec![0u32; map.num_words(values.len())];
-    let level = Level::current();
     level.run(
         #[inline(always)]
         || Encoder::get(map).encode_rank1(level, values, rank1::Scales::new(&rows, &cols, 0), &mut words),

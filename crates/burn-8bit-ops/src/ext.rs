@@ -123,6 +123,20 @@ pub struct StepTensors<B: Backend> {
     pub state3: StateBuffer<B>,
 }
 
+impl<B: Backend> StateBuffer<B> {
+    /// This state as the fused step returns it once it wrote the new codes: a rank-1 state with
+    /// `next` as the norms of its codes and its old norms as `next` (see
+    /// [`StateBuffer::Rank1`]); any other state as it is.
+    pub(crate) fn after_step(self) -> Self {
+        match self {
+            StateBuffer::Rank1 { state, next } => {
+                StateBuffer::Rank1 { state: Rank1Codes { codes: state.codes, norms: next }, next: state.norms }
+            }
+            other => other,
+        }
+    }
+}
+
 impl<B: Backend> StepTensors<B> {
     /// The step's tensors from up to three states in slot order.
     ///

@@ -151,19 +151,6 @@ fn read_pass<R>(
     pass(ParamDType::of_step(param.dtype(), grad.dtype()), &param, &grad, &views)
 }
 
-/// The states after a step: each rank-1 state's codes with the norms they were written against.
-fn swap_rank1_norms(states: Vec<StateBuffer<Flex>>) -> Vec<StateBuffer<Flex>> {
-    states
-        .into_iter()
-        .map(|state| match state {
-            StateBuffer::Rank1 { state, next } => {
-                StateBuffer::Rank1 { state: Rank1Codes { codes: state.codes, norms: next }, next: state.norms }
-            }
-            other => other,
-        })
-        .collect()
-}
-
 /// One fused step's values besides its buffers, applied to parameters and gradients of the
 /// parameter's element type.
 struct StepRun<'a> {
@@ -260,7 +247,7 @@ impl BlockwiseOps for Flex {
         let count: &mut [u32; rule::COUNT_WORDS] =
             elements_mut::<u32>(&mut skipped).try_into().expect("a two-word skip counter");
         *count = rule::add_to_count(*count, newly_skipped);
-        StepTensors::new(param, skipped, swap_rank1_norms(states))
+        StepTensors::new(param, skipped, states.into_iter().map(StateBuffer::after_step).collect())
     }
 
     fn update_norms(

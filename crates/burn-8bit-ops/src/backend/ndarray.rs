@@ -176,14 +176,14 @@ impl BlockwiseOps for NdArray {
                 (StateSlice::Blockwise { words, absmax, .. }, _) => {
                     StateBuffer::Blockwise(PackedBlocks { codes: flat(words), absmax: flat(absmax) })
                 }
-                // The new codes, with the norms they were written against.
                 (StateSlice::Rank1 { words, .. }, StateBuffer::Rank1 { state, next }) => StateBuffer::Rank1 {
-                    state: Rank1Codes { codes: flat(words), norms: clone_norms(next) },
-                    next: clone_norms(&state.norms),
+                    state: Rank1Codes { codes: flat(words), norms: clone_norms(&state.norms) },
+                    next: clone_norms(next),
                 },
                 (StateSlice::Full(values), _) => StateBuffer::Full(flat(values)),
                 (StateSlice::Rank1 { .. }, _) => unreachable!("a rank-1 view of a rank-1 state"),
             })
+            .map(StateBuffer::after_step)
             .collect();
         StepTensors::new(flat(param), flat(rule::add_to_count(count, newly_skipped).to_vec()), states)
     }

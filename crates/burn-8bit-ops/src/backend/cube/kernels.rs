@@ -245,6 +245,13 @@ fn rank1_scale_bits(rows: &[f32], cols: &[f32], i: usize, columns: usize) -> u32
     select(row < col, row, col)
 }
 
+/// A code's `value` times the scale of bits `scale_bits`, the canonical NaN when the scale is
+/// not finite (`rule::decode_scaled`).
+#[cube]
+fn decode_scaled(value: f32, scale_bits: u32) -> f32 {
+    select(scale_bits >= INFINITY_BITS, f32::reinterpret(CANONICAL_NAN_BITS), value * f32::reinterpret(scale_bits))
+}
+
 /// The code of `x` under a scale of bits `scale_bits` by binary search over the thresholds of
 /// the map at `table` (`rule::encode_scaled`): `code_bits` comparisons against
 /// `midpoint · scale`; `zero_code` when the scale is 0 or not finite.
@@ -481,7 +488,6 @@ pub fn fused_step_kernel<P: Float>(
     if comptime![coded1 || coded2 || coded3] {
         sync_cube();
     }
-    let nan = f32::reinterpret(CANONICAL_NAN_BITS);
     let mut g_scale = 1.0f32;
     if comptime![layout.grad_scaled] {
         g_scale = grad_scale[0];
@@ -549,8 +555,7 @@ pub fn fused_step_kernel<P: Float>(
                 }
                 if r1 {
                     let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
-                    let value = values[((w1 >> shift) & mask) as usize] * f32::reinterpret(bits);
-                    s1 = select(bits >= INFINITY_BITS, nan, value);
+                    s1 = decode_scaled(values[((w1 >> shift) & mask) as usize], bits);
                 }
                 if q2 {
                     s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * old2;
@@ -560,8 +565,7 @@ pub fn fused_step_kernel<P: Float>(
                 }
                 if r2 {
                     let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
-                    let value = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * f32::reinterpret(bits);
-                    s2 = select(bits >= INFINITY_BITS, nan, value);
+                    s2 = decode_scaled(values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize], bits);
                 }
                 if q3 {
                     s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * old3;
@@ -571,8 +575,7 @@ pub fn fused_step_kernel<P: Float>(
                 }
                 if r3 {
                     let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
-                    let value = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * f32::reinterpret(bits);
-                    s3 = select(bits >= INFINITY_BITS, nan, value);
+                    s3 = decode_scaled(values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize], bits);
                 }
                 let stored = param[i];
                 let p = f32::cast_from(stored);

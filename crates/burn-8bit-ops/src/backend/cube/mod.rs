@@ -125,13 +125,7 @@ impl BlockwiseOps for CubeBackend {
     ) -> StepTensors<Self> {
         let args = step_args(tensors, grad, grad_scale, update_scale, rule, family, writable);
         launch::fused_step(&args, rule, &scalars, block_size);
-        // A rank-1 state keeps its new codes with the norms they were written against.
-        let [state1, state2, state3] = args.slots.map(|slot| match slot.state {
-            StateBuffer::Rank1 { state, next } => {
-                StateBuffer::Rank1 { state: Rank1Codes { codes: state.codes, norms: next }, next: state.norms }
-            }
-            other => other,
-        });
+        let [state1, state2, state3] = args.slots.map(|slot| slot.state.after_step());
         StepTensors { param: args.param, skipped: args.skipped, state1, state2, state3 }
     }
 
