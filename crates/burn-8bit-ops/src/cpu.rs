@@ -566,7 +566,11 @@ impl Step<'_> {
         let step = Step { scalars: &scalars, ..self };
         let mut scratch = Scratch::new(block_size);
         let mut skipped = 0u32;
-        for (block, (param, grad)) in param.chunks_mut(block_size).zip(grad.chunks(block_size)).enumerate() {
+        for (block, start) in (0..param.len()).step_by(block_size).enumerate() {
+            prefetch_ahead(param, block, block_size);
+            prefetch_ahead(grad, block, block_size);
+            let end = param.len().min(start + block_size);
+            let (param, grad) = (&mut param[start..end], &grad[start..end]);
             let len = param.len();
             let [s0, s1, s2] = scratch.read(self.level, states, block, block_size, len);
             let (grad, s0, s1, s2) = (&grad[..len], &mut s0[..len], &mut s1[..len], &mut s2[..len]);
@@ -577,7 +581,7 @@ impl Step<'_> {
                     step_element(step, rule, step.lr, old.to_f32(), grad[i].to_f32(), [s0[i], s1[i], s2[i]]);
                 let p = if STOCHASTIC {
                     // The index wraps past 2^32 elements, as the kernels' does.
-                    let index = (first_index + block * block_size + i) as u32;
+                    let index = (first_index + start + i) as u32;
                     rule::round_to_bf16_stochastically(p, rule::random_bits(scalars.rounding_key, index))
                 } else {
                     p
@@ -602,6 +606,26 @@ impl Step<'_> {
         }
         skipped
     }
+}
+
+/// How many blocks ahead the fused step asks for its parameters and gradients: a block's decode
+/// and encode run from the cache, and without a prefetch the update loop waited on memory for
+/// most of its time (Zen 4, one thread). Quantize, one plain stream, gained nothing from it.
+const PREFETCH_BLOCKS: usize = 2;
+
+/// Asks the CPU to start loading block `block + PREFETCH_BLOCKS` of `data`, if there is one,
+/// into the cache (no effect on other architectures).
+#[inline(always)]
+fn prefetch_ahead<T>(data: &[T], block: usize, block_size: usize) {
+    let start = (block + PREFETCH_BLOCKS) * block_size;
+    let Some(ahead) = data.get(start..data.len().min(start + block_size)) else { return };
+    #[cfg(target_arch = "x86_64")]
+    for line in ahead.chunks((64 / size_of::<T>()).max(1)) {
+        // SAFETY: a prefetch reads nothing the program sees; the address lies inside `data`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
 }
 
 /// One block of `f32` per state slot, in which a block's states are updated.

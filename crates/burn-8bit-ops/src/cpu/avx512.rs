@@ -43,17 +43,26 @@ pub(super) unsafe fn decode<const NARROW: bool>(codes: &[u8], absmax: f32, value
     let table: [__m512; MAP_LEN / LANES] =
         std::array::from_fn(|part| unsafe { _mm512_loadu_ps(values.as_ptr().add(part * LANES)) });
     for start in (0..output.len()).step_by(LANES) {
+        let whole = output.len() - start >= LANES;
         let mask = lane_mask(output.len() - start);
-        // SAFETY: masked lanes are neither read nor written, the others lie inside both slices.
+        // SAFETY: whole chunks lie inside both slices; in the last partial one, masked lanes are
+        // neither read nor written. Whole chunks are stored unmasked: a masked store of every
+        // chunk cost a third of the decode on Zen 4.
         unsafe {
-            let code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, codes.as_ptr().add(start).cast()));
+            let codes = codes.as_ptr().add(start);
+            let code = _mm512_cvtepu8_epi32(if whole { _mm_loadu_si128(codes.cast()) } else { _mm_maskz_loadu_epi8(mask, codes.cast()) });
             let value = if NARROW {
                 _mm512_permutexvar_ps(code, table[0])
             } else {
                 lookup(&table, code)
             };
             let value = _mm512_mul_ps(value, scale);
-            _mm512_mask_storeu_ps(output.as_mut_ptr().add(start), mask, value);
+            let output = output.as_mut_ptr().add(start);
+            if whole {
+                _mm512_storeu_ps(output, value);
+            } else {
+                _mm512_mask_storeu_ps(output, mask, value);
+            }
         }
     }
 }
