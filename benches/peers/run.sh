@@ -5,7 +5,10 @@
 # peers.py (torch's Adam/AdamW, bitsandbytes' Adam8bit and block-wise quantization).
 #
 #   python3 -m venv .venv && .venv/bin/pip install -r benches/peers/requirements.txt
-#   PYTHON=.venv/bin/python benches/peers/run.sh          # PROFILE=dev reuses a debug build
+#   PYTHON=.venv/bin/python benches/peers/run.sh          # PROFILE=dev for a debug build
+#
+# Only Flex runs here, so the examples are built with the default features: a release build of
+# wgpu takes most of half an hour on two cores and adds nothing to these figures.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -16,6 +19,6 @@ python=${PYTHON:-python3}
 params=$((1 << log2))
 
 export RAYON_NUM_THREADS="$threads"
-cargo run --profile "$profile" --features wgpu,ndarray --example bench_step -- --device flex --params "$params"
-cargo run --profile "$profile" --features wgpu,ndarray --example gpu_report -- --device flex --log2 "$log2"
+cargo run --profile "$profile" --example bench_step -- --device flex --params "$params"
+cargo run --profile "$profile" --example gpu_report -- --device flex --log2 "$log2"
 "$python" benches/peers/peers.py --params "$params" --threads "$threads"
