@@ -26,6 +26,20 @@ fn with_scale_bits<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
     }
 }
 
+/// `f` on each chunk of a run of `len` elements whose scales are `scales`, at most [`CHUNK`] at a
+/// time: the chunk's first element (relative to the run), its scale bits, and a zeroed code byte
+/// per element, both on the stack.
+#[inline(always)]
+fn scaled_chunks(len: usize, scales: Scales<'_>, mut f: impl FnMut(usize, &[u32], &mut [u8])) {
+    for start in (0..len).step_by(CHUNK) {
+        let chunk = CHUNK.min(len - start);
+        with_scale_bits(chunk, #[inline(always)] |scale_bits| {
+            scales.advanced(start).fill(scale_bits);
+            with_code_bytes(chunk, #[inline(always)] |codes| f(start, scale_bits, codes))
+        });
+    }
+}
+
 /// Where a run of consecutive elements of a row-major matrix lies: the matrix's norms and the
 /// index of the run's first element.
 #[derive(Clone, Copy)]
@@ -50,10 +64,7 @@ impl<'n> Scales<'n> {
         while done < out.len() {
             let len = (num_cols - col).min(out.len() - done);
             let row_norm = self.rows[row];
-            for (scale, &col_norm) in out[done..done + len]
-                .iter_mut()
-                .zip(&self.cols[col..col + len])
-            {
+            for (scale, &col_norm) in out[done..done + len].iter_mut().zip(&self.cols[col..col + len]) {
                 *scale = rule::rank1_scale_bits(row_norm, col_norm);
             }
             done += len;
@@ -64,10 +75,7 @@ impl<'n> Scales<'n> {
 
     /// The same matrix from `count` elements further on.
     fn advanced(self, count: usize) -> Self {
-        Self {
-            index: self.index + count,
-            ..self
-        }
+        Self { index: self.index + count, ..self }
     }
 }
 
@@ -75,13 +83,7 @@ impl<'n> Scales<'n> {
 /// row-major matrix of `cols.len()` columns from element `index` on, raised into `rows` (whose
 /// first entry is row `first_row`) and `cols`, row segment by row segment.
 #[inline(always)]
-pub(super) fn raise_norms(
-    values: &[f32],
-    index: usize,
-    first_row: usize,
-    rows: &mut [u32],
-    cols: &mut [u32],
-) {
+pub(super) fn raise_norms(values: &[f32], index: usize, first_row: usize, rows: &mut [u32], cols: &mut [u32]) {
     let num_cols = cols.len();
     let (mut row, mut col) = (index / num_cols - first_row, index % num_cols);
     let mut done = 0;
@@ -129,92 +131,44 @@ impl Encoder {
 
     /// Decodes the codes of `output.len()` elements packed in `words`, each against its scale.
     #[inline(always)]
-    pub(super) fn decode_rank1(
-        &self,
-        level: Level,
-        words: &[u32],
-        scales: Scales<'_>,
-        output: &mut [f32],
-    ) {
+    pub(super) fn decode_rank1(&self, level: Level, words: &[u32], scales: Scales<'_>, output: &mut [f32]) {
         let per_word = 32 / self.bits as usize;
-        for (part, (words, output)) in words
-            .chunks(CHUNK / per_word)
-            .zip(output.chunks_mut(CHUNK))
-            .enumerate()
-        {
-            with_scale_bits(output.len(), #[inline(always)] |scale_bits| {
-                scales.advanced(part * CHUNK).fill(scale_bits);
-                with_code_bytes(output.len(), #[inline(always)] |codes| {
-                    self.unpack(words, codes);
-                    #[cfg(target_arch = "x86_64")]
-                    if level.has_avx512() && self.bits == 4 {
-                        // SAFETY: the level has AVX-512; 4-bit codes are below 16; `codes` and
-                        // `scale_bits` are as long as `output`.
-                        unsafe {
-                            avx512::decode_scaled_narrow(codes, scale_bits, &self.values, output)
-                        };
-                        return;
-                    }
-                    let _ = level;
-                    for ((out, &code), &scale) in
-                        output.iter_mut().zip(codes.iter()).zip(scale_bits.iter())
-                    {
-                        *out = rule::decode_scaled(self.values[usize::from(code)], scale);
-                    }
-                })
-            });
-        }
+        scaled_chunks(output.len(), scales, #[inline(always)] |start, scale_bits, codes| {
+            let output = &mut output[start..start + codes.len()];
+            self.unpack(&words[start / per_word..], codes);
+            #[cfg(target_arch = "x86_64")]
+            if level.has_avx512() && self.bits == 4 {
+                // SAFETY: the level has AVX-512; 4-bit codes are below 16; `codes` and
+                // `scale_bits` are as long as `output`.
+                unsafe { avx512::decode_scaled_narrow(codes, scale_bits, &self.values, output) };
+                return;
+            }
+            let _ = level;
+            for ((out, &code), &scale) in output.iter_mut().zip(codes.iter()).zip(scale_bits) {
+                *out = rule::decode_scaled(self.values[usize::from(code)], scale);
+            }
+        });
     }
 
     /// Encodes `values` into `words` (as many as their codes need), each against its scale.
     #[inline(always)]
-    pub(super) fn encode_rank1(
-        &self,
-        level: Level,
-        values: &[f32],
-        scales: Scales<'_>,
-        words: &mut [u32],
-    ) {
+    pub(super) fn encode_rank1(&self, level: Level, values: &[f32], scales: Scales<'_>, words: &mut [u32]) {
         let per_word = 32 / self.bits as usize;
-        for (part, (values, words)) in values
-            .chunks(CHUNK)
-            .zip(words.chunks_mut(CHUNK / per_word))
-            .enumerate()
-        {
-            with_scale_bits(values.len(), #[inline(always)] |scale_bits| {
-                scales.advanced(part * CHUNK).fill(scale_bits);
-                with_code_bytes(values.len(), #[inline(always)] |codes| {
-                    #[cfg(target_arch = "x86_64")]
-                    if level.has_avx512() && self.bits == 4 {
-                        // SAFETY: the level has AVX-512; a 4-bit map's padding midpoints are +∞;
-                        // `scale_bits` and `codes` are as long as `values`.
-                        unsafe {
-                            avx512::encode_scaled_narrow(
-                                values,
-                                scale_bits,
-                                &self.midpoints,
-                                self.zero_code,
-                                codes,
-                            )
-                        };
-                    } else {
-                        for ((code, &x), &scale) in
-                            codes.iter_mut().zip(values).zip(scale_bits.iter())
-                        {
-                            *code = rule::encode_scaled(
-                                &self.midpoints,
-                                self.bits,
-                                self.zero_code,
-                                x,
-                                scale,
-                            );
-                        }
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let _ = level;
-                    self.pack(codes, words);
-                })
-            });
-        }
+        scaled_chunks(values.len(), scales, #[inline(always)] |start, scale_bits, codes| {
+            let values = &values[start..start + codes.len()];
+            #[cfg(target_arch = "x86_64")]
+            if level.has_avx512() && self.bits == 4 {
+                // SAFETY: the level has AVX-512; a 4-bit map's padding midpoints are +∞;
+                // `scale_bits` and `codes` are as long as `values`.
+                unsafe { avx512::encode_scaled_narrow(values, scale_bits, &self.midpoints, self.zero_code, codes) };
+            } else {
+                for ((code, &x), &scale) in codes.iter_mut().zip(values).zip(scale_bits) {
+                    *code = rule::encode_scaled(&self.midpoints, self.bits, self.zero_code, x, scale);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = level;
+            self.pack(codes, &mut words[start / per_word..]);
+        });
     }
 }
