@@ -12,7 +12,7 @@ use macerator::Arch;
 use rayon::prelude::*;
 
 use crate::block::BlockSize;
-use crate::encode::{BOUNDS, GUESS_SHIFT, GuessTable, block_bounds};
+use crate::encode::{BOUNDS, GUESS_SHIFT, GuessTable, block_bounds, unit_bounds};
 use crate::map::{MAP_LEN, MapKind};
 use crate::rule;
 use crate::step::{StepRule, StepScalars, update_element};
@@ -936,6 +936,8 @@ struct Encoder {
     /// The map's thresholds, padded with `+∞` (`CodeMap::padded_midpoints`): the padding never
     /// counts, so 4-bit maps take the 8-bit path unchanged.
     midpoints: [f32; MAP_LEN - 1],
+    /// The bounds of a block of absmax 1 (`encode::unit_bounds`), which each block scales.
+    unit_bounds: [f32; BOUNDS],
     zero_code: u8,
     guesses: &'static GuessTable,
     /// Per bucket, the guess in the low byte and in the high byte the number of thresholds that
@@ -956,6 +958,7 @@ impl Encoder {
                 bits: map.bits(),
                 values: table.padded_values(),
                 midpoints: table.padded_midpoints(),
+                unit_bounds: unit_bounds(&table.padded_midpoints()),
                 zero_code: table.zero_code(),
                 guesses,
                 #[cfg(target_arch = "x86_64")]
@@ -1018,15 +1021,14 @@ impl Encoder {
             codes.fill(self.zero_code);
             return;
         }
-        // The map's own thresholds: 255, or 15 for a 4-bit map.
-        let thresholds = (1 << self.bits) - 1;
+        // A 4-bit map's 15 thresholds fit in one register.
         #[cfg(target_arch = "x86_64")]
-        if level.has_avx512() && thresholds < avx512::LANES {
+        if level.has_avx512() && (1 << self.bits) - 1 < avx512::LANES {
             // SAFETY: the level has AVX-512; a 4-bit map's midpoints past its 15 are +∞.
             unsafe { avx512::encode_narrow(block, &self.midpoints, absmax, codes) };
             return;
         }
-        let bounds = block_bounds(&self.midpoints[..thresholds], absmax);
+        let bounds = block_bounds(&self.unit_bounds, absmax);
         if !self.guesses.settled_absmax.contains(&absmax) {
             for (code, &x) in codes.iter_mut().zip(block) {
                 *code = search(&bounds, x) as u8;
