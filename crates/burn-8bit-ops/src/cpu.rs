@@ -1,6 +1,6 @@
 //! The CPU twin of the block-wise kernels: the same rules as `backend/cube/kernels.rs`, on plain
-//! slices, parallel over groups of blocks. Flex and NdArray hand their own buffers to these
-//! functions.
+//! slices, parallel over groups of blocks (the calling thread and its helpers, `helpers.rs`).
+//! Flex and NdArray hand their own buffers to these functions.
 //!
 //! Every function here computes exactly what the CubeCL kernels compute: absmax from the bits of
 //! `|x|`, codes by the scaled-midpoint rule, decoding by one `f32` product.
@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use burn::tensor::{bf16, f16};
 use macerator::Arch;
-use rayon::prelude::*;
+
+use helpers::run_tasks;
 
 use crate::block::BlockSize;
 use crate::encode::{BOUNDS, GUESS_SHIFT, GuessTable, block_bounds, unit_bounds};
@@ -19,6 +20,7 @@ use crate::step::{StepRule, StepScalars, update_element};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod helpers;
 mod rank1;
 
 /// The instruction set the element loops are compiled for: each `#[inline(always)]` loop below
@@ -65,23 +67,19 @@ impl Level {
     }
 }
 
-/// `task` applied to every item, results in order: on the calling thread when there is one item
-/// (waking a rayon worker for a small tensor costs more than stepping it), else in parallel.
-fn run_tasks<T: Send, R: Send>(tasks: Vec<T>, task: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
-    if tasks.len() <= 1 {
-        tasks.into_iter().map(task).collect()
-    } else {
-        tasks.into_par_iter().map(task).collect()
-    }
-}
+/// Fewest elements of one task of [`run_tasks`], about 7 µs of an Adam step on one Zen 4 core:
+/// claiming a task (an atomic add and an uncontended lock) costs nothing beside it.
+const MIN_TASK_ELEMENTS: usize = 2 * 1024;
+/// Most elements of one task: 64 Ki, a few hundred µs.
+const MAX_TASK_ELEMENTS: usize = 64 * 1024;
+/// Tasks per thread between the two bounds, so that the threads finish a tensor at about the
+/// same time and a helper that wakes late still finds work.
+const TASKS_PER_THREAD: usize = 8;
 
-/// Blocks handled by one rayon task: 64 Ki elements, a few hundred µs of work. Handing work to
-/// rayon's pool from a thread outside it costs wake-ups of tens of µs, and the idle workers then
-/// spin on the cores the caller needs for its next tensor: with 4 Ki or 16 Ki elements per task
-/// the optimizer step of a model of 16–64 Ki-element tensors was 20–35 % slower than with tensors
-/// of up to 64 Ki stepped on the calling thread.
-fn blocks_per_task(block_size: usize) -> usize {
-    (64 * 1024 / block_size).max(1)
+/// Blocks handled by one task over a tensor of `len` elements.
+fn blocks_per_task(block_size: usize, len: usize) -> usize {
+    let per_task = len / (rayon::current_num_threads() * TASKS_PER_THREAD);
+    (per_task.clamp(MIN_TASK_ELEMENTS, MAX_TASK_ELEMENTS) / block_size).max(1)
 }
 
 /// The element types of the parameters and gradients the fused step reads and writes in their
@@ -179,7 +177,7 @@ fn encode_blocks(input: &[f32], map: MapKind, block_size: usize, absmax: &mut [f
     let encoder = Encoder::get(map);
     let per_word = map.codes_per_word();
     let mut words = vec![0u32; map.num_words(input.len())];
-    let group = blocks_per_task(block_size);
+    let group = blocks_per_task(block_size, input.len());
     let tasks: Vec<_> = input
         .chunks(group * block_size)
         .zip(words.chunks_mut(group * block_size / per_word))
@@ -247,7 +245,7 @@ pub fn dequantize(words: &[u32], absmax: &[f32], map: MapKind, block_size: usize
     let level = Level::current();
     let encoder = Encoder::get(map);
     let per_word = map.codes_per_word();
-    let group = blocks_per_task(block_size);
+    let group = blocks_per_task(block_size, output.len());
     let tasks: Vec<_> = output
         .chunks_mut(group * block_size)
         .zip(words.chunks(group * block_size / per_word))
@@ -401,7 +399,7 @@ impl StateMut<'_> {
         }
     }
 
-    /// This state cut into consecutive parts of `group` blocks each, one per rayon task.
+    /// This state cut into consecutive parts of `group` blocks each, one per task.
     fn split(&mut self, group: usize, block_size: usize) -> Vec<StateMut<'_>> {
         match self {
             StateSlice::Blockwise { words, absmax, map } => words
@@ -431,7 +429,7 @@ impl StateMut<'_> {
 /// skipped because their gradient or update was not finite (their parameter and states keep
 /// their bits). `param` and `grad` are of one [`ParamElement`] type; the arithmetic is `f32`.
 ///
-/// Memory beyond the buffers is one block of `f32` per state per rayon task.
+/// Memory beyond the buffers is one block of `f32` per state per task.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_step<P: ParamElement>(
     rule: StepRule,
@@ -447,7 +445,7 @@ pub fn fused_step<P: ParamElement>(
     let lr = scalars.lr * update_scale;
     assert_eq!(param.len(), grad.len(), "parameter and gradient lengths differ");
     assert_eq!(states.len(), rule.num_states(), "{rule:?} takes {} states", rule.num_states());
-    let group = blocks_per_task(block_size);
+    let group = blocks_per_task(block_size, param.len());
     let mut state_parts: Vec<_> = states.iter_mut().map(|state| state.split(group, block_size).into_iter()).collect();
     let tasks: Vec<_> = param
         .chunks_mut(group * block_size)
@@ -702,7 +700,7 @@ pub fn update_norms<P: ParamElement>(
     let num_blocks = param.len().div_ceil(block_size);
     let step = Step { level, scalars, lr: scalars.lr, grad_scale };
     let mut sums = vec![0f32; 2 * num_blocks];
-    let group = blocks_per_task(block_size);
+    let group = blocks_per_task(block_size, param.len());
     let tasks: Vec<_> = sums.chunks_mut(2 * group).enumerate().collect();
     run_tasks(tasks, |(task, sums)| {
         level.run(
@@ -774,7 +772,7 @@ pub fn rank1_norms<P: ParamElement>(
     assert_eq!(num_rows * num_cols, param.len(), "rank-1 norms of {num_rows} × {num_cols} for {} elements", param.len());
     let step = Step { level, scalars, lr: scalars.lr * update_scale, grad_scale };
     let num_blocks = param.len().div_ceil(block_size);
-    let group = blocks_per_task(block_size);
+    let group = blocks_per_task(block_size, param.len());
     let tasks: Vec<usize> = (0..num_blocks.div_ceil(group)).collect();
     let parts = run_tasks(tasks, |task| {
         level.run(
