@@ -213,32 +213,33 @@ mod tests {
         assert!(run_tasks(Vec::<u8>::new(), |x| x).is_empty());
     }
 
-    /// The first task waits until a task has started on another thread: it returns `true` only
-    /// if a helper took part while the caller was busy. A try can find the helpers on another
-    /// test's job (tests run on several threads) and then runs on the caller alone, so it is
-    /// retried.
+    /// Runs 64 tasks, the first of which waits (up to 1 s) until a task has started on another
+    /// thread, and `on_helper` in every task a helper runs; whether a helper ran one. A run can
+    /// find the helpers on another test's job (tests run on several threads) and then runs on
+    /// the caller alone, so callers retry.
+    fn joined_by_a_helper(on_helper: impl Fn(usize) + Sync) -> bool {
+        let caller = thread::current().id();
+        let elsewhere = AtomicBool::new(false);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        run_tasks((0..64).collect(), |task| {
+            if thread::current().id() != caller {
+                elsewhere.store(true, SeqCst);
+                on_helper(task);
+            }
+            if task == 0 {
+                while !elsewhere.load(SeqCst) && Instant::now() < deadline {
+                    thread::yield_now();
+                }
+            }
+        });
+        elsewhere.load(SeqCst)
+    }
+
     #[test]
     fn a_helper_works_while_the_caller_does() {
-        if rayon::current_num_threads() <= 1 {
-            return;
+        if rayon::current_num_threads() > 1 {
+            assert!((0..60).any(|_| joined_by_a_helper(|_| ())), "no helper took a task in 60 tries of 1 s");
         }
-        let caller = thread::current().id();
-        let helped = (0..60).any(|_| {
-            let elsewhere = AtomicBool::new(false);
-            let deadline = Instant::now() + Duration::from_secs(1);
-            run_tasks((0..64).collect(), |task| {
-                if thread::current().id() != caller {
-                    elsewhere.store(true, SeqCst);
-                }
-                if task == 0 {
-                    while !elsewhere.load(SeqCst) && Instant::now() < deadline {
-                        thread::yield_now();
-                    }
-                }
-                elsewhere.load(SeqCst)
-            })[0]
-        });
-        assert!(helped, "no helper took a task in 60 tries of 1 s");
     }
 
     /// Every task panics, on whichever thread runs it: the panic reaches the caller, and the
@@ -259,25 +260,9 @@ mod tests {
         if rayon::current_num_threads() <= 1 {
             return;
         }
-        let caller = thread::current().id();
         let panicked = (0..60).any(|_| {
-            let elsewhere = AtomicBool::new(false);
-            let deadline = Instant::now() + Duration::from_secs(1);
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                run_tasks((0..64).collect(), |task: usize| {
-                    if thread::current().id() != caller {
-                        elsewhere.store(true, SeqCst);
-                        panic!("task {task} fails on a helper");
-                    }
-                    if task == 0 {
-                        while !elsewhere.load(SeqCst) && Instant::now() < deadline {
-                            thread::yield_now();
-                        }
-                    }
-                    task
-                })
-            }));
-            outcome.is_err()
+            let fails = |task| panic!("task {task} fails on a helper");
+            catch_unwind(AssertUnwindSafe(|| joined_by_a_helper(fails))).is_err()
         });
         assert!(panicked, "no helper took a task in 60 tries of 1 s");
         assert_eq!(run_tasks((0..64).collect(), |task: usize| task * 2), (0..64).map(|t| t * 2).collect::<Vec<_>>());
