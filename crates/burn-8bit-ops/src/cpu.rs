@@ -931,10 +931,8 @@ struct Encoder {
     bits: u32,
     /// The map's values, padded (`CodeMap::padded_values`).
     values: [f32; MAP_LEN],
-    /// The map's thresholds, padded with `+∞` (`CodeMap::padded_midpoints`): the padding never
-    /// counts, so 4-bit maps take the 8-bit path unchanged.
-    midpoints: [f32; MAP_LEN - 1],
-    /// The bounds of a block of absmax 1 (`encode::unit_bounds`), which each block scales.
+    /// The bounds of a block of absmax 1 (`encode::unit_bounds`), which each block scales; the
+    /// map's padded thresholds lie between its two ends ([`Encoder::midpoints`]).
     unit_bounds: [f32; BOUNDS],
     zero_code: u8,
     guesses: &'static GuessTable,
@@ -955,7 +953,6 @@ impl Encoder {
             Encoder {
                 bits: map.bits(),
                 values: table.padded_values(),
-                midpoints: table.padded_midpoints(),
                 unit_bounds: unit_bounds(&table.padded_midpoints()),
                 zero_code: table.zero_code(),
                 guesses,
@@ -969,6 +966,13 @@ impl Encoder {
                     .collect(),
             }
         })
+    }
+
+    /// The map's thresholds, padded with `+∞` (`CodeMap::padded_midpoints`): the padding never
+    /// counts, so 4-bit maps take the 8-bit path unchanged.
+    #[inline(always)]
+    fn midpoints(&self) -> &[f32; MAP_LEN - 1] {
+        self.unit_bounds[1..MAP_LEN].try_into().expect("a map's 255 padded midpoints")
     }
 
     /// Decodes the codes of `output.len()` elements packed in `words` into `output`.
@@ -1023,7 +1027,7 @@ impl Encoder {
         #[cfg(target_arch = "x86_64")]
         if level.has_avx512() && (1 << self.bits) - 1 < avx512::LANES {
             // SAFETY: the level has AVX-512; a 4-bit map's midpoints past its 15 are +∞.
-            unsafe { avx512::encode_narrow(block, &self.midpoints, absmax, codes) };
+            unsafe { avx512::encode_narrow(block, self.midpoints(), absmax, codes) };
             return;
         }
         let bounds = block_bounds(&self.unit_bounds, absmax);

@@ -160,10 +160,10 @@ impl Encoder {
             if level.has_avx512() && self.bits == 4 {
                 // SAFETY: the level has AVX-512; a 4-bit map's padding midpoints are +∞;
                 // `scale_bits` and `codes` are as long as `values`.
-                unsafe { avx512::encode_scaled_narrow(values, scale_bits, &self.midpoints, self.zero_code, codes) };
+                unsafe { avx512::encode_scaled_narrow(values, scale_bits, self.midpoints(), self.zero_code, codes) };
             } else {
                 for ((code, &x), &scale) in codes.iter_mut().zip(values).zip(scale_bits) {
-                    *code = rule::encode_scaled(&self.midpoints, self.bits, self.zero_code, x, scale);
+                    *code = rule::encode_scaled(self.midpoints(), self.bits, self.zero_code, x, scale);
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
