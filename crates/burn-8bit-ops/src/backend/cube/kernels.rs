@@ -4,7 +4,9 @@
 //! One cube handles one block. Each unit owns whole `u32` words (four 8-bit or eight 4-bit
 //! codes, the kernel's comptime `code_bits`), strided across
 //! the block so that neighbouring units touch neighbouring words, and keeps its elements in
-//! registers from the read to the write: every buffer is read once and written once. The
+//! registers from the read to the write: every buffer is read once and written once. The float
+//! streams (parameter and gradient, quantize's input, dequantize's output) move in vectors of
+//! up to a word's elements, as wide as the launch found to divide the length. The
 //! absmax is reduced in shared memory (one barrier per level for every state at once), the
 //! decode values and the thresholds `midpoint · absmax` sit in shared memory, and codes are
 //! found in O(1) by `encode::encode_code`. The tensor length, block count, hyper-parameters and
@@ -295,8 +297,8 @@ fn write_norms(sums: &mut [f32], direction2: f32, param2: f32, #[comptime] units
 /// Block-wise quantization: per block, the absmax reduced from the block (or read from `absmax`
 /// with `given_absmax`), then every code.
 #[cube(launch_unchecked, address_type = "dynamic")]
-pub fn quantize_kernel(
-    input: &[f32],
+pub fn quantize_kernel<N: Size>(
+    input: &[Vector<f32, N>],
     tables: &[u32],
     codes: &mut [u32],
     absmax: &mut [f32],
@@ -317,19 +319,28 @@ pub fn quantize_kernel(
     let words_per_unit = comptime![block_size / per_word / units];
     let first_word = block * comptime![block_size / per_word] + UNIT_POS as usize;
     let total_words = len.div_ceil(per_word);
+    let lanes = input.vector_size().comptime();
     let mut x = Array::<f32>::new(comptime![block_size / units]);
     let mut local_max = 0u32;
     #[unroll(words_per_unit <= MAX_UNROLLED_WORDS)]
     for j in 0..words_per_unit {
         let word = first_word + j * units;
         #[unroll]
-        for e in 0..per_word {
-            let i = word * per_word + e;
-            let k = j * per_word + e;
-            x[k] = 0.0;
-            if i < len {
-                x[k] = input[i];
-                local_max = max(local_max, abs_bits(x[k]));
+        for v in 0..comptime![per_word / lanes] {
+            let vector = word * comptime![per_word / lanes] + v;
+            let mut loaded = Vector::<f32, N>::empty();
+            if vector * lanes < len {
+                loaded = input[vector];
+            }
+            #[unroll]
+            for l in 0..lanes {
+                let e = comptime![v * lanes + l];
+                let k = j * per_word + e;
+                x[k] = 0.0;
+                if word * per_word + e < len {
+                    x[k] = loaded.extract(l);
+                    local_max = max(local_max, abs_bits(x[k]));
+                }
             }
         }
     }
@@ -371,11 +382,11 @@ pub fn quantize_kernel(
 /// Dequantization: `values[code] · absmax`, the canonical NaN for a block whose absmax is not
 /// finite.
 #[cube(launch_unchecked, address_type = "dynamic")]
-pub fn dequantize_kernel(
+pub fn dequantize_kernel<N: Size>(
     codes: &[u32],
     absmax: &[f32],
     tables: &[u32],
-    output: &mut [f32],
+    output: &mut [Vector<f32, N>],
     len: usize,
     num_blocks: usize,
     table: u32,
@@ -391,6 +402,7 @@ pub fn dequantize_kernel(
     stage_values(tables, table, &mut values, 0usize, units);
     sync_cube();
     let per_word = comptime![(32 / code_bits) as usize];
+    let lanes = output.vector_size().comptime();
     let mask = comptime![(1u32 << code_bits) - 1];
     let words_per_unit = comptime![block_size / per_word / units];
     let first_word = block * comptime![block_size / per_word] + UNIT_POS as usize;
@@ -404,11 +416,16 @@ pub fn dequantize_kernel(
         if word < total_words {
             let packed = codes[word];
             #[unroll]
-            for e in 0..per_word {
-                let i = word * per_word + e;
-                if i < len {
-                    let code = (packed >> comptime![code_bits * e as u32]) & mask;
-                    output[i] = select(non_finite, nan, values[code as usize] * scale);
+            for v in 0..comptime![per_word / lanes] {
+                let vector = word * comptime![per_word / lanes] + v;
+                if vector * lanes < len {
+                    let mut decoded = Vector::<f32, N>::empty();
+                    #[unroll]
+                    for l in 0..lanes {
+                        let code = (packed >> comptime![code_bits * (v * lanes + l) as u32]) & mask;
+                        decoded.insert(l, select(non_finite, nan, values[code as usize] * scale));
+                    }
+                    output[vector] = decoded;
                 }
             }
         }
@@ -423,9 +440,9 @@ pub fn dequantize_kernel(
 /// `bf16`: `dtype`); the arithmetic is `f32`.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked, address_type = "dynamic")]
-pub fn fused_step_kernel<P: Float>(
-    param: &mut [P],
-    grad: &[P],
+pub fn fused_step_kernel<P: Float, N: Size>(
+    param: &mut [Vector<P, N>],
+    grad: &[Vector<P, N>],
     words1: &mut [u32],
     floats1: &mut [f32],
     words2: &mut [u32],
@@ -458,6 +475,7 @@ pub fn fused_step_kernel<P: Float>(
     let units = comptime![layout.units];
     let code_bits = comptime![layout.code_bits];
     let per_word = comptime![(32 / layout.code_bits) as usize];
+    let lanes = param.vector_size().comptime();
     let mask = comptime![(1u32 << layout.code_bits) - 1];
     let words_per_unit = comptime![layout.block_size / per_word / layout.units];
     let q1 = comptime![layout.slots[0] == SlotKind::Blockwise];
@@ -538,114 +556,133 @@ pub fn fused_step_kernel<P: Float>(
                 w3 = words3[word];
             }
         }
+        // The parameter and gradient in vectors of `lanes` elements, a word's worth or a part
+        // of it (the launch makes `lanes` divide the length).
         #[unroll]
-        for e in 0..per_word {
-            let i = word * per_word + e;
-            let k = j * per_word + e;
-            let shift = comptime![code_bits * e as u32];
-            if i < len {
-                let mut s1 = 0.0f32;
-                let mut s2 = 0.0f32;
-                let mut s3 = 0.0f32;
-                if q1 {
-                    s1 = values[((w1 >> shift) & mask) as usize] * old1;
-                }
-                if f1 {
-                    s1 = floats1[i];
-                }
-                if r1 {
-                    let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
-                    s1 = decode_scaled(values[((w1 >> shift) & mask) as usize], bits);
-                }
-                if q2 {
-                    s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * old2;
-                }
-                if f2 {
-                    s2 = floats2[i];
-                }
-                if r2 {
-                    let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
-                    s2 = decode_scaled(values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize], bits);
-                }
-                if q3 {
-                    s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * old3;
-                }
-                if f3 {
-                    s3 = floats3[i];
-                }
-                if r3 {
-                    let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
-                    s3 = decode_scaled(values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize], bits);
-                }
-                let stored = param[i];
-                let p = f32::cast_from(stored);
-                let g = f32::cast_from(grad[i]) * g_scale;
-                let u = update_element(h, lr, p, g, s1, s2, s3, comptime![layout.rule]);
-                let applied = is_finite(g) && is_finite(u.p) && is_finite(u.s1) && is_finite(u.s2) && is_finite(u.s3);
-                if comptime![step] {
-                    let mut written = u.p;
-                    if comptime![layout.stochastic_bf16] {
-                        written = round_to_bf16_stochastically(u.p, random_bits(h.rounding_key, u32::cast_from(i)));
-                    }
-                    param[i] = select(applied, P::cast_from(written), stored);
-                    local_skipped += select(applied, 0u32, 1u32);
-                    let a = select(applied, u.s1, s1);
-                    let b = select(applied, u.s2, s2);
-                    let c = select(applied, u.s3, s3);
-                    if coded1 {
-                        n1[k] = a;
-                    }
+        for v in 0..comptime![per_word / lanes] {
+            let vector = word * comptime![per_word / lanes] + v;
+            let mut loaded = Vector::<P, N>::empty();
+            let mut gradient = Vector::<P, N>::empty();
+            if vector * lanes < len {
+                loaded = param[vector];
+                gradient = grad[vector];
+            }
+            let mut new_param = loaded;
+            #[unroll]
+            for l in 0..lanes {
+                let e = comptime![v * lanes + l];
+                let i = word * per_word + e;
+                let k = j * per_word + e;
+                let shift = comptime![code_bits * e as u32];
+                if i < len {
+                    let mut s1 = 0.0f32;
+                    let mut s2 = 0.0f32;
+                    let mut s3 = 0.0f32;
                     if q1 {
-                        max1 = max(max1, abs_bits(a));
+                        s1 = values[((w1 >> shift) & mask) as usize] * old1;
                     }
                     if f1 {
-                        floats1[i] = a;
+                        s1 = floats1[i];
                     }
-                    if coded2 {
-                        n2[k] = b;
+                    if r1 {
+                        let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
+                        s1 = decode_scaled(values[((w1 >> shift) & mask) as usize], bits);
                     }
                     if q2 {
-                        max2 = max(max2, abs_bits(b));
+                        s2 = values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize] * old2;
                     }
                     if f2 {
-                        floats2[i] = b;
-                    }
-                    if coded3 {
-                        n3[k] = c;
-                    }
-                    if q3 {
-                        max3 = max(max3, abs_bits(c));
-                    }
-                    if f3 {
-                        floats3[i] = c;
-                    }
-                } else if comptime![norms] {
-                    let direction = select(applied, u.direction, 0.0f32);
-                    direction2 += direction * direction;
-                    param2 += p * p;
-                } else {
-                    let mut kept = 0.0f32;
-                    if r1 {
-                        kept = select(applied, u.s1, s1);
+                        s2 = floats2[i];
                     }
                     if r2 {
-                        kept = select(applied, u.s2, s2);
+                        let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
+                        s2 = decode_scaled(values[comptime![MAP_LEN] + ((w2 >> shift) & mask) as usize], bits);
+                    }
+                    if q3 {
+                        s3 = values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize] * old3;
+                    }
+                    if f3 {
+                        s3 = floats3[i];
                     }
                     if r3 {
-                        kept = select(applied, u.s3, s3);
+                        let bits = rank1_scale_bits(rank1_rows, rank1_cols, i, columns);
+                        s3 = decode_scaled(values[comptime![2 * MAP_LEN] + ((w3 >> shift) & mask) as usize], bits);
                     }
-                    let bits = abs_bits(kept);
-                    // A word's elements are consecutive, mostly of one row: one atomic per row
-                    // run instead of one per element on the same address.
-                    let row = i / columns;
-                    if run_open && row != run_row {
-                        next_rows[run_row].fetch_max(run_max);
-                        run_max = 0u32;
+                    let stored = loaded.extract(l);
+                    let p = f32::cast_from(stored);
+                    let g = f32::cast_from(gradient.extract(l)) * g_scale;
+                    let u = update_element(h, lr, p, g, s1, s2, s3, comptime![layout.rule]);
+                    let applied = is_finite(g) && is_finite(u.p) && is_finite(u.s1) && is_finite(u.s2) && is_finite(u.s3);
+                    if comptime![step] {
+                        let mut written = u.p;
+                        if comptime![layout.stochastic_bf16] {
+                            written = round_to_bf16_stochastically(u.p, random_bits(h.rounding_key, u32::cast_from(i)));
+                        }
+                        new_param.insert(l, select(applied, P::cast_from(written), stored));
+                        local_skipped += select(applied, 0u32, 1u32);
+                        let a = select(applied, u.s1, s1);
+                        let b = select(applied, u.s2, s2);
+                        let c = select(applied, u.s3, s3);
+                        if coded1 {
+                            n1[k] = a;
+                        }
+                        if q1 {
+                            max1 = max(max1, abs_bits(a));
+                        }
+                        if f1 {
+                            floats1[i] = a;
+                        }
+                        if coded2 {
+                            n2[k] = b;
+                        }
+                        if q2 {
+                            max2 = max(max2, abs_bits(b));
+                        }
+                        if f2 {
+                            floats2[i] = b;
+                        }
+                        if coded3 {
+                            n3[k] = c;
+                        }
+                        if q3 {
+                            max3 = max(max3, abs_bits(c));
+                        }
+                        if f3 {
+                            floats3[i] = c;
+                        }
+                    } else if comptime![norms] {
+                        let direction = select(applied, u.direction, 0.0f32);
+                        direction2 += direction * direction;
+                        param2 += p * p;
+                    } else {
+                        let mut kept = 0.0f32;
+                        if r1 {
+                            kept = select(applied, u.s1, s1);
+                        }
+                        if r2 {
+                            kept = select(applied, u.s2, s2);
+                        }
+                        if r3 {
+                            kept = select(applied, u.s3, s3);
+                        }
+                        let bits = abs_bits(kept);
+                        // A word's elements are consecutive, mostly of one row: one atomic per row
+                        // run instead of one per element on the same address.
+                        let row = i / columns;
+                        if run_open && row != run_row {
+                            next_rows[run_row].fetch_max(run_max);
+                            run_max = 0u32;
+                        }
+                        run_row = row;
+                        run_open = true;
+                        run_max = max(run_max, bits);
+                        next_cols[i % columns].fetch_max(bits);
                     }
-                    run_row = row;
-                    run_open = true;
-                    run_max = max(run_max, bits);
-                    next_cols[i % columns].fetch_max(bits);
+                }
+            }
+            if comptime![step] {
+                if vector * lanes < len {
+                    param[vector] = new_param;
                 }
             }
         }

@@ -191,15 +191,17 @@ pub fn quantize(input: &CubeTensor, absmax: &CubeTensor, map: MapKind, block_siz
     let device = DeviceTables::of(input);
     let words = map.num_words(len);
     let codes = empty_device_dtype(input.client.clone(), input.device.clone(), [words].into(), DType::U32);
-    // SAFETY: every handle is a live buffer of at least the stated length in elements, of the
-    // element type the kernel declares.
+    let lanes = vector_lanes(&launch.client, size_of::<f32>(), len, map.bits());
+    // SAFETY: every handle is a live buffer of at least the stated length in elements (vectors
+    // of `lanes` for the input), of the element type the kernel declares.
     unsafe {
         kernels::quantize_kernel::launch_unchecked(
             &launch.client,
             launch.count,
             launch.dim,
             launch.address,
-            BufferArg::from_raw_parts(input.handle.clone(), len),
+            lanes,
+            BufferArg::from_raw_parts(input.handle.clone(), len / lanes),
             BufferArg::from_raw_parts(device.tables.clone(), DeviceTables::len()),
             BufferArg::from_raw_parts(codes.handle.clone(), words),
             BufferArg::from_raw_parts(absmax.handle.clone(), launch.num_blocks),
@@ -221,6 +223,7 @@ pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, output: &CubeTensor, 
     let len = output.meta.num_elements();
     let launch = BlockLaunch::new(codes, len, block_size, map.bits());
     let device = DeviceTables::of(codes);
+    let lanes = vector_lanes(&launch.client, size_of::<f32>(), len, map.bits());
     // SAFETY: as in `quantize`.
     unsafe {
         kernels::dequantize_kernel::launch_unchecked(
@@ -228,10 +231,11 @@ pub fn dequantize(codes: &CubeTensor, absmax: &CubeTensor, output: &CubeTensor, 
             launch.count,
             launch.dim,
             launch.address,
+            lanes,
             BufferArg::from_raw_parts(codes.handle.clone(), map.num_words(len)),
             BufferArg::from_raw_parts(absmax.handle.clone(), launch.num_blocks),
             BufferArg::from_raw_parts(device.tables.clone(), DeviceTables::len()),
-            BufferArg::from_raw_parts(output.handle.clone(), len),
+            BufferArg::from_raw_parts(output.handle.clone(), len / lanes),
             len,
             launch.num_blocks,
             DeviceTables::table(map),
@@ -405,6 +409,11 @@ fn launch_step(args: &StepArgs, output: PassOutput<'_>, rule: StepRule, scalars:
         stochastic_bf16: rounds_stochastically(args.param_type, scalars),
         code_bits,
     };
+    let element_size = match args.param_type {
+        ParamDType::F32 => 4,
+        ParamDType::F16 | ParamDType::BF16 => 2,
+    };
+    let lanes = vector_lanes(&launch.client, element_size, len, code_bits);
     let rank1 = args.rank1_state();
     let columns = rank1.map_or(1, |(norms, _)| norms.cols.meta.num_elements());
     let (next_rows, next_cols) = match (&output, rank1) {
@@ -429,8 +438,9 @@ fn launch_step(args: &StepArgs, output: PassOutput<'_>, rule: StepRule, scalars:
             launch.count.clone(),
             launch.dim,
             launch.address,
-            BufferArg::from_raw_parts(args.param.handle.clone(), len),
-            BufferArg::from_raw_parts(args.grad.handle.clone(), len),
+            lanes,
+            BufferArg::from_raw_parts(args.param.handle.clone(), len / lanes),
+            BufferArg::from_raw_parts(args.grad.handle.clone(), len / lanes),
             words1,
             floats1,
             words2,
@@ -455,6 +465,18 @@ fn launch_step(args: &StepArgs, output: PassOutput<'_>, rule: StepRule, scalars:
             param_elem_type(args.param_type),
         );
     }
+}
+
+/// Elements per vector in which a kernel reads or writes a float stream of `len` elements of
+/// `element_size` bytes (the parameter and gradient of a step, quantize's input, dequantize's
+/// output): the widest the device loads well that divides both the length (a vector is in the
+/// tensor or past its end, never across it) and a word's codes (a unit owns whole words).
+fn vector_lanes(client: &Client, element_size: usize, len: usize, code_bits: u32) -> usize {
+    let per_word = (32 / code_bits) as usize;
+    client
+        .io_optimized_vector_sizes(element_size)
+        .find(|&lanes| per_word % lanes == 0 && len % lanes == 0)
+        .unwrap_or(1)
 }
 
 /// Whether the step kernel rounds the parameter stochastically: a `bf16` parameter, when the

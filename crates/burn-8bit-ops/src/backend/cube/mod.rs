@@ -302,6 +302,33 @@ mod tests {
         }
     }
 
+    /// The step kernel reads and writes the parameter and gradient in vectors where the length
+    /// allows and one element at a time where it does not: either way the CPU twin's bits, for
+    /// `f32` and `f16` parameters, 8- and 4-bit codes.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn vector_and_element_parameter_access_step_to_the_cpu_twins_bits() {
+        let Some(device) = wgpu_device() else { return };
+        let block_size = BlockSize::new(256).expect("valid");
+        for len in [4096 + 512, 4096 + 511, 4096 + 510, 4096 + 260] {
+            let spread = |offset: f32| -> TensorData {
+                TensorData::new((0..len).map(|i| ((i as f32 * 0.618_034 + offset).fract() - 0.5) * 4.0).collect::<Vec<_>>(), [len])
+            };
+            for dtype in [DType::F32, DType::F16] {
+                if !device.supports_dtype(dtype) {
+                    eprintln!("SKIPPED: wgpu: no {dtype:?}");
+                    continue;
+                }
+                let (param, grad) = (spread(0.1).convert_dtype(dtype), spread(0.7).convert_dtype(dtype));
+                for family in [MapFamily::Dynamic, MapFamily::FourBit] {
+                    let on_kernel = adam_steps(&param, &grad, block_size, family, None, &device);
+                    let on_cpu = adam_steps(&param, &grad, block_size, family, None, &Device::flex());
+                    assert_eq!(on_kernel, on_cpu, "len {len}, {dtype:?}, {family:?}");
+                }
+            }
+        }
+    }
+
     /// Parameter, the first moment's codes and absmax (block-wise) and the second moment's codes
     /// and norms (rank-1, `rows` × `len / rows`) after three 4-bit Adam steps from `param`, each
     /// step the rank-1 norm pass and then the fused step.
