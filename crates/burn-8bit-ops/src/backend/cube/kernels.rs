@@ -328,16 +328,17 @@ pub fn quantize_kernel<N: Size>(
         #[unroll]
         for v in 0..comptime![per_word / lanes] {
             let vector = word * comptime![per_word / lanes] + v;
+            // `lanes` divides the length: a vector's elements are all in the tensor or all past it.
+            let inside = vector * lanes < len;
             let mut loaded = Vector::<f32, N>::empty();
-            if vector * lanes < len {
+            if inside {
                 loaded = input[vector];
             }
             #[unroll]
             for l in 0..lanes {
-                let e = comptime![v * lanes + l];
-                let k = j * per_word + e;
+                let k = j * per_word + comptime![v * lanes + l];
                 x[k] = 0.0;
-                if word * per_word + e < len {
+                if inside {
                     x[k] = loaded.extract(l);
                     local_max = max(local_max, abs_bits(x[k]));
                 }
@@ -557,13 +558,15 @@ pub fn fused_step_kernel<P: Float, N: Size>(
             }
         }
         // The parameter and gradient in vectors of `lanes` elements, a word's worth or a part
-        // of it (the launch makes `lanes` divide the length).
+        // of it. `lanes` divides the length: a vector's elements are all in the tensor or all
+        // past it.
         #[unroll]
         for v in 0..comptime![per_word / lanes] {
             let vector = word * comptime![per_word / lanes] + v;
+            let inside = vector * lanes < len;
             let mut loaded = Vector::<P, N>::empty();
             let mut gradient = Vector::<P, N>::empty();
-            if vector * lanes < len {
+            if inside {
                 loaded = param[vector];
                 gradient = grad[vector];
             }
@@ -574,7 +577,7 @@ pub fn fused_step_kernel<P: Float, N: Size>(
                 let i = word * per_word + e;
                 let k = j * per_word + e;
                 let shift = comptime![code_bits * e as u32];
-                if i < len {
+                if inside {
                     let mut s1 = 0.0f32;
                     let mut s2 = 0.0f32;
                     let mut s3 = 0.0f32;
@@ -681,7 +684,7 @@ pub fn fused_step_kernel<P: Float, N: Size>(
                 }
             }
             if comptime![step] {
-                if vector * lanes < len {
+                if inside {
                     param[vector] = new_param;
                 }
             }

@@ -409,11 +409,8 @@ fn launch_step(args: &StepArgs, output: PassOutput<'_>, rule: StepRule, scalars:
         stochastic_bf16: rounds_stochastically(args.param_type, scalars),
         code_bits,
     };
-    let element_size = match args.param_type {
-        ParamDType::F32 => 4,
-        ParamDType::F16 | ParamDType::BF16 => 2,
-    };
-    let lanes = vector_lanes(&launch.client, element_size, len, code_bits);
+    let param_elem = param_elem_type(args.param_type);
+    let lanes = vector_lanes(&launch.client, param_elem.size(), len, code_bits);
     let rank1 = args.rank1_state();
     let columns = rank1.map_or(1, |(norms, _)| norms.cols.meta.num_elements());
     let (next_rows, next_cols) = match (&output, rank1) {
@@ -462,7 +459,7 @@ fn launch_step(args: &StepArgs, output: PassOutput<'_>, rule: StepRule, scalars:
             scalars_arg(scalars),
             slot_maps(&args.slots),
             layout,
-            param_elem_type(args.param_type),
+            param_elem,
         );
     }
 }
